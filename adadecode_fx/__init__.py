@@ -1,0 +1,9 @@
+"""adadecode-fx: AdaDecode (early exits + deferred layers + verification) as a torch.fx compiler pass."""
+from .config import AdaDecodeConfig
+from .errors import AdaDecodeError, HeadsMismatchError, MissingPackageError, UnsupportedModelError
+from .heads import ExitHeads, model_fingerprint
+from .runtime import AdaDecoder, DecodeStats, GenerationResult
+
+__version__ = "0.1.0"
+__all__ = ["AdaDecodeConfig", "AdaDecoder", "ExitHeads", "GenerationResult", "DecodeStats", "AdaDecodeError",
+           "HeadsMismatchError", "MissingPackageError", "UnsupportedModelError", "model_fingerprint"]

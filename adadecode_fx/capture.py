@@ -1,0 +1,182 @@
+"""Capture a Hugging Face causal LM as one ATen FX graph with explicit per-layer K/V tensors.
+
+The model is called through a thin wrapper whose inputs are plain tensors:
+``input_ids [1, T]``, ``position_ids [1, T]``, ``cache_position [T]`` and one K and one V buffer
+``[1, H_kv, S, D]`` per decoder layer. The wrapper hands HF a `Cache` whose layers write the new rows
+into those buffers with ``index_copy_`` at ``cache_position`` and return the whole buffer, so the graph
+reads and writes K/V as ordinary tensors (never HF cache objects). T and S are symbolic.
+
+Parameters are not lifted to inputs: the returned graph reads them with ``get_attr`` nodes bound to the
+model's own tensors, so capturing costs no weight memory.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+KV_NAME = re.compile(r"^kv_(\d+)_([01])$")
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class ExplicitKVLayer(CacheLayerMixin):
+        is_compileable = True
+        is_sliding = False
+
+        def __init__(self, keys, values, cache_position):
+            super().__init__()
+            self.keys, self.values, self.cache_position = keys, values, cache_position
+            self.is_initialized = True
+
+        def lazy_initialization(self, *args, **kwargs):
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys.index_copy_(2, self.cache_position, key_states)
+            self.values.index_copy_(2, self.cache_position, value_states)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length):
+            return self.keys.shape[2], 0
+
+        def get_seq_length(self):
+            # Mask rows start at the first position of the block being processed.
+            return self.cache_position[0]
+
+        def get_max_length(self):
+            return self.keys.shape[2]
+
+    class ExplicitKVCache(Cache):
+        def __init__(self, kv, cache_position):
+            super().__init__(layers=[ExplicitKVLayer(k, v, cache_position) for k, v in kv])
+
+    return ExplicitKVCache
+
+
+class _ExplicitKVWrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._cache_cls = _cache_classes()
+
+    def forward(self, input_ids, position_ids, cache_position, kv):
+        cache = self._cache_cls(kv, cache_position)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+        return out.logits
+
+
+def check_supported(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(model, nn.Module):
+        raise UnsupportedModelError("expected a Hugging Face PreTrainedModel (an nn.Module with .config)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; AdaDecode needs a decoder-only causal LM "
+            "(load it with AutoModelForCausalLM)")
+    if not getattr(config, "is_causal", True) or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a causal language model with an LM head; "
+            "load a decoder-only model with AutoModelForCausalLM")
+
+
+@torch.no_grad()
+def kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per-layer K and V row shapes ([1, H, 1, D]), read off one eager step rather than from the config."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    dev = model.get_input_embeddings().weight.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
+    model(input_ids=ids, cache=cache, use_cache=True)
+    shapes = []
+    for layer in cache.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} keeps no per-layer attention K/V (recurrent or linear-attention "
+                "layers?); AdaDecode supports attention decoders only")
+        shapes.append(((1, k.shape[1], 1, k.shape[3]), (1, v.shape[1], 1, v.shape[3])))
+    if not shapes:
+        raise UnsupportedModelError(f"{type(model).__name__} did not use its cache: nothing to defer")
+    return shapes
+
+
+def example_inputs(model, shapes, block: int = 3, seq: int = 8):
+    dev = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    ids = torch.zeros(1, block, dtype=torch.long, device=dev)
+    pos = torch.arange(block, device=dev)
+    kv = [(torch.zeros(ks[0], ks[1], seq, ks[3], dtype=dtype, device=dev),
+           torch.zeros(vs[0], vs[1], seq, vs[3], dtype=dtype, device=dev)) for ks, vs in shapes]
+    return ids, pos[None], pos, kv
+
+
+@torch.no_grad()
+def capture(model) -> torch.fx.GraphModule:
+    """torch.export the model's decode forward; return a flat ATen GraphModule (see module doc)."""
+    check_supported(model)
+    model.eval()
+    shapes = kv_shapes(model)
+    args = example_inputs(model, shapes)
+    T = torch.export.Dim("T", min=1, max=1 << 16)
+    S = torch.export.Dim("S", min=2, max=1 << 17)
+    dyn = ({1: T}, {1: T}, {0: T}, [({2: S}, {2: S}) for _ in shapes])
+    wrapper = _ExplicitKVWrapper(model)
+    try:
+        ep = torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # export errors are long; keep the cause, say what it means
+        raise UnsupportedModelError(
+            f"could not capture {type(model).__name__} with torch.export ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); this architecture is not supported yet") from e
+    gm = _unlift(ep, wrapper)
+    gm.meta["num_layers"] = len(shapes)
+    gm.meta["kv_shapes"] = shapes
+    gm.meta["model_class"] = type(model).__name__
+    return gm
+
+
+def _unlift(ep, wrapper) -> torch.fx.GraphModule:
+    """Turn lifted parameter/buffer/constant placeholders into get_attr nodes on the model's own tensors."""
+    from torch.export.graph_signature import InputKind
+
+    gm = ep.graph_module
+    by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    root = gm  # attributes go on the exported module itself, then we rebuild a GraphModule over it
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        if spec.kind == InputKind.PARAMETER:
+            value = wrapper.get_parameter(spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            value = wrapper.get_buffer(spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            value = ep.constants[spec.target]
+        else:
+            raise UnsupportedModelError(f"captured graph has an unsupported input kind {spec.kind}")
+        attr = "w_" + re.sub(r"\W", "_", spec.arg.name)
+        root.register_buffer(attr, value, persistent=False) if not isinstance(value, nn.Parameter) \
+            else root.register_parameter(attr, value)
+        node = by_name[spec.arg.name]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(attr)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    # get_attr nodes must follow the placeholders; move them to just before their first use.
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.users:
+            first = min(node.users, key=_order(gm.graph))
+            first.prepend(node)
+    out = torch.fx.GraphModule(root, gm.graph)
+    out.graph.lint()
+    return out
+
+
+def _order(graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]

@@ -1,0 +1,40 @@
+"""Graph passes that turn a captured decoder into an AdaDecode program.
+
+Each pass has the signature ``(gm, settings) -> gm``; `PASSES` is the order they run in. They are
+importable on their own for use in another FX pipeline::
+
+    from adadecode_fx.capture import capture
+    from adadecode_fx.passes import PassSettings, run_passes
+    gm = run_passes(capture(model), PassSettings(exit_layers=(8, 16), heads=heads))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from .deferred_batching import deferred_batching
+from .explicit_kv import explicit_kv
+from .insert_exit_probes import ExitProbe, insert_exit_probes
+from .split_layers import split_layers
+
+PASSES = (split_layers, explicit_kv, deferred_batching, insert_exit_probes)
+
+
+@dataclass
+class PassSettings:
+    exit_layers: tuple[int, ...] = ()
+    heads: Any = None  # adadecode_fx.heads.ExitHeads
+
+
+def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.GraphModule:
+    for p in passes:
+        gm = p(gm, settings)
+        gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+__all__ = ["PASSES", "PassSettings", "run_passes", "split_layers", "explicit_kv", "deferred_batching",
+           "insert_exit_probes", "ExitProbe"]

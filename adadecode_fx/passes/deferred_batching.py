@@ -1,0 +1,109 @@
+"""deferred_batching: make every layer segment run on its own block of positions.
+
+Expects: the output of `explicit_kv`. After a plain split, layer segments receive symbolic sizes
+(the block length T, the KV width S) computed once in the prologue, so every layer would have to run
+on the same T. AdaDecode needs layer ``l`` to process its own block: the early tokens still pending at
+``l`` plus the current token, ``T_l`` rows, while another layer runs a different ``T``.
+Returns: the same module where
+- every SymInt input of a layer/epilogue segment is re-derived inside the segment from one of its own
+  tensor inputs (``aten.sym_size``), and removed from the segment's signature;
+- every remaining input of a layer segment is labelled in ``meta["role"]``:
+  ``("residual",)`` the hidden state flowing layer to layer, ``("kv", i, j)``, ``("positional", dim)``
+  a per-position tensor (mask rows, rotary cos/sin, cache_position) the runtime slices to the block's
+  last ``T_l`` entries along ``dim``, or ``("shared",)`` used as is.
+Raises if a layer consumes anything from an earlier layer other than the residual stream.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from ..errors import UnsupportedModelError
+from .split_layers import segment_calls
+
+
+def _expr(v):
+    return v.node.expr if isinstance(v, torch.SymInt) else None
+
+
+def _rebind_symints(sub: fx.GraphModule, call: fx.Node, top: fx.Graph) -> None:
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    tensors = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)]
+    keep_args = []
+    for arg, ph in zip(call.args, placeholders):
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.SymInt):
+            keep_args.append(arg)
+            continue
+        source = None
+        for t in tensors:
+            for d, size in enumerate(t.meta["val"].shape):
+                if _expr(size) == _expr(val):
+                    source = (t, d)
+                    break
+            if source:
+                break
+        if source is None:
+            raise UnsupportedModelError(
+                f"segment {call.target} uses size {val} that none of its own inputs carries")
+        with sub.graph.inserting_after(placeholders[-1]):
+            size = sub.graph.call_function(torch.ops.aten.sym_size.int, source)
+        size.meta = dict(ph.meta)
+        ph.replace_all_uses_with(size)
+        sub.graph.erase_node(ph)
+    call.args = tuple(keep_args)
+    sub.recompile()
+
+
+def _source(arg: fx.Node):
+    """(segment name, output index) for a getitem of a segment call, else ("top", name)."""
+    if arg.op == "call_function" and arg.target is operator.getitem and arg.args[0].op == "call_module":
+        return arg.args[0].target, arg.args[1]
+    return "top", arg.name
+
+
+def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+    calls = segment_calls(gm)
+    num_layers = gm.meta["num_layers"]
+    for name, call in calls.items():
+        if name != "prologue":
+            _rebind_symints(getattr(gm, name), call, gm.graph)
+    token_dim = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"].shape[1]
+    T = _expr(token_dim)
+    gm.meta["block_symbol"] = str(T)
+
+    for i in range(num_layers):
+        name = f"layer_{i}"
+        sub, call = getattr(gm, name), calls[name]
+        prev = "prologue" if i == 0 else f"layer_{i - 1}"
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        residual = []
+        for arg, ph in zip(call.args, placeholders):
+            if "role" in ph.meta:  # kv, labelled by explicit_kv
+                continue
+            seg, idx = _source(arg)
+            val = ph.meta.get("val")
+            pos_dims = [d for d, s in enumerate(getattr(val, "shape", ())) if _expr(s) == T]
+            consumed_by_next = i + 1 < num_layers and any(
+                a is arg for a in calls[f"layer_{i + 1}"].args)
+            if seg == prev and (i > 0 or not consumed_by_next):
+                residual.append(ph)
+                ph.meta["role"] = ("residual",)
+            elif seg.startswith("layer_"):
+                raise UnsupportedModelError(
+                    f"{name} reads a value produced by {seg} other than the residual stream; "
+                    "cross-layer connections are not supported")
+            elif len(pos_dims) > 1:
+                raise UnsupportedModelError(f"{name} input {ph.name} has several position dims {pos_dims}")
+            elif pos_dims:
+                ph.meta["role"] = ("positional", pos_dims[0])
+            else:
+                ph.meta["role"] = ("shared",)
+        if len(residual) != 1:
+            raise UnsupportedModelError(
+                f"{name} has {len(residual)} residual inputs; expected exactly one hidden-state stream")
+        if len(placeholders) != len(call.args):
+            raise AssertionError("segment signature and call site disagree")
+    return gm

@@ -1,0 +1,71 @@
+"""insert_exit_probes: add an exit probe after each configured exit layer.
+
+Expects: the output of `deferred_batching`, and settings with ``exit_layers`` and ``heads`` (an
+`ExitHeads` holding one d x d adapter per exit layer).
+Returns: the same module with submodules ``exit_probe_{l}`` = adapter -> the model's own epilogue
+(final norm + LM head, shared weights) -> (token, confidence), where confidence is the max softmax
+probability. The top-level graph calls each probe on the last row of layer ``l``'s output and appends
+its outputs after the model's logits, so the full-depth logits are unchanged.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from ..errors import UnsupportedModelError
+from .split_layers import segment_calls
+
+
+class ExitProbe(nn.Module):
+    """adapter -> epilogue -> (argmax token, max probability) for hidden rows ``[1, t, d]``."""
+
+    def __init__(self, adapter: torch.Tensor, epilogue: nn.Module):
+        super().__init__()
+        self.adapter = nn.Parameter(adapter, requires_grad=False)
+        self.epilogue = epilogue
+
+    def forward(self, hidden):
+        logits = self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
+        conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return token, conf
+
+
+def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
+    layers = tuple(settings.exit_layers)
+    if not layers:
+        gm.meta["exit_layers"] = ()
+        return gm
+    heads = settings.heads
+    if heads is None:
+        raise UnsupportedModelError("insert_exit_probes needs heads (ExitHeads) for the exit layers")
+    calls = segment_calls(gm)
+    epilogue = gm.epilogue
+    if len([n for n in epilogue.graph.nodes if n.op == "placeholder"]) != 1:
+        raise UnsupportedModelError("the epilogue takes more than the final hidden state; cannot reuse it as a probe head")
+    dtype = next(iter(t for t in epilogue.parameters()), None)
+    dtype = dtype.dtype if dtype is not None else torch.float32
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    extra = []
+    for layer in layers:
+        call = calls[f"layer_{layer}"]
+        residual = next(u for u in call.users if u.target is operator.getitem and u.args[1] == 0)
+        name = f"exit_probe_{layer}"
+        gm.add_module(name, ExitProbe(heads.weight(layer).to(dtype), epilogue))
+        with gm.graph.inserting_after(residual):
+            last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (residual, 1, -1))
+        with gm.graph.inserting_after(last):
+            probe = gm.graph.call_module(name, (last,))
+        with gm.graph.inserting_after(probe):
+            tok = gm.graph.call_function(operator.getitem, (probe, 0))
+        with gm.graph.inserting_after(tok):
+            conf = gm.graph.call_function(operator.getitem, (probe, 1))
+        extra += [tok, conf]
+    original = out_node.args[0]
+    original = tuple(original) if isinstance(original, (tuple, list)) else (original,)
+    out_node.args = (original + tuple(extra),)
+    gm.meta["exit_layers"] = layers
+    gm.meta["num_model_outputs"] = len(original)
+    gm.recompile()
+    return gm

@@ -1,0 +1,7 @@
+from .decoder import AdaDecoder, GenerationResult
+from .kv_state import KVState
+from .program import DecodeProgram
+from .stats import DecodeStats
+from .verify import Verdict, verify_greedy
+
+__all__ = ["AdaDecoder", "GenerationResult", "KVState", "DecodeProgram", "DecodeStats", "Verdict", "verify_greedy"]

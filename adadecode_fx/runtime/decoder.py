@@ -1,0 +1,180 @@
+"""AdaDecoder: early exits, deferred layers and verification over a DecodeProgram.
+
+One generation keeps: ``tokens`` (prompt + output), ``n_verified`` (the prefix that is final) and a
+`KVState`. A *step* walks the layer stack once for the current token, carrying along the parked rows
+of earlier early tokens at each layer (deferred work). It ends either at an exit probe that is
+confident enough (the token is emitted early, its remaining layers parked) or at the last layer,
+where `verify_greedy` checks every pending early token and rolls back on the first mismatch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import capture, check_supported
+from ..config import AdaDecodeConfig
+from ..errors import AdaDecodeError
+from ..heads import ExitHeads
+from ..passes import PassSettings, run_passes
+from .kv_state import KVState
+from .program import DecodeProgram
+from .stats import DecodeStats
+from .verify import verify_greedy
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # [1, prompt + new] like HF generate
+    new_tokens: list[int]
+    stats: DecodeStats
+
+
+def _eos_set(eos) -> frozenset:
+    if eos is None:
+        return frozenset()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    return frozenset([int(eos)] if isinstance(eos, int) else (int(e) for e in eos))
+
+
+class AdaDecoder:
+    def __init__(self, model, heads: ExitHeads | None = None, config: AdaDecodeConfig | None = None):
+        check_supported(model)
+        config = config or AdaDecodeConfig()
+        n = model.config.num_hidden_layers
+        if heads is not None:
+            heads.check(model)
+        layers = config.exit_layers or (heads.layers if heads is not None else ())
+        config = AdaDecodeConfig(**{**config.__dict__, "exit_layers": tuple(layers)}).validate(n)
+        if layers and heads is None:
+            raise AdaDecodeError("exit layers were given but no heads: pass ExitHeads (or ExitHeads.identity)")
+        missing = [l for l in layers if heads is not None and l not in heads.layers]
+        if missing:
+            raise AdaDecodeError(f"no head for exit layers {missing}; the heads cover {list(heads.layers)}")
+        model_dtype = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
+        if config.dtype == "auto":
+            config.dtype = model_dtype
+        if config.dtype != model_dtype:
+            raise AdaDecodeError(
+                f"the model is {model_dtype} but config.dtype is {config.dtype}: load the model in that dtype "
+                f"(adadecode_fx.models.load(..., dtype={config.dtype!r})) or set config.dtype={model_dtype!r}")
+        if config.backend != "eager":
+            raise AdaDecodeError(f"backend {config.backend!r} is not available yet; use backend='eager'")
+        self.model, self.heads, self.config = model, heads, config
+        self.gm = run_passes(capture(model), PassSettings(config.exit_layers, heads))
+        self.program = DecodeProgram(self.gm)
+        self.kv_shapes = self.gm.meta["kv_shapes"]
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.default_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default") -> GenerationResult:
+        prompt = self._check_prompt(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
+        cfg, L = self.config, self.program.num_layers
+        start = time.perf_counter()
+        tokens = list(prompt)
+        P = len(tokens)
+        state = KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, cfg.kv_bucket)
+        stats = DecodeStats(num_layers=L, prompt_tokens=P)
+        origin: list[int] = []  # per generated token: the layer whose prediction produced it
+        n_verified = P
+        self._step(state, tokens, P - 1, n_verified, stats, origin, allow_exit=False, count=False)
+        n_verified = len(tokens)
+        while True:
+            pending = len(tokens) - n_verified
+            done = len(tokens) - P >= max_new_tokens or tokens[-1] in eos
+            if done and pending == 0:
+                break
+            if done:  # flush: run the deferred layers of the pending tokens, no new token
+                n_verified = self._step(state, tokens, len(tokens) - 2, n_verified, stats, origin, False)
+            else:
+                n_verified = self._step(state, tokens, len(tokens) - 1, n_verified, stats, origin,
+                                        allow_exit=pending < cfg.max_pending)
+        stats.seconds = time.perf_counter() - start
+        new = tokens[P:]
+        stats.new_tokens = len(new)
+        stats.token_exit_layers = origin
+        seq = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        return GenerationResult(seq, new, stats)
+
+    def _step(self, state: KVState, tokens: list[int], p_end: int, n_verified: int, stats: DecodeStats,
+              origin: list[int], allow_exit: bool, count: bool = True) -> int:
+        """Walk the layers for positions up to ``p_end``; returns the new verified length."""
+        prog, L = self.program, self.program.num_layers
+        a = state.fill[-1]
+        dev = self.device
+        top = {"input_ids": torch.tensor([tokens[a:p_end + 1]], dtype=torch.long, device=dev),
+               "cache_position": torch.arange(a, p_end + 1, device=dev)}
+        top["position_ids"] = top["cache_position"][None]
+        kv = state.views(p_end + 1)
+        for i, (k, v) in enumerate(kv):
+            top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
+        pro = prog.prologue(top)
+        hidden = prog.embeddings(pro, p_end + 1 - state.fill[0])
+        if count:
+            stats.steps += 1
+        for layer in range(L):
+            parked = state.take_parked(layer - 1) if layer else None
+            if parked is not None:
+                hidden = torch.cat([parked, hidden], dim=1)
+            if hidden.shape[1] == 0:
+                continue
+            hidden = prog.layer(layer, hidden, pro, top, kv)
+            state.fill[layer] = p_end + 1
+            stats.critical_path_layers += count
+            stats.layer_rows += hidden.shape[1] if count else 0
+            if allow_exit and layer in prog.probe_fns:
+                token, conf = prog.probe(layer, hidden[:, -1:])
+                if conf.item() >= self.config.threshold:
+                    state.park(layer, hidden)
+                    tokens.append(int(token.item()))
+                    origin.append(layer)
+                    stats.early_emitted += 1
+                    return n_verified
+        first = max(a, n_verified - 1)
+        logits = prog.epilogue(hidden[:, first - a:])
+        predictions = logits[0].argmax(dim=-1).tolist()
+        verdict = verify_greedy(tokens, first, predictions)
+        stats.accepted += verdict.accepted
+        if verdict.rejected_at is not None:
+            stats.rejected += 1
+            del tokens[verdict.rejected_at:]
+            del origin[verdict.rejected_at - stats.prompt_tokens:]
+            state.rollback(verdict.rejected_at)
+        if verdict.next_token >= 0:
+            tokens.append(verdict.next_token)
+            origin.append(L - 1)
+        return len(tokens)
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_prompt(self, input_ids) -> list[int]:
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 2:
+                if input_ids.shape[0] != 1:
+                    raise AdaDecodeError(
+                        f"batch size {input_ids.shape[0]} is not supported yet (batching is planned with "
+                        "sampling support); call generate once per prompt")
+                input_ids = input_ids[0]
+            if input_ids.dim() != 1:
+                raise AdaDecodeError(f"input_ids must be [1, length] or [length], got shape {tuple(input_ids.shape)}")
+            ids = input_ids.tolist()
+        else:
+            ids = list(input_ids)
+            if ids and isinstance(ids[0], (list, tuple)):
+                if len(ids) != 1:
+                    raise AdaDecodeError(f"batch size {len(ids)} is not supported yet; call generate per prompt")
+                ids = list(ids[0])
+        if not ids:
+            raise AdaDecodeError("the prompt is empty: give at least one token (e.g. the BOS token)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise AdaDecodeError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        return [int(t) for t in ids]

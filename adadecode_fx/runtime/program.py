@@ -1,0 +1,98 @@
+"""DecodeProgram: the segments produced by the passes, with a recipe for feeding each one.
+
+This is the only place that knows how a segment's inputs map to runtime state; the decode loop
+calls `prologue`, `layer`, `probe` and `epilogue` and never looks at graphs.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..passes.split_layers import segment_calls
+
+
+@dataclass
+class PrologueOut:
+    values: tuple  # prologue outputs
+    rows: int      # number of positions it was run on
+
+
+def _narrow_last(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    size = x.shape[dim]
+    return x if size == n else x.narrow(dim, size - n, n)
+
+
+class DecodeProgram:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.num_layers = gm.meta["num_layers"]
+        self.exit_layers = tuple(gm.meta.get("exit_layers", ()))
+        calls = segment_calls(gm)
+        self.prologue_fn = gm.prologue
+        self.epilogue_fn = gm.epilogue
+        self.layer_fns = [getattr(gm, f"layer_{i}") for i in range(self.num_layers)]
+        self.probe_fns = {l: getattr(gm, f"exit_probe_{l}") for l in self.exit_layers}
+        self.prologue_args = [self._top_name(a) for a in calls["prologue"].args]
+        self.layer_recipes = [self._layer_recipe(getattr(gm, f"layer_{i}"), calls[f"layer_{i}"])
+                              for i in range(self.num_layers)]
+        # which prologue output is the residual stream entering layer 0
+        res = next(r for r in self.layer_recipes[0] if r[0] == "residual")
+        self.embedding_index = res[1]
+        for i, fn in enumerate(self.layer_fns):
+            outs = next(n for n in fn.graph.nodes if n.op == "output").args[0]
+            if len(outs) != 1:
+                raise AssertionError(f"layer_{i} returns {len(outs)} values; expected the residual only")
+
+    @staticmethod
+    def _top_name(arg):
+        return arg.name
+
+    def _layer_recipe(self, sub: fx.GraphModule, call: fx.Node):
+        recipe = []
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for arg, ph in zip(call.args, placeholders):
+            role = ph.meta["role"]
+            from_prologue = (arg.op == "call_function" and arg.target is operator.getitem
+                             and arg.args[0].target == "prologue")
+            src = ("pro", arg.args[1]) if from_prologue else ("top", arg.name)
+            if role[0] == "residual":
+                recipe.append(("residual", src[1] if from_prologue else None))
+            elif role[0] == "kv":
+                recipe.append(("kv", role[2]))
+            elif role[0] == "positional":
+                recipe.append(("positional", src, role[1]))
+            else:
+                recipe.append(("shared", src))
+        return recipe
+
+    # --- calls -----------------------------------------------------------------------------------
+    def prologue(self, top: dict) -> PrologueOut:
+        out = self.prologue_fn(*[top[n] for n in self.prologue_args])
+        return PrologueOut(out, top["input_ids"].shape[1])
+
+    def embeddings(self, pro: PrologueOut, n: int) -> torch.Tensor:
+        return _narrow_last(pro.values[self.embedding_index], 1, n)
+
+    def layer(self, i: int, hidden: torch.Tensor, pro: PrologueOut, top: dict, kv) -> torch.Tensor:
+        t = hidden.shape[1]
+        args = []
+        for item in self.layer_recipes[i]:
+            kind = item[0]
+            if kind == "residual":
+                args.append(hidden)
+            elif kind == "kv":
+                args.append(kv[i][item[1]])
+            else:
+                src = item[1]
+                value = pro.values[src[1]] if src[0] == "pro" else top[src[1]]
+                args.append(_narrow_last(value, item[2], t) if kind == "positional" else value)
+        return self.layer_fns[i](*args)[0]
+
+    def epilogue(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.epilogue_fn(hidden)[0]
+
+    def probe(self, layer: int, hidden_last: torch.Tensor):
+        return self.probe_fns[layer](hidden_last)
