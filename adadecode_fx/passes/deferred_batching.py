@@ -64,6 +64,18 @@ def _source(arg: fx.Node):
     return "top", arg.name
 
 
+def _is_stream(arg: fx.Node, calls: dict, layer_out) -> bool:
+    """Is this prologue output the hidden stream entering layer 0? It has the layer output's shape and
+    dtype and feeds no other layer (masks and rotary tables feed many, and have other shapes)."""
+    val = arg.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(layer_out, torch.Tensor):
+        return False
+    same = val.dtype == layer_out.dtype and len(val.shape) == len(layer_out.shape) and all(
+        _expr(a) == _expr(b) if isinstance(a, torch.SymInt) else a == b for a, b in zip(val.shape, layer_out.shape))
+    others = [c for name, c in calls.items() if name.startswith("layer_") and name != "layer_0"]
+    return same and not any(arg in c.args for c in others)
+
+
 def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     calls = segment_calls(gm)
     num_layers = gm.meta["num_layers"]
@@ -79,6 +91,7 @@ def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
         sub, call = getattr(gm, name), calls[name]
         prev = "prologue" if i == 0 else f"layer_{i - 1}"
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        out_val = next(n for n in sub.graph.nodes if n.op == "output").args[0][0].meta.get("val")
         residual = []
         for arg, ph in zip(call.args, placeholders):
             if "role" in ph.meta:  # kv, labelled by explicit_kv
@@ -86,9 +99,7 @@ def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
             seg, idx = _source(arg)
             val = ph.meta.get("val")
             pos_dims = [d for d, s in enumerate(getattr(val, "shape", ())) if _expr(s) == T]
-            consumed_by_next = i + 1 < num_layers and any(
-                a is arg for a in calls[f"layer_{i + 1}"].args)
-            if seg == prev and (i > 0 or not consumed_by_next):
+            if seg == prev and (i > 0 or _is_stream(arg, calls, out_val)):
                 residual.append(ph)
                 ph.meta["role"] = ("residual",)
             elif seg.startswith("layer_"):

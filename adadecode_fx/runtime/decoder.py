@@ -8,7 +8,9 @@ where `verify_greedy` checks every pending early token and rolls back on the fir
 """
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +19,32 @@ from ..capture import capture, check_supported
 from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
 from ..heads import ExitHeads
-from ..passes import PassSettings, run_passes
+from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .kv_state import KVState
 from .program import DecodeProgram
 from .stats import DecodeStats
 from .verify import verify_greedy
+
+
+_STRUCTURAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def structural_graph(model) -> torch.fx.GraphModule:
+    """Capture + the heads-independent passes, cached per model (capturing a real model takes ~20 s).
+
+    Returns a fresh top-level module over shared segments, so probes can be inserted without touching
+    the cached one. The cache is invalidated if the model's weights were replaced (e.g. by ``.to()``).
+    """
+    key = (model.get_input_embeddings().weight.data_ptr(), model.get_output_embeddings().weight.data_ptr(),
+           model.get_input_embeddings().weight.dtype)
+    hit = _STRUCTURAL.get(model)
+    if hit is None or hit[0] != key:
+        gm = run_passes(capture(model), PassSettings(), passes=[p for p in PASSES if p is not insert_exit_probes])
+        _STRUCTURAL[model] = hit = (key, gm)
+    gm = hit[1]
+    fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    fresh.meta.update(gm.meta)
+    return fresh
 
 
 @dataclass
@@ -63,7 +86,8 @@ class AdaDecoder:
         if config.backend != "eager":
             raise AdaDecodeError(f"backend {config.backend!r} is not available yet; use backend='eager'")
         self.model, self.heads, self.config = model, heads, config
-        self.gm = run_passes(capture(model), PassSettings(config.exit_layers, heads))
+        settings = PassSettings(config.exit_layers, heads)
+        self.gm = run_passes(structural_graph(model), settings, passes=(insert_exit_probes,))
         self.program = DecodeProgram(self.gm)
         self.kv_shapes = self.gm.meta["kv_shapes"]
         self.device = model.get_input_embeddings().weight.device
@@ -131,10 +155,10 @@ class AdaDecoder:
             stats.critical_path_layers += count
             stats.layer_rows += hidden.shape[1] if count else 0
             if allow_exit and layer in prog.probe_fns:
-                token, conf = prog.probe(layer, hidden[:, -1:])
-                if conf.item() >= self.config.threshold:
+                token, conf = self.exit_probe(layer, hidden[:, -1:], tokens)
+                if conf >= self.config.threshold:
                     state.park(layer, hidden)
-                    tokens.append(int(token.item()))
+                    tokens.append(token)
                     origin.append(layer)
                     stats.early_emitted += 1
                     return n_verified
@@ -152,6 +176,15 @@ class AdaDecoder:
             tokens.append(verdict.next_token)
             origin.append(L - 1)
         return len(tokens)
+
+    def exit_probe(self, layer: int, hidden_last: torch.Tensor, tokens: list[int]) -> tuple[int, float]:
+        """The exit decision's input: the head's (token, confidence) for the newest position.
+
+        ``tokens`` is the sequence so far (the prediction is for ``len(tokens)``); the heads ignore it,
+        but tests override this method with oracle or adversarial probes that use it.
+        """
+        token, conf = self.program.probe(layer, hidden_last)
+        return int(token), float(conf)
 
     # ------------------------------------------------------------------------------------------------
     def _check_prompt(self, input_ids) -> list[int]:

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random decoders of several families (fast) and the real SmolLM2 (slow)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers as tf
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+
+_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+               num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+
+FAMILIES = {
+    "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **_COMMON),
+    "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **_COMMON),
+    "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **_COMMON),
+    "qwen3": lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **_COMMON),
+    "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**_COMMON),
+    "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=6, **_COMMON),
+}
+
+
+@functools.cache
+def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
+    """A small random decoder; eos disabled so greedy runs the full length."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
+    # sharpen the output distribution so argmax ties (float noise) are vanishingly rare
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
+    ids = torch.tensor([prompt])
+    kwargs = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@functools.cache
+def smollm2(dtype: str = "float32"):
+    from adadecode_fx import models
+
+    return models.load("smollm2-135m", dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return smollm2()
+
+
+def decoder(model, layers, threshold=0.5, max_pending=5, heads=None, seed=0, scale=1.0):
+    heads = heads or ExitHeads.random(model, layers, scale=scale, seed=seed)
+    return AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending))

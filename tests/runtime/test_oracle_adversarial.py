@@ -1,0 +1,69 @@
+"""Heads that are always wrong or always right: output unchanged, stats exactly as the schedule implies."""
+import pytest
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from tests.conftest import hf_greedy, tiny_model
+
+
+class ScriptedDecoder(AdaDecoder):
+    """Replaces the heads' guess with the reference token (oracle) or a wrong one (adversary)."""
+
+    def __init__(self, model, layers, reference, wrong, **cfg):
+        super().__init__(model, ExitHeads.identity(model, layers), AdaDecodeConfig(**cfg))
+        self.reference, self.wrong = reference, wrong
+
+    def exit_probe(self, layer, hidden_last, tokens):
+        right = self.reference[len(tokens)]
+        return ((right + 1) % self.model.config.vocab_size if self.wrong else right), 1.0
+
+
+def expected_schedule(new_tokens: int, max_pending: int):
+    """(early tokens, full-depth tokens, flush at the end?) when every exit is taken and every early
+    token is right."""
+    made, early, final, flush = 1, 0, 1, False  # prefill makes the first token at full depth
+    while made < new_tokens:
+        e = min(max_pending, new_tokens - made)
+        early, made = early + e, made + e
+        if made < new_tokens:
+            final, made = final + 1, made + 1
+        else:
+            flush = e > 0  # the last tokens were early: their deferred layers run once more to verify
+    return early, final, flush
+
+
+@pytest.mark.parametrize("max_pending", [1, 3, 5])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_oracle_heads(family, max_pending):
+    model = tiny_model(family)
+    prompt, n = list(range(5, 25)), 33
+    ref = hf_greedy(model, prompt, n)
+    dec = ScriptedDecoder(model, [1, 3], prompt + ref, wrong=False, threshold=0.75, max_pending=max_pending)
+    out = dec.generate(prompt, max_new_tokens=n)
+    assert out.new_tokens == ref
+    early, final, flush = expected_schedule(n, max_pending)
+    s = out.stats
+    L = model.config.num_hidden_layers
+    assert (s.accepted, s.rejected, s.early_emitted) == (early, 0, early)
+    assert s.exit_histogram() == {1: early, L - 1: final}
+    # critical path: an early token runs 2 layers (exit after layer 1), a full-depth step L, the
+    # final flush the L - 2 deferred layers; deferred rows ride along and add nothing
+    assert s.critical_path_layers == 2 * early + L * (final - 1) + (L - 2) * flush
+
+
+@pytest.mark.parametrize("max_pending", [0, 1, 4])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_adversarial_heads(family, max_pending):
+    model = tiny_model(family)
+    prompt, n = list(range(7, 19)), 21
+    ref = hf_greedy(model, prompt, n)
+    dec = ScriptedDecoder(model, [0, 2], prompt + ref, wrong=True, threshold=0.75, max_pending=max_pending)
+    out = dec.generate(prompt, max_new_tokens=n)
+    assert out.new_tokens == ref
+    s = out.stats
+    L = model.config.num_hidden_layers
+    assert s.accepted == 0
+    assert s.exit_histogram() == {L - 1: n}
+    # every verification after an early exit finds the first early token wrong: one rollback per token
+    assert s.rejected == (n - 1 if max_pending else 0)
+    expected_early = sum(min(max_pending, n - g) for g in range(1, n)) if max_pending else 0
+    assert s.early_emitted == expected_early
