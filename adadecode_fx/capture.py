@@ -78,7 +78,9 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is an encoder-decoder model; AdaDecode needs a decoder-only causal LM "
             "(load it with AutoModelForCausalLM)")
-    if not getattr(config, "is_causal", True) or model.get_output_embeddings() is None:
+    can_generate = getattr(model, "can_generate", None)
+    if (not getattr(config, "is_causal", True) or model.get_output_embeddings() is None
+            or (callable(can_generate) and not can_generate())):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a causal language model with an LM head; "
             "load a decoder-only model with AutoModelForCausalLM")

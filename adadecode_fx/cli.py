@@ -8,6 +8,15 @@ import sys
 from .errors import AdaDecodeError
 
 
+def _int_list(text, flag) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise AdaDecodeError(f"{flag} must be comma-separated integers such as 8,16; got {text!r}") from None
+
+
 def _generate(args) -> int:
     import torch
 
@@ -19,15 +28,15 @@ def _generate(args) -> int:
 
     if not args.prompt or not args.prompt.strip():
         raise AdaDecodeError("--prompt is empty: give the text to continue")
+    layers = _int_list(args.exit_layers, "--exit-layers")
     torch.manual_seed(0)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     if args.heads:
         heads = ExitHeads.load(args.heads, model)
-    elif args.exit_layers:
-        heads = ExitHeads.identity(model, [int(x) for x in args.exit_layers.split(",")])
+    elif layers:
+        heads = ExitHeads.identity(model, layers)
     else:
         heads = None
-    layers = tuple(int(x) for x in args.exit_layers.split(",")) if args.exit_layers else ()
     config = AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending)
     decoder = AdaDecoder(model, heads, config)
     text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt

@@ -44,6 +44,9 @@ class AdaDecodeConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.exit_layers, (str, bytes)) or any(
+                isinstance(x, bool) or not float(x).is_integer() for x in self.exit_layers):
+            raise AdaDecodeError(f"exit_layers must be a sequence of integers, got {self.exit_layers!r}")
         self.exit_layers = tuple(int(x) for x in self.exit_layers)
         self.dtype = canonical_dtype(self.dtype)
         self.validate()
@@ -52,11 +55,11 @@ class AdaDecodeConfig:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0):
             raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses 0.75")
-        if not isinstance(self.max_pending, int) or self.max_pending < 0:
+        if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 0:
             raise AdaDecodeError(f"max_pending must be an integer >= 0, got {self.max_pending!r}")
         if self.backend not in BACKENDS:
             raise AdaDecodeError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if not isinstance(self.kv_bucket, int) or self.kv_bucket < 1:
+        if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 1:
             raise AdaDecodeError(f"kv_bucket must be a positive integer, got {self.kv_bucket!r}")
         layers = self.exit_layers
         if any(b <= a for a, b in zip(layers, layers[1:])):

@@ -133,13 +133,8 @@ class AdaDecoder:
         """Walk the layers for positions up to ``p_end``; returns the new verified length."""
         prog, L = self.program, self.program.num_layers
         a = state.fill[-1]
-        dev = self.device
-        top = {"input_ids": torch.tensor([tokens[a:p_end + 1]], dtype=torch.long, device=dev),
-               "cache_position": torch.arange(a, p_end + 1, device=dev)}
-        top["position_ids"] = top["cache_position"][None]
         kv = state.views(p_end + 1)
-        for i, (k, v) in enumerate(kv):
-            top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
+        top = prog.top_inputs(tokens[a:p_end + 1], a, kv)
         pro = prog.prologue(top)
         hidden = prog.embeddings(pro, p_end + 1 - state.fill[0])
         if count:
@@ -207,6 +202,8 @@ class AdaDecoder:
         if not ids:
             raise AdaDecodeError("the prompt is empty: give at least one token (e.g. the BOS token)")
         vocab = self.model.config.vocab_size
+        if any(isinstance(t, bool) or not float(t).is_integer() for t in ids):
+            raise AdaDecodeError("token ids must be integers")
         bad = [t for t in ids if not 0 <= int(t) < vocab]
         if bad:
             raise AdaDecodeError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")

@@ -68,6 +68,17 @@ class DecodeProgram:
                 recipe.append(("shared", src))
         return recipe
 
+    @staticmethod
+    def top_inputs(ids: list[int], start: int, kv) -> dict:
+        """Graph inputs for tokens ``ids`` at positions ``start, start+1, ...`` over K/V views ``kv``."""
+        dev = kv[0][0].device
+        top = {"input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
+               "cache_position": torch.arange(start, start + len(ids), device=dev)}
+        top["position_ids"] = top["cache_position"][None]
+        for i, (k, v) in enumerate(kv):
+            top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
+        return top
+
     # --- calls -----------------------------------------------------------------------------------
     def prologue(self, top: dict) -> PrologueOut:
         out = self.prologue_fn(*[top[n] for n in self.prologue_args])
@@ -96,3 +107,18 @@ class DecodeProgram:
 
     def probe(self, layer: int, hidden_last: torch.Tensor):
         return self.probe_fns[layer](hidden_last)
+
+    def hidden_states(self, ids: list[int], layers, state) -> tuple[dict, torch.Tensor]:
+        """One full-depth pass over ``ids`` (fresh ``state``): outputs of ``layers`` and of the last layer,
+        each ``[1, len(ids), d]``. What the exit probes see at decode time, for training and evaluation."""
+        n = len(ids)
+        kv = state.views(n)
+        top = self.top_inputs(ids, 0, kv)
+        pro = self.prologue(top)
+        hidden = self.embeddings(pro, n)
+        keep = {}
+        for i in range(self.num_layers):
+            hidden = self.layer(i, hidden, pro, top, kv)
+            if i in layers:
+                keep[i] = hidden
+        return keep, hidden

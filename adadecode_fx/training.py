@@ -1,0 +1,193 @@
+"""Self-distillation of exit heads (AdaDecode section 3): the base model is frozen, the teacher is its
+own final-layer distribution on its own greedy continuations of the training prompts (and on the
+prompt tokens), the loss is KL(teacher || head), adapters start at identity.
+
+Hidden states come from the captured program itself (`DecodeProgram.hidden_states`), so the heads
+are trained on exactly what the exit probes see at decode time. Logits are only ever materialised
+for one minibatch of tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import AdaDecodeError
+from .heads import ExitHeads, model_fingerprint
+from .runtime.decoder import structural_graph
+from .runtime.kv_state import KVState
+from .runtime.program import DecodeProgram
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    layers: tuple[int, ...]
+    epochs: int = 3
+    lr: float = 5e-3
+    warmup: float = 0.03          # fraction of steps with linear warm-up, then cosine decay
+    batch_tokens: int = 256
+    gen_tokens: int = 128         # greedy continuation length per training prompt
+    gen_batch: int = 8
+    seed: int = 0
+    data: str = ""
+    record_ids: list = field(default_factory=list)
+
+
+def distillation_sequences(model, tokenizer, prompts: list[str], gen_tokens: int, batch: int) -> list[list[int]]:
+    """prompt + the model's own greedy continuation, per prompt (batched, left-padded generation)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    seqs = []
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=False, max_new_tokens=gen_tokens, pad_token_id=pad)
+            for row, mask in zip(out, enc.attention_mask):
+                n_pad = int((mask == 0).sum())
+                ids = row[n_pad:].tolist()
+                while len(ids) > 1 and ids[-1] == pad:  # right padding after an early EOS
+                    ids.pop()
+                seqs.append(ids)
+    finally:
+        tokenizer.padding_side = side
+    return seqs
+
+
+@torch.no_grad()
+def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_shapes, dtype):
+    """Stack exit-layer and final-layer hidden states of all sequences: ({l: [N, d]}, [N, d])."""
+    per_layer = {l: [] for l in layers}
+    final = []
+    for ids in seqs:
+        state = KVState(kv_shapes, len(ids), dtype, "cpu", 64)
+        keep, last = program.hidden_states(ids, set(layers), state)
+        for l in layers:
+            per_layer[l].append(keep[l][0])
+        final.append(last[0])
+    return {l: torch.cat(v) for l, v in per_layer.items()}, torch.cat(final)
+
+
+def kl_loss(program: DecodeProgram, adapter: torch.Tensor, h: torch.Tensor, teacher_logp: torch.Tensor):
+    """KL(teacher || head) per token, averaged; head = epilogue(h @ adapter^T)."""
+    x = (h.float() @ adapter.t()).to(h.dtype)
+    logq = F.log_softmax(program.epilogue(x[None])[0].float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean(), logq
+
+
+def _lr(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir, progress: bool = True) -> ExitHeads:
+    """Train one adapter per layer in ``cfg.layers``; resumable from ``out_dir/train_state.pt``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_layers = model.config.num_hidden_layers
+    if not cfg.layers or any(not 0 <= l < n_layers - 1 for l in cfg.layers):
+        raise AdaDecodeError(f"training layers must lie in 0..{n_layers - 2}, got {list(cfg.layers)}")
+    if not prompts:
+        raise AdaDecodeError("no training prompts")
+    torch.manual_seed(cfg.seed)
+    state_path = out / STATE_FILE
+    resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if resume and (resume["config"]["layers"] != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
+        raise AdaDecodeError(f"{state_path} belongs to another run (layers or model differ); use a new --out")
+    seqs = resume["seqs"] if resume else distillation_sequences(model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
+
+    program = DecodeProgram(structural_graph(model))
+    dtype = model.get_input_embeddings().weight.dtype
+    hidden, final = collect_hidden(program, seqs, cfg.layers, program.gm.meta["kv_shapes"], dtype)
+    n_tok, d = final.shape
+    adapters = {l: torch.eye(d, requires_grad=True) for l in cfg.layers}
+    opt = torch.optim.Adam(adapters.values(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(n_tok / cfg.batch_tokens)
+    total = steps_per_epoch * cfg.epochs
+    step, curve = 0, []
+    if resume:
+        for l in cfg.layers:
+            adapters[l].data.copy_(resume["adapters"][l])
+        opt.load_state_dict(resume["optimizer"])
+        step, curve = resume["step"], resume["curve"]
+
+    def save_state():
+        torch.save({"config": asdict(cfg), "fingerprint": model_fingerprint(model), "seqs": seqs, "step": step,
+                    "curve": curve, "adapters": {l: a.detach() for l, a in adapters.items()},
+                    "optimizer": opt.state_dict()}, state_path)
+
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train-heads", unit="step")
+    t0, seen = time.perf_counter(), 0
+    try:
+        while step < total and not interrupted:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = torch.randperm(n_tok, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            idx = order[k * cfg.batch_tokens:(k + 1) * cfg.batch_tokens]
+            with torch.no_grad():
+                teacher = F.log_softmax(program.epilogue(final[idx][None])[0].float(), dim=-1)
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, total, cfg)
+            opt.zero_grad(set_to_none=True)
+            losses = []
+            for l in cfg.layers:
+                loss, _ = kl_loss(program, adapters[l], hidden[l][idx], teacher)
+                loss.backward()
+                losses.append(loss.item())
+            opt.step()
+            step += 1
+            seen += len(idx)
+            curve.append([step, sum(losses) / len(losses)])
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+            if step % steps_per_epoch == 0:
+                save_state()
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        save_state()
+    heads = ExitHeads({l: a.detach().clone() for l, a in adapters.items()}, model_fingerprint(model), d, n_layers,
+                      {"trained": True, "method": "self-distillation KL(final || head)", "train": asdict(cfg),
+                       "dtype": str(dtype).replace("torch.", ""), "tokens": n_tok, "sequences": len(seqs),
+                       "steps": step, "complete": step >= total, "loss_curve": curve[:: max(1, len(curve) // 200)]})
+    heads.save(out)
+    if interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {step}/{total}; rerun the same command to resume")
+    return heads
+
+
+@torch.no_grad()
+def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: torch.Tensor, chunk: int = 256):
+    """Per layer: head argmax, head confidence and whether it equals the final argmax, for every token."""
+    result = {}
+    target = torch.cat([program.epilogue(final[i:i + chunk][None])[0].argmax(-1) for i in range(0, len(final), chunk)])
+    for l in heads.layers:
+        w = heads.weight(l).to(hidden[l].dtype)
+        toks, confs = [], []
+        for i in range(0, len(final), chunk):
+            logits = program.epilogue((hidden[l][i:i + chunk] @ w.t())[None])[0].float()
+            c, t = logits.softmax(-1).max(-1)
+            toks.append(t)
+            confs.append(c)
+        tok = torch.cat(toks)
+        result[l] = {"token": tok, "conf": torch.cat(confs), "agree": tok == target}
+    return result, target

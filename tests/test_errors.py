@@ -1,0 +1,227 @@
+"""Bad input fails early with AdaDecodeError (a ValueError) that says what to do, and changes nothing."""
+import pytest
+import torch
+import transformers as tf
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads, models
+from adadecode_fx.errors import AdaDecodeError, UnsupportedModelError
+from tests.conftest import hf_greedy, tiny_model
+
+
+def snapshot(model):
+    gen = getattr(model, "generation_config", None)  # encoder-only models have none
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, gen and gen.to_dict(),
+            model.config.to_dict(), model.training)
+
+
+def assert_unchanged(model, snap):
+    weights, gen, cfg, training = snap
+    now = model.state_dict()
+    assert now.keys() == weights.keys()
+    for k, v in weights.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+    now_gen = getattr(model, "generation_config", None)
+    assert (now_gen and now_gen.to_dict()) == gen
+    assert model.config.to_dict() == cfg
+    assert model.training == training
+
+
+@pytest.fixture
+def llama():
+    model = tiny_model("llama")
+    snap = snapshot(model)
+    yield model
+    assert_unchanged(model, snap)
+
+
+@pytest.fixture(scope="module")
+def plain_decoder():
+    return AdaDecoder(tiny_model("llama"))
+
+
+def test_error_hierarchy():
+    assert issubclass(AdaDecodeError, ValueError)
+    assert issubclass(UnsupportedModelError, AdaDecodeError)
+
+
+# --------------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -0.1, 1.5, True, False, "0.5", float("nan")])
+def test_bad_threshold(threshold):
+    with pytest.raises(AdaDecodeError, match=r"threshold must be in \(0, 1\]"):
+        AdaDecodeConfig(threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [1e-9, 0.75, 1, 1.0])
+def test_good_threshold(threshold):
+    assert AdaDecodeConfig(threshold=threshold).threshold == threshold
+
+
+def test_bad_threshold_through_decoder(llama):
+    cfg = AdaDecodeConfig()
+    cfg.threshold = 1.5  # bypassing __post_init__: the decoder validates again
+    with pytest.raises(AdaDecodeError, match="threshold"):
+        AdaDecoder(llama, None, cfg)
+
+
+@pytest.mark.parametrize("layers", [(2, 1), (1, 1), (0, 3, 2)])
+def test_exit_layers_not_increasing(layers):
+    with pytest.raises(AdaDecodeError, match="strictly increasing"):
+        AdaDecodeConfig(exit_layers=layers)
+
+
+@pytest.mark.parametrize("layers", [(4,), (1, 4), (-1,), (2, 9)])
+def test_exit_layer_out_of_range(llama, layers):
+    heads = ExitHeads.identity(llama, [1, 2])
+    cfg = AdaDecodeConfig(exit_layers=layers)
+    with pytest.raises(AdaDecodeError, match=r"out of range.*0\.\.3"):
+        AdaDecoder(llama, heads, cfg)
+    assert cfg.exit_layers == layers and cfg.dtype == "auto"  # the user's config is left alone
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_pending": -1}, "max_pending"), ({"max_pending": 1.5}, "max_pending"),
+    ({"kv_bucket": 0}, "kv_bucket"), ({"dtype": "int8"}, "unknown dtype"),
+    ({"backend": "tvm"}, "unknown backend 'tvm'"),
+])
+def test_bad_config_fields(kwargs, match):
+    with pytest.raises(AdaDecodeError, match=match):
+        AdaDecodeConfig(**kwargs)
+
+
+def test_backend_not_available_yet(llama):
+    with pytest.raises(AdaDecodeError, match="not available yet; use backend='eager'"):
+        AdaDecoder(llama, None, AdaDecodeConfig(backend="inductor"))
+
+
+def test_dtype_mismatch(llama):
+    cfg = AdaDecodeConfig(dtype="fp32")
+    with pytest.raises(AdaDecodeError, match="model is float64 but config.dtype is float32"):
+        AdaDecoder(llama, None, cfg)
+    assert next(llama.parameters()).dtype == torch.float64
+
+
+def test_exit_layers_without_heads(llama):
+    with pytest.raises(AdaDecodeError, match="no heads"):
+        AdaDecoder(llama, None, AdaDecodeConfig(exit_layers=(1,)))
+
+
+def test_heads_missing_a_layer(llama):
+    with pytest.raises(AdaDecodeError, match=r"no head for exit layers \[2\]"):
+        AdaDecoder(llama, ExitHeads.identity(llama, [1]), AdaDecodeConfig(exit_layers=(1, 2)))
+
+
+def test_config_round_trip_rejects_bad_values():
+    cfg = AdaDecodeConfig(exit_layers=(1, 2), threshold=0.3)
+    assert AdaDecodeConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(AdaDecodeError):
+        AdaDecodeConfig.from_json(cfg.to_json().replace("0.3", "3.0"))
+
+
+# --------------------------------------------------------------------------------- generate inputs
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True, "8", None])
+def test_bad_max_new_tokens(plain_decoder, llama, n):
+    with pytest.raises(AdaDecodeError, match="max_new_tokens must be an integer >= 1"):
+        plain_decoder.generate([1, 2, 3], max_new_tokens=n)
+
+
+@pytest.mark.parametrize("prompt", [[], torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [[]]])
+def test_empty_prompt(plain_decoder, llama, prompt):
+    with pytest.raises(AdaDecodeError, match="prompt is empty"):
+        plain_decoder.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prompt", [torch.ones(2, 4, dtype=torch.long), [[1, 2], [3, 4]]])
+def test_batch_of_two(plain_decoder, llama, prompt):
+    with pytest.raises(AdaDecodeError, match="batch size 2 is not supported"):
+        plain_decoder.generate(prompt, max_new_tokens=2)
+
+
+def test_bad_shape(plain_decoder, llama):
+    with pytest.raises(AdaDecodeError, match=r"\[1, length\]"):
+        plain_decoder.generate(torch.ones(1, 1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prompt,bad", [([5, 128], 128), ([-1, 3], -1), (torch.tensor([[1, 500]]), 500)])
+def test_token_out_of_vocab(plain_decoder, llama, prompt, bad):
+    with pytest.raises(AdaDecodeError, match=rf"token ids \[{bad}\] are outside the vocabulary \(size 128\)"):
+        plain_decoder.generate(prompt, max_new_tokens=2)
+
+
+def test_decoder_still_works_after_errors(plain_decoder, llama):
+    for bad in ([], [999]):
+        with pytest.raises(AdaDecodeError):
+            plain_decoder.generate(bad, max_new_tokens=3)
+    prompt = [4, 9, 2, 7]
+    assert plain_decoder.generate(prompt, max_new_tokens=5).new_tokens == hf_greedy(llama, prompt, 5)
+
+
+def test_user_config_not_mutated(llama):
+    cfg = AdaDecodeConfig(threshold=0.4)
+    dec = AdaDecoder(llama, ExitHeads.identity(llama, [2]), cfg)
+    assert cfg.dtype == "auto" and cfg.exit_layers == ()
+    assert dec.config.dtype == "float64" and dec.config.exit_layers == (2,)
+
+
+# --------------------------------------------------------------------------------- unsupported models
+
+
+def test_encoder_decoder_model():
+    torch.manual_seed(0)
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                   num_heads=2, decoder_start_token_id=0)).eval()
+    snap = snapshot(t5)
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder.*AutoModelForCausalLM"):
+        AdaDecoder(t5)
+    assert_unchanged(t5, snap)
+
+
+def _bert_config():
+    return tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)
+
+
+def test_bert_encoder_without_lm_head():
+    torch.manual_seed(0)
+    bert = tf.BertModel(_bert_config()).eval()
+    snap = snapshot(bert)
+    with pytest.raises(UnsupportedModelError, match="not a causal language model"):
+        AdaDecoder(bert)
+    assert_unchanged(bert, snap)
+
+
+def test_masked_lm_is_unsupported():
+    torch.manual_seed(0)
+    bert = tf.BertForMaskedLM(_bert_config()).eval()
+    snap = snapshot(bert)
+    with pytest.raises(UnsupportedModelError):
+        AdaDecoder(bert)
+    assert_unchanged(bert, snap)
+
+
+def test_masked_lm_is_rejected_before_capture(monkeypatch):
+    import adadecode_fx.runtime.decoder as dec
+
+    def no_capture(model):
+        raise AssertionError("tried to capture a masked LM")
+
+    monkeypatch.setattr(dec, "capture", no_capture)
+    with pytest.raises(UnsupportedModelError, match="causal"):
+        AdaDecoder(tf.BertForMaskedLM(_bert_config()).eval())
+
+
+def test_not_a_hf_model():
+    with pytest.raises(UnsupportedModelError, match="PreTrainedModel"):
+        AdaDecoder(torch.nn.Linear(4, 4))
+
+
+def test_unknown_zoo_name(tmp_path):
+    with pytest.raises(AdaDecodeError, match="unknown model 'no-such-model'.*smollm2-135m"):
+        models.load("no-such-model")
+    with pytest.raises(AdaDecodeError, match="no config.json"):
+        models.load(str(tmp_path))
+    with pytest.raises(AdaDecodeError, match="unknown dtype"):
+        models.load("smollm2-135m", dtype="int3")
