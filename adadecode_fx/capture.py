@@ -137,6 +137,7 @@ def capture(model) -> torch.fx.GraphModule:
             f"{str(e).splitlines()[0] if str(e) else ''}); this architecture is not supported yet") from e
     gm = _unlift(ep, wrapper)
     gm.meta["num_layers"] = len(shapes)
+    gm.meta["vocab_size"] = model.get_output_embeddings().weight.shape[0]
     gm.meta["kv_shapes"] = shapes
     gm.meta["model_class"] = type(model).__name__
     return gm

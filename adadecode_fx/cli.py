@@ -56,6 +56,60 @@ def _generate(args) -> int:
     return 0
 
 
+def auto_layers(num_layers: int) -> tuple[int, ...]:
+    """The paper's placement: heads at 1/4, 1/2 and 3/4 of the depth."""
+    return tuple(sorted({max(0, min(num_layers - 2, round(num_layers * f) - 1)) for f in (0.25, 0.5, 0.75)}))
+
+
+def _train_heads(args) -> int:
+    from . import models
+    from .data import load_prompts
+    from .training import TrainConfig, train_heads
+
+    if args.epochs < 1 or args.max_prompts < 1:
+        raise AdaDecodeError("--epochs and --max-prompts must be >= 1")
+    records = load_prompts(args.data, n=None, split="train")[: args.max_prompts]
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    n = model.config.num_hidden_layers
+    layers = auto_layers(n) if args.layers == "auto" else _int_list(args.layers, "--layers")
+    cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
+                      batch_tokens=args.batch_tokens, data=args.data, record_ids=[r["id"] for r in records])
+    heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out)
+    print(f"[adadecode] heads for layers {list(heads.layers)} written to {args.out} "
+          f"(final loss {heads.metadata['loss_curve'][-1][1]:.3f})")
+    return 0
+
+
+def _eval_heads(args) -> int:
+    from . import models
+    from .data import load_prompts
+    from .evaluation import head_records, measure_probe_cost, report, write
+    from .heads import ExitHeads
+    from .config import AdaDecodeConfig
+    from .runtime import AdaDecoder
+    from .training import distillation_sequences
+
+    records = load_prompts(args.data, n=args.n, split="eval")
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    heads = ExitHeads.load(args.heads, model)
+    prompts = [r["prompt"] for r in records]
+    seqs = distillation_sequences(model, tokenizer, prompts, args.max_new_tokens, 4)
+    lens = [len(tokenizer(p).input_ids) for p in prompts]
+    program = AdaDecoder(model, heads, AdaDecodeConfig()).program
+    rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
+                 measure_probe_cost(program, heads), args.max_pending)
+    rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
+    write(rep, args.json, args.plot)
+    for l, d in rep["per_layer"].items():
+        print(f"layer {l}: agreement {d['agreement']:.1%}")
+    for r in rep["per_gamma"]:
+        print(f"gamma {r['gamma']:.2f}: early-exit {r['early_exit_rate']:.1%}, acceptance "
+              f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, bound {r['speedup_bound']:.2f}x")
+    print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
+          f"probe = {rep['probe_cost_layers']:.2f} layers")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adadecode", description="AdaDecode for Hugging Face decoders")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--prompt", required=True)
     g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train-heads", help="train exit heads by self-distillation")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--data", required=True, help="mbpp | gsm8k | xsum | PATH.jsonl (uses the train slice)")
+    t.add_argument("--layers", default="auto", help="auto (1/4, 1/2, 3/4 depth) or L1,L2,...")
+    t.add_argument("--max-prompts", type=int, default=128)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
+    t.add_argument("--batch-tokens", type=int, default=256)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="directory for heads.safetensors (+ resumable train state)")
+    t.set_defaults(func=_train_heads)
+
+    e = sub.add_parser("eval-heads", help="calibrate exit heads on held-out prompts; JSON + PNG report")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--heads", required=True)
+    e.add_argument("--data", required=True, help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice)")
+    e.add_argument("--n", type=int, default=16, help="number of held-out prompts")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--max-pending", type=int, default=5)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--json", help="write the report here")
+    e.add_argument("--plot", help="write a PNG here")
+    e.set_defaults(func=_eval_heads)
     return p
 
 

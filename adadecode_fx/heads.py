@@ -32,8 +32,10 @@ class ExitHeads:
     """Adapters ``T_l`` (logits = LM_head(norm(T_l h_l))) for exit layers ``layers``."""
 
     def __init__(self, weights: dict[int, torch.Tensor], fingerprint: str, hidden_size: int,
-                 num_layers: int, metadata: dict | None = None):
+                 num_layers: int, metadata: dict | None = None, vocab: torch.Tensor | None = None):
         self.weights = {int(k): v for k, v in sorted(weights.items())}
+        # optional shortlist of token ids the probes score (see ExitProbe); None = full vocabulary
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long)
         self.fingerprint = fingerprint
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -73,6 +75,9 @@ class ExitHeads:
         heads.metadata["random"] = {"scale": scale, "seed": seed}
         return heads
 
+    def without_shortlist(self) -> "ExitHeads":
+        return ExitHeads(self.weights, self.fingerprint, self.hidden_size, self.num_layers, self.metadata, None)
+
     def check(self, model) -> "ExitHeads":
         cfg = model.config
         if cfg.hidden_size != self.hidden_size or cfg.num_hidden_layers != self.num_layers:
@@ -80,6 +85,9 @@ class ExitHeads:
                 f"these heads are for a model with hidden size {self.hidden_size} and {self.num_layers} layers, "
                 f"but the model has {cfg.hidden_size} and {cfg.num_hidden_layers}: train heads for this model "
                 "with `adadecode train-heads` or pass the heads made for it")
+        if self.vocab is not None and (self.vocab.min() < 0 or self.vocab.max() >= cfg.vocab_size):
+            raise HeadsMismatchError(f"the heads' vocabulary shortlist has ids outside this model's vocabulary "
+                                     f"({cfg.vocab_size}); use heads made for this model")
         fp = model_fingerprint(model)
         if fp != self.fingerprint:
             raise HeadsMismatchError(
@@ -96,6 +104,8 @@ class ExitHeads:
                 "num_layers": str(self.num_layers), "layers": json.dumps(list(self.layers)),
                 "metadata": json.dumps(self.metadata)}
         tensors = {f"layer_{l}": w.detach().float().contiguous().cpu() for l, w in self.weights.items()}
+        if self.vocab is not None:
+            tensors["vocab"] = self.vocab.contiguous().cpu()
         save_file(tensors, str(d / WEIGHTS_FILE), metadata=meta)
         (d / "heads.json").write_text(json.dumps({k: (json.loads(v) if k in ("layers", "metadata") else v)
                                                   for k, v in meta.items()}, indent=2))
@@ -112,11 +122,12 @@ class ExitHeads:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                weights = {int(k.split("_")[1]): f.get_tensor(k) for k in f.keys()}
+                weights = {int(k.split("_")[1]): f.get_tensor(k) for k in f.keys() if k.startswith("layer_")}
+                vocab = f.get_tensor("vocab") if "vocab" in f.keys() else None
         except Exception as e:
             raise HeadsMismatchError(f"{path} is not a readable heads file ({e})") from e
         if meta.get("format") != FORMAT:
             raise HeadsMismatchError(f"{path} is not an adadecode-fx heads file (format {meta.get('format')!r})")
         heads = cls(weights, meta["fingerprint"], int(meta["hidden_size"]), int(meta["num_layers"]),
-                    json.loads(meta.get("metadata", "{}")))
+                    json.loads(meta.get("metadata", "{}")), vocab)
         return heads.check(model) if model is not None else heads

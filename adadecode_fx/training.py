@@ -37,12 +37,23 @@ class TrainConfig:
     gen_tokens: int = 128         # greedy continuation length per training prompt
     gen_batch: int = 8
     seed: int = 0
+    shortlist: int = 4096         # probe vocabulary: the most frequent final-layer tokens (0 = full vocab)
     data: str = ""
     record_ids: list = field(default_factory=list)
 
 
-def distillation_sequences(model, tokenizer, prompts: list[str], gen_tokens: int, batch: int) -> list[list[int]]:
-    """prompt + the model's own greedy continuation, per prompt (batched, left-padded generation)."""
+def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, batch: int) -> list[list[int]]:
+    """prompt + the model's own greedy continuation, per prompt (batched, left-padded generation).
+    Prompts are strings, or token-id lists (then ``tokenizer`` may be None)."""
+    if prompts and not isinstance(prompts[0], str):
+        seqs = []
+        for ids in prompts:
+            x = torch.tensor([list(ids)])
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                     max_new_tokens=gen_tokens, pad_token_id=0)
+            seqs.append(out[0].tolist())
+        return seqs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -105,7 +116,7 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if resume and (resume["config"]["layers"] != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
+    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
         raise AdaDecodeError(f"{state_path} belongs to another run (layers or model differ); use a new --out")
     seqs = resume["seqs"] if resume else distillation_sequences(model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
 
@@ -165,10 +176,12 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         save_state()
+    vocab = shortlist(final_argmax(program, final), cfg.shortlist) if cfg.shortlist else None
     heads = ExitHeads({l: a.detach().clone() for l, a in adapters.items()}, model_fingerprint(model), d, n_layers,
                       {"trained": True, "method": "self-distillation KL(final || head)", "train": asdict(cfg),
                        "dtype": str(dtype).replace("torch.", ""), "tokens": n_tok, "sequences": len(seqs),
-                       "steps": step, "complete": step >= total, "loss_curve": curve[:: max(1, len(curve) // 200)]})
+                       "steps": step, "complete": step >= total, "loss_curve": curve[:: max(1, len(curve) // 200)]},
+                      vocab)
     heads.save(out)
     if interrupted:
         raise KeyboardInterrupt(f"training interrupted at step {step}/{total}; rerun the same command to resume")
@@ -176,18 +189,31 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
 
 
 @torch.no_grad()
+def final_argmax(program: DecodeProgram, final: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([program.epilogue(final[i:i + chunk][None])[0].argmax(-1) for i in range(0, len(final), chunk)])
+
+
+def shortlist(targets: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` tokens the final layer predicts most often in the training data (sorted ids)."""
+    counts = torch.bincount(targets)
+    k = min(size, int((counts > 0).sum()))
+    return torch.sort(torch.topk(counts, k).indices).values
+
+
+@torch.no_grad()
 def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: torch.Tensor, chunk: int = 256):
-    """Per layer: head argmax, head confidence and whether it equals the final argmax, for every token."""
+    """Per layer: the probe's token and confidence (shortlist included, as at decode time) and whether it
+    equals the final argmax, for every token."""
+    from .passes.insert_exit_probes import ExitProbe, shortlist_epilogue
+
+    head = program.epilogue_fn
+    if heads.vocab is not None:
+        head = shortlist_epilogue(head, heads.vocab, program.gm.meta["vocab_size"])
     result = {}
-    target = torch.cat([program.epilogue(final[i:i + chunk][None])[0].argmax(-1) for i in range(0, len(final), chunk)])
+    target = final_argmax(program, final, chunk)
     for l in heads.layers:
-        w = heads.weight(l).to(hidden[l].dtype)
-        toks, confs = [], []
-        for i in range(0, len(final), chunk):
-            logits = program.epilogue((hidden[l][i:i + chunk] @ w.t())[None])[0].float()
-            c, t = logits.softmax(-1).max(-1)
-            toks.append(t)
-            confs.append(c)
-        tok = torch.cat(toks)
-        result[l] = {"token": tok, "conf": torch.cat(confs), "agree": tok == target}
+        probe = ExitProbe(heads.weight(l).to(hidden[l].dtype), head, heads.vocab)
+        toks, confs = zip(*(probe(hidden[l][i:i + chunk][None]) for i in range(0, len(final), chunk)))
+        tok = torch.cat([t[0] for t in toks])
+        result[l] = {"token": tok, "conf": torch.cat([c[0] for c in confs]), "agree": tok == target}
     return result, target

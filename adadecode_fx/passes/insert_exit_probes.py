@@ -9,6 +9,7 @@ its outputs after the model's logits, so the full-depth logits are unchanged.
 """
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -19,17 +20,49 @@ from .split_layers import segment_calls
 
 
 class ExitProbe(nn.Module):
-    """adapter -> epilogue -> (argmax token, max probability) for hidden rows ``[1, t, d]``."""
+    """adapter -> epilogue -> (argmax token, max probability) for hidden rows ``[1, t, d]``.
 
-    def __init__(self, adapter: torch.Tensor, epilogue: nn.Module):
+    With a ``vocab`` shortlist the epilogue computes only those rows of the LM head (a full-vocabulary
+    head costs as much as several decoder layers on small models); the confidence is then the softmax
+    over the shortlist. Verification keeps the output exact whatever the probe says.
+    """
+
+    def __init__(self, adapter: torch.Tensor, epilogue: nn.Module, vocab: torch.Tensor | None = None):
         super().__init__()
         self.adapter = nn.Parameter(adapter, requires_grad=False)
         self.epilogue = epilogue
+        self.register_buffer("vocab", vocab, persistent=False)
 
     def forward(self, hidden):
         logits = self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
         conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        if self.vocab is not None:
+            token = self.vocab[token]
         return token, conf
+
+
+def shortlist_epilogue(epilogue: fx.GraphModule, vocab: torch.Tensor, vocab_size: int) -> fx.GraphModule:
+    """A copy of the epilogue whose LM head (the weight with ``vocab_size`` rows, and its bias) keeps only
+    the rows in ``vocab``: logits come out as ``[..., len(vocab)]``. Found from the graph, not by name."""
+    graph = copy.deepcopy(epilogue.graph)
+    root = nn.Module()
+    found = 0
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(epilogue, node.target)
+        if isinstance(value, torch.Tensor) and value.dim() in (1, 2) and value.shape[0] == vocab_size:
+            value = value.detach().index_select(0, vocab.to(value.device)).contiguous()
+            found += value.dim() == 2
+        if isinstance(value, nn.Parameter):
+            value = value.detach()
+        root.register_buffer(node.target, value, persistent=False)
+    if found != 1:
+        raise UnsupportedModelError(f"could not find a unique LM head weight ({vocab_size} rows) in the epilogue")
+    for node in graph.nodes:
+        if "val" in node.meta:
+            del node.meta["val"]  # shapes changed along the vocabulary dimension
+    return fx.GraphModule(root, graph)
 
 
 def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
@@ -47,12 +80,16 @@ def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     dtype = next(iter(t for t in epilogue.parameters()), None)
     dtype = dtype.dtype if dtype is not None else torch.float32
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    vocab = getattr(heads, "vocab", None)
+    probe_head = epilogue
+    if vocab is not None and getattr(settings, "shortlist", True):
+        probe_head = shortlist_epilogue(epilogue, vocab, gm.meta["vocab_size"])
     extra = []
     for layer in layers:
         call = calls[f"layer_{layer}"]
         residual = next(u for u in call.users if u.target is operator.getitem and u.args[1] == 0)
         name = f"exit_probe_{layer}"
-        gm.add_module(name, ExitProbe(heads.weight(layer).to(dtype), epilogue))
+        gm.add_module(name, ExitProbe(heads.weight(layer).to(dtype), probe_head, vocab))
         with gm.graph.inserting_after(residual):
             last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (residual, 1, -1))
         with gm.graph.inserting_after(last):

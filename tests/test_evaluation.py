@@ -1,0 +1,36 @@
+"""eval-heads' replayed schedule predicts the runtime exactly, and its report is well formed."""
+import pytest
+import torch
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.evaluation import head_records, oracle_layers_per_token, report, simulate
+from tests.conftest import hf_greedy, tiny_model
+
+
+@pytest.mark.parametrize("threshold", [0.02, 0.022, 0.025])
+def test_simulated_schedule_matches_runtime(threshold):
+    # exact when no step runs on a wrong early token's context, i.e. max_pending=1 (with more pending
+    # tokens the steps after a wrong one see other activations than the records; see simulate())
+    max_pending = 1
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [0, 2], scale=0.5, seed=4)
+    dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending))
+    prompt, n = list(range(3, 20)), 40
+    cont = hf_greedy(model, prompt, n)
+    rec = head_records(dec.program, heads, [prompt + cont], [len(prompt)])[0]
+    sim = simulate(rec["conf"], rec["agree"], model.config.num_hidden_layers, threshold, max_pending)
+    out = dec.generate(prompt, max_new_tokens=n).stats
+    assert out.early_emitted > 3 and out.rejected > 0 and out.accepted > 0  # the case is not trivial
+    assert (sim.tokens, sim.early, sim.accepted, sim.rejected, sim.critical_layers) == \
+        (out.new_tokens, out.early_emitted, out.accepted, out.rejected, out.critical_path_layers)
+
+
+def test_report_and_oracle_bound():
+    agree = {1: [True, False, False, True], 3: [True, True, False, True]}
+    assert oracle_layers_per_token(agree, 6) == (2 + 4 + 6 + 2) / 4
+    recs = [{"conf": {1: [0.9, 0.6, 0.2, 0.99], 3: [0.9, 0.8, 0.1, 0.95]}, "agree": agree}]
+    rep = report(recs, 6, probe_cost=0.1, max_pending=3)
+    assert rep["recommended_gamma"] in [r["gamma"] for r in rep["per_gamma"]]
+    assert rep["per_layer"]["1"]["agreement"] == 0.5
+    row = next(r for r in rep["per_gamma"] if r["gamma"] == 0.95)
+    assert row["probes_per_token"] > 0 and row["speedup_bound"] > 0
