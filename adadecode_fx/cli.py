@@ -23,7 +23,7 @@ def _generate(args) -> int:
     from . import models
     from .config import AdaDecodeConfig
     from .data import chat_prompt
-    from .heads import ExitHeads
+    from .heads import ExitHeads, shipped_heads
     from .runtime import AdaDecoder
 
     if not args.prompt or not args.prompt.strip():
@@ -31,13 +31,17 @@ def _generate(args) -> int:
     layers = _int_list(args.exit_layers, "--exit-layers")
     torch.manual_seed(0)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
-    if args.heads:
-        heads = ExitHeads.load(args.heads, model)
+    heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
+    if heads_dir:
+        heads = ExitHeads.load(heads_dir, model)
+        if args.threshold is None:
+            args.threshold = heads.metadata.get("recommended_threshold", 0.75)
     elif layers:
         heads = ExitHeads.identity(model, layers)
     else:
         heads = None
-    config = AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending)
+    threshold = 0.75 if args.threshold is None else args.threshold
+    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending)
     decoder = AdaDecoder(model, heads, config)
     text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -100,6 +104,12 @@ def _eval_heads(args) -> int:
                  measure_probe_cost(program, heads), args.max_pending)
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
+    if args.set_threshold:
+        best = next(r for r in rep["per_gamma"] if r["gamma"] == rep["recommended_gamma"])
+        heads.metadata["recommended_threshold"] = rep["recommended_gamma"]
+        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), **best,
+                                         "oracle_speedup_bound": rep["oracle_speedup_bound"]}
+        heads.save(args.heads)
     for l, d in rep["per_layer"].items():
         print(f"layer {l}: agreement {d['agreement']:.1%}")
     for r in rep["per_gamma"]:
@@ -115,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="greedy AdaDecode generation for one prompt")
     g.add_argument("--model", default="smollm2-135m", help="zoo name (smollm2-135m, qwen2.5-coder-0.5b) or HF dir")
-    g.add_argument("--heads", help="directory with trained exit heads (heads.safetensors)")
+    g.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
+    g.add_argument("--no-heads", action="store_true", help="plain full-depth decoding through the captured program")
     g.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
-    g.add_argument("--threshold", type=float, default=0.75, help="exit when head confidence >= this (0, 1]")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="exit when head confidence >= this, in (0, 1] (default: the heads' calibrated value, else 0.75)")
     g.add_argument("--max-pending", type=int, default=5, help="early tokens awaiting verification at most")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16")
@@ -149,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write a PNG here")
+    e.add_argument("--set-threshold", action="store_true",
+                   help="store the recommended gamma in the heads' metadata (used as the default threshold)")
     e.set_defaults(func=_eval_heads)
     return p
 

@@ -10,6 +10,13 @@ import torch
 from .errors import AdaDecodeError, HeadsMismatchError
 
 WEIGHTS_FILE = "heads.safetensors"
+SHIPPED = Path(__file__).parent / "heads_data"  # trained heads for zoo models, one folder per zoo name
+
+
+def shipped_heads(name: str) -> Path | None:
+    """Folder of the heads that ship with the package for zoo model ``name``, if any."""
+    folder = SHIPPED / str(name)
+    return folder if (folder / WEIGHTS_FILE).exists() else None
 FORMAT = "adadecode-fx/exit-heads/1"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,17 @@ def structural_graph(model) -> torch.fx.GraphModule:
     fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     fresh.meta.update(gm.meta)
     return fresh
+
+
+@dataclass
+class _Run:
+    """One generation's mutable state."""
+    tokens: list[int]      # prompt + output so far (early tokens included)
+    n_verified: int        # tokens[:n_verified] are final
+    prompt_len: int
+    kv: KVState
+    stats: DecodeStats
+    origin: list[int] = field(default_factory=list)  # per output token: the layer that predicted it
 
 
 @dataclass
@@ -101,44 +112,38 @@ class AdaDecoder:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
-        cfg, L = self.config, self.program.num_layers
         start = time.perf_counter()
-        tokens = list(prompt)
-        P = len(tokens)
-        state = KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, cfg.kv_bucket)
-        stats = DecodeStats(num_layers=L, prompt_tokens=P)
-        origin: list[int] = []  # per generated token: the layer whose prediction produced it
-        n_verified = P
-        self._step(state, tokens, P - 1, n_verified, stats, origin, allow_exit=False, count=False)
-        n_verified = len(tokens)
+        P = len(prompt)
+        run = _Run(tokens=list(prompt), n_verified=P, prompt_len=P,
+                   kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket),
+                   stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P))
+        self._step(run, P - 1, allow_exit=False, count=False)  # prefill
         while True:
-            pending = len(tokens) - n_verified
-            done = len(tokens) - P >= max_new_tokens or tokens[-1] in eos
+            pending = len(run.tokens) - run.n_verified
+            done = len(run.tokens) - P >= max_new_tokens or run.tokens[-1] in eos
             if done and pending == 0:
                 break
             if done:  # flush: run the deferred layers of the pending tokens, no new token
-                n_verified = self._step(state, tokens, len(tokens) - 2, n_verified, stats, origin, False)
+                self._step(run, len(run.tokens) - 2, allow_exit=False)
             else:
-                n_verified = self._step(state, tokens, len(tokens) - 1, n_verified, stats, origin,
-                                        allow_exit=pending < cfg.max_pending)
+                self._step(run, len(run.tokens) - 1, allow_exit=pending < self.config.max_pending)
+        stats = run.stats
         stats.seconds = time.perf_counter() - start
-        new = tokens[P:]
-        stats.new_tokens = len(new)
-        stats.token_exit_layers = origin
-        seq = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        return GenerationResult(seq, new, stats)
+        stats.new_tokens = len(run.tokens) - P
+        stats.token_exit_layers = run.origin
+        seq = torch.tensor([run.tokens], dtype=torch.long, device=self.device)
+        return GenerationResult(seq, run.tokens[P:], stats)
 
-    def _step(self, state: KVState, tokens: list[int], p_end: int, n_verified: int, stats: DecodeStats,
-              origin: list[int], allow_exit: bool, count: bool = True) -> int:
-        """Walk the layers for positions up to ``p_end``; returns the new verified length."""
-        prog, L = self.program, self.program.num_layers
+    def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
+        """Walk the layers for positions up to ``p_end``: ends at a confident exit probe (early token)
+        or at the last layer (verification, maybe a rollback, and a final token)."""
+        prog, L, state, stats, tokens = self.program, self.program.num_layers, run.kv, run.stats, run.tokens
         a = state.fill[-1]
         kv = state.views(p_end + 1)
         top = prog.top_inputs(tokens[a:p_end + 1], a, kv)
         pro = prog.prologue(top)
         hidden = prog.embeddings(pro, p_end + 1 - state.fill[0])
-        if count:
-            stats.steps += 1
+        stats.steps += count
         for layer in range(L):
             parked = state.take_parked(layer - 1) if layer else None
             if parked is not None:
@@ -154,23 +159,22 @@ class AdaDecoder:
                 if conf >= self.config.threshold:
                     state.park(layer, hidden)
                     tokens.append(token)
-                    origin.append(layer)
+                    run.origin.append(layer)
                     stats.early_emitted += 1
-                    return n_verified
-        first = max(a, n_verified - 1)
+                    return
+        first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
         logits = prog.epilogue(hidden[:, first - a:])
-        predictions = logits[0].argmax(dim=-1).tolist()
-        verdict = verify_greedy(tokens, first, predictions)
+        verdict = verify_greedy(tokens, first, logits[0].argmax(dim=-1).tolist())
         stats.accepted += verdict.accepted
         if verdict.rejected_at is not None:
             stats.rejected += 1
             del tokens[verdict.rejected_at:]
-            del origin[verdict.rejected_at - stats.prompt_tokens:]
+            del run.origin[verdict.rejected_at - run.prompt_len:]
             state.rollback(verdict.rejected_at)
         if verdict.next_token >= 0:
             tokens.append(verdict.next_token)
-            origin.append(L - 1)
-        return len(tokens)
+            run.origin.append(L - 1)
+        run.n_verified = len(tokens)
 
     def exit_probe(self, layer: int, hidden_last: torch.Tensor, tokens: list[int]) -> tuple[int, float]:
         """The exit decision's input: the head's (token, confidence) for the newest position.
