@@ -8,7 +8,6 @@ for one minibatch of tokens.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time

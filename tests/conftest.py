@@ -45,6 +45,15 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
 
 
 @functools.cache
+def captured(family: str):
+    """capture() of the shared tiny model, once per session for all pass tests (the passes copy the graph
+    into new segments and never modify it; test_split_does_not_touch_input_graph checks that)."""
+    from adadecode_fx.capture import capture
+
+    return capture(tiny_model(family))
+
+
+@functools.cache
 def smollm2(dtype: str = "float32"):
     from adadecode_fx import models
 

@@ -1,6 +1,5 @@
 """eval-heads' replayed schedule predicts the runtime exactly, and its report is well formed."""
 import pytest
-import torch
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.evaluation import head_records, oracle_layers_per_token, report, simulate

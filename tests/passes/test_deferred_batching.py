@@ -8,23 +8,14 @@ import operator
 import pytest
 import torch
 
-from adadecode_fx.capture import capture
 from adadecode_fx.passes import deferred_batching, explicit_kv, split_layers
 from adadecode_fx.passes.split_layers import segment_calls
 from adadecode_fx.runtime import DecodeProgram, KVState
-import tests.conftest as shared
-from tests.conftest import tiny_model
+from tests.conftest import captured, tiny_model
 
 FAMILIES = ["llama", "gpt_neox"]
 
 
-def captured(family):
-    """capture() of the shared tiny model, once per session for all pass tests (the passes copy the graph
-    into new segments and never modify it; test_split_does_not_touch_input_graph checks that)."""
-    cache = shared.__dict__.setdefault("_pass_test_captures", {})
-    if family not in cache:
-        cache[family] = capture(tiny_model(family))
-    return cache[family]
 
 
 def batched(family):

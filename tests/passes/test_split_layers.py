@@ -6,23 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from adadecode_fx.capture import capture
 from adadecode_fx.errors import UnsupportedModelError
 from adadecode_fx.passes.split_layers import find_layer_prefix, segment_calls, split_layers
-import tests.conftest as shared
-from tests.conftest import tiny_model
+from tests.conftest import captured, tiny_model
 
 SPLIT_FAMILIES = ["llama", "gpt_neox"]
 COMPUTE = ("call_function", "call_method", "call_module")
 
 
-def captured(family):
-    """capture() of the shared tiny model, once per session for all pass tests (the passes copy the graph
-    into new segments and never modify it; test_split_does_not_touch_input_graph checks that)."""
-    cache = shared.__dict__.setdefault("_pass_test_captures", {})
-    if family not in cache:
-        cache[family] = capture(tiny_model(family))
-    return cache[family]
 
 
 def kv_buffers(gm, seq, dtype=torch.float64):

@@ -1,6 +1,5 @@
 """Long generations with constant rollbacks keep memory flat: K/V buffers are allocated once and the
 parked (deferred) rows never exceed the pending-token bound."""
-import torch
 
 from adadecode_fx.runtime import kv_state
 from tests.conftest import hf_greedy, tiny_model
