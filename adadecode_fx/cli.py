@@ -36,6 +36,7 @@ def _generate(args) -> int:
         heads = ExitHeads.load(heads_dir, model)
         if args.threshold is None:
             args.threshold = heads.metadata.get("recommended_threshold", 0.75)
+        layers = layers or tuple(heads.metadata.get("recommended_exit_layers", ()))
     elif layers:
         heads = ExitHeads.identity(model, layers)
     else:
@@ -104,10 +105,13 @@ def _eval_heads(args) -> int:
                  measure_probe_cost(program, heads), args.max_pending)
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
+    rec = rep["recommended"]
+    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x)")
     if args.set_threshold:
-        best = next(r for r in rep["per_gamma"] if r["gamma"] == rep["recommended_gamma"])
-        heads.metadata["recommended_threshold"] = rep["recommended_gamma"]
-        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), **best,
+        heads.metadata["recommended_threshold"] = rec["gamma"]
+        heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
+        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), "max_new_tokens": args.max_new_tokens,
+                                         **next(r for r in rep["per_subset"] if r["layers"] == rec["exit_layers"]),
                                          "oracle_speedup_bound": rep["oracle_speedup_bound"]}
         heads.save(args.heads)
     for l, d in rep["per_layer"].items():
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write a PNG here")
     e.add_argument("--set-threshold", action="store_true",
-                   help="store the recommended gamma in the heads' metadata (used as the default threshold)")
+                   help="store the recommended exit layers and gamma in the heads (generate's defaults)")
     e.set_defaults(func=_eval_heads)
     return p
 

@@ -110,9 +110,29 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             rows.append({"gamma": g, "coverage": m.float().mean().item(),
                          "precision": a[m].mean().item() if m.any() else None})
         per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
+    per_gamma = _sweep(records, layers, num_layers, probe_cost, max_pending)
+    subsets = []  # a weak early head can cost more than it saves: try every subset of the heads
+    for mask in range(1, 1 << len(layers)):
+        sub = [l for i, l in enumerate(layers) if mask >> i & 1]
+        best_row = max(_sweep(records, sub, num_layers, probe_cost, max_pending), key=lambda r: r["speedup_bound"])
+        subsets.append({"layers": sub, **best_row})
+    chosen = max(subsets, key=lambda r: r["speedup_bound"])
+    best = max(per_gamma, key=lambda r: r["speedup_bound"])
+    oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
+    oracle /= sum(len(r["agree"][layers[0]]) for r in records)
+    return {"layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
+            "probe_cost_layers": probe_cost, "max_pending": max_pending, "per_layer": per_layer,
+            "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
+            "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
+                            "speedup_bound": chosen["speedup_bound"]},
+            "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
+
+
+def _sweep(records, layers, num_layers, probe_cost, max_pending) -> list[dict]:
     per_gamma = []
     for g in GAMMAS:
-        runs = [simulate(r["conf"], r["agree"], num_layers, g, max_pending) for r in records]
+        runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
+                         num_layers, g, max_pending) for r in records]
         tok = sum(s.tokens for s in runs)
         crit = sum(s.critical_layers for s in runs)
         probes = sum(s.probes for s in runs)
@@ -124,13 +144,7 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
                           "acceptance": acc / early if early else None, "rejections": rej,
                           "probes_per_token": probes / tok,
                           "speedup_bound": num_layers / (lpt + probe_cost * probes / tok)})
-    best = max(per_gamma, key=lambda r: r["speedup_bound"])
-    oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
-    oracle /= sum(len(r["agree"][layers[0]]) for r in records)
-    return {"layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
-            "probe_cost_layers": probe_cost, "max_pending": max_pending, "per_layer": per_layer,
-            "per_gamma": per_gamma, "recommended_gamma": best["gamma"],
-            "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
+    return per_gamma
 
 
 def plot(rep: dict, path) -> None:

@@ -1,0 +1,29 @@
+"""The heads that ship for SmolLM2 load, exit early on real prompts, and keep greedy parity."""
+import pytest
+import torch
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.data import load_prompts
+from adadecode_fx.heads import shipped_heads
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_heads(smol):
+    model, tokenizer = smol
+    folder = shipped_heads("smollm2-135m")
+    assert folder is not None
+    heads = ExitHeads.load(folder, model)
+    meta = heads.metadata
+    assert meta["trained"] and meta["complete"] and meta["train"]["data"] == "mbpp"
+    layers = tuple(meta["recommended_exit_layers"])
+    decoder = AdaDecoder(model, heads, AdaDecodeConfig(exit_layers=layers, threshold=meta["recommended_threshold"]))
+    prompts = ["def fibonacci(n):"] + [r["prompt"] for r in load_prompts("humaneval", n=2)]
+    early = accepted = 0
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48)
+        out = decoder.generate(ids, max_new_tokens=48)
+        assert out.new_tokens == ref[0, ids.shape[1]:].tolist()
+        early += out.stats.early_emitted
+        accepted += out.stats.accepted
+    assert early >= 10 and accepted >= 0.6 * early, (early, accepted)
