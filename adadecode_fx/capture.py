@@ -162,8 +162,10 @@ def _unlift(ep, wrapper) -> torch.fx.GraphModule:
         else:
             raise UnsupportedModelError(f"captured graph has an unsupported input kind {spec.kind}")
         attr = "w_" + re.sub(r"\W", "_", spec.arg.name)
-        root.register_buffer(attr, value, persistent=False) if not isinstance(value, nn.Parameter) \
-            else root.register_parameter(attr, value)
+        if isinstance(value, nn.Parameter):
+            root.register_parameter(attr, value)
+        else:
+            root.register_buffer(attr, value, persistent=False)
         node = by_name[spec.arg.name]
         with gm.graph.inserting_before(node):
             new = gm.graph.get_attr(attr)

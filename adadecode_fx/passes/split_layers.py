@@ -103,14 +103,11 @@ def split_layers(gm: fx.GraphModule, config=None) -> fx.GraphModule:
         if part[node] >= 0:
             nodes_of[part[node]].append(node)
 
-    def owner(n):  # partition where a value is defined (-1: top-level placeholder)
-        return part[n]
-
     # outputs of each partition: values used by a later partition or by the graph output
     used_later: dict[int, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         for inp in node.all_input_nodes:
-            pid = owner(inp)
+            pid = part[inp]  # where the value is defined (-1: top-level placeholder or weight)
             if pid >= 0 and (node.op == "output" or part[node] != pid) and inp not in used_later[pid]:
                 used_later[pid].append(inp)
 
