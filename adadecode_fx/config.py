@@ -32,7 +32,8 @@ class AdaDecodeConfig:
     dtype: compute dtype of the model and heads.
     backend: how segments are executed. Only "eager" exists so far.
     kv_bucket: attention reads the KV buffers in slices rounded up to this many positions, so that
-        shapes repeat (fewer recompiles once segments are compiled).
+        shapes repeat for compiled segments. 1 (exact length) by default: in bf16 a padded, masked
+        attention rounds differently from HF's and can flip a near-tie (seen on SmolLM2, HumanEval/10).
     """
 
     exit_layers: tuple[int, ...] = ()
@@ -40,7 +41,7 @@ class AdaDecodeConfig:
     max_pending: int = 5
     dtype: str = "auto"
     backend: str = "eager"
-    kv_bucket: int = 64
+    kv_bucket: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

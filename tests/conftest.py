@@ -65,6 +65,6 @@ def smol():
     return smollm2()
 
 
-def decoder(model, layers, threshold=0.5, max_pending=5, heads=None, seed=0, scale=1.0):
+def decoder(model, layers, threshold=0.5, max_pending=5, heads=None, seed=0, scale=1.0, kv_bucket=1):
     heads = heads or ExitHeads.random(model, layers, scale=scale, seed=seed)
-    return AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending))
+    return AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending, kv_bucket=kv_bucket))

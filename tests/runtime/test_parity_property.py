@@ -27,7 +27,8 @@ def test_greedy_parity(family, data):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, model.config.vocab_size, (plen,), generator=g).tolist()
     dec = decoder(model, layers, threshold=threshold, max_pending=max_pending, seed=seed,
-                  scale=data.draw(st.sampled_from([0.0, 0.5, 3.0]), label="head noise"))
+                  scale=data.draw(st.sampled_from([0.0, 0.5, 3.0]), label="head noise"),
+                  kv_bucket=data.draw(st.sampled_from([1, 8, 64]), label="kv bucket"))
     out = dec.generate(prompt, max_new_tokens=new)
     assert out.new_tokens == hf_greedy(model, prompt, new)
     s = out.stats
