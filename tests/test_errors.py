@@ -90,9 +90,10 @@ def test_bad_config_fields(kwargs, match):
         AdaDecodeConfig(**kwargs)
 
 
-def test_backend_not_available_yet(llama):
-    with pytest.raises(AdaDecodeError, match="not available yet; use backend='eager'"):
-        AdaDecoder(llama, None, AdaDecodeConfig(backend="inductor"))
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where CUDA is missing")
+def test_tensorrt_without_cuda_says_what_to_use(llama):
+    with pytest.raises(AdaDecodeError, match="tensorrt' needs a CUDA GPU.*use backend='inductor'"):
+        AdaDecoder(llama, None, AdaDecodeConfig(backend="tensorrt"))
 
 
 def test_dtype_mismatch(llama):

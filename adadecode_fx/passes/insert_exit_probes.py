@@ -34,10 +34,15 @@ class ExitProbe(nn.Module):
         self.register_buffer("vocab", vocab, persistent=False)
 
     def forward(self, hidden):
-        logits = self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
+        return self.apply(self.epilogue, self.vocab, self.adapter, hidden)
+
+    @staticmethod
+    def apply(epilogue, vocab, adapter, hidden):
+        """The probe as a function of its adapter: every exit layer shares one compiled copy of it."""
+        logits = epilogue(torch.matmul(hidden, adapter.t()))[0]
         conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        if self.vocab is not None:
-            token = self.vocab[token]
+        if vocab is not None:
+            token = vocab[token]
         return token, conf
 
 
