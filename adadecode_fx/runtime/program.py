@@ -30,6 +30,7 @@ class DecodeProgram:
         self.gm = gm
         self.num_layers = gm.meta["num_layers"]
         self.exit_layers = tuple(gm.meta.get("exit_layers", ()))
+        self.kv_shapes = gm.meta.get("kv_shapes")
         calls = segment_calls(gm)
         self.prologue_fn = gm.prologue
         self.epilogue_fn = gm.epilogue
@@ -45,6 +46,29 @@ class DecodeProgram:
             outs = next(n for n in fn.graph.nodes if n.op == "output").args[0]
             if len(outs) != 1:
                 raise AssertionError(f"layer_{i} returns {len(outs)} values; expected the residual only")
+
+    @classmethod
+    def from_parts(cls, *, num_layers: int, exit_layers, kv_shapes, prologue_fn, prologue_args, layer_fns,
+                   layer_recipes, embedding_index: int, epilogue_fn, probe_fns: dict, gm=None) -> "DecodeProgram":
+        """A program whose segments and recipes come from elsewhere than a graph (e.g. an ONNX export's
+        manifest, see `adadecode_fx.lower.onnxrt`). Recipes have the format `_layer_recipe` produces."""
+        def tup(x):
+            return tuple(tup(y) for y in x) if isinstance(x, (list, tuple)) else x
+
+        self = cls.__new__(cls)
+        self.gm = gm
+        self.num_layers = int(num_layers)
+        self.exit_layers = tuple(int(l) for l in exit_layers)
+        self.kv_shapes = [tup(s) for s in kv_shapes]
+        self.prologue_fn, self.epilogue_fn = prologue_fn, epilogue_fn
+        self.layer_fns = list(layer_fns)
+        self.probe_fns = {int(l): fn for l, fn in probe_fns.items()}
+        self.prologue_args = list(prologue_args)
+        self.layer_recipes = [[tup(item) for item in recipe] for recipe in layer_recipes]
+        self.embedding_index = int(embedding_index)
+        if len(self.layer_fns) != self.num_layers or len(self.layer_recipes) != self.num_layers:
+            raise AssertionError("one segment and one recipe per layer expected")
+        return self
 
     @staticmethod
     def _top_name(arg):
