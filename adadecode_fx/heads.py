@@ -17,6 +17,18 @@ def shipped_heads(name: str) -> Path | None:
     """Folder of the heads that ship with the package for zoo model ``name``, if any."""
     folder = SHIPPED / str(name)
     return folder if (folder / WEIGHTS_FILE).exists() else None
+
+
+def find_shipped_heads(model) -> Path | None:
+    """The shipped heads folder whose fingerprint matches ``model``, if any."""
+    fp = model_fingerprint(model)
+    for folder in sorted(SHIPPED.glob("*")):
+        meta = folder / "heads.json"
+        if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fp:
+            return folder
+    return None
+
+
 FORMAT = "adadecode-fx/exit-heads/1"
 
 
@@ -51,6 +63,16 @@ class ExitHeads:
             if tuple(w.shape) != (hidden_size, hidden_size):
                 raise HeadsMismatchError(f"head for layer {layer} has shape {tuple(w.shape)}, "
                                          f"expected ({hidden_size}, {hidden_size})")
+
+    def recommended(self) -> dict:
+        """Exit layers and threshold chosen by ``eval-heads --set-threshold`` (empty if never calibrated),
+        as `AdaDecodeConfig` fields."""
+        rec = {}
+        if self.metadata.get("recommended_exit_layers"):
+            rec["exit_layers"] = tuple(self.metadata["recommended_exit_layers"])
+        if self.metadata.get("recommended_threshold") is not None:
+            rec["threshold"] = float(self.metadata["recommended_threshold"])
+        return rec
 
     @property
     def layers(self) -> tuple[int, ...]:

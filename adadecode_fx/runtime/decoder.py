@@ -19,6 +19,7 @@ from ..capture import capture, check_supported
 from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
 from ..heads import ExitHeads
+from ..lower import lower, warm_up
 from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .kv_state import KVState
 from .program import DecodeProgram
@@ -94,20 +95,33 @@ class AdaDecoder:
             raise AdaDecodeError(
                 f"the model is {model_dtype} but config.dtype is {config.dtype}: load the model in that dtype "
                 f"(adadecode_fx.models.load(..., dtype={config.dtype!r})) or set config.dtype={model_dtype!r}")
-        if config.backend != "eager":
-            raise AdaDecodeError(f"backend {config.backend!r} is not available yet; use backend='eager'")
         self.model, self.heads, self.config = model, heads, config
         settings = PassSettings(config.exit_layers, heads)
         self.gm = run_passes(structural_graph(model), settings, passes=(insert_exit_probes,))
-        self.program = DecodeProgram(self.gm)
+        self.program = lower(DecodeProgram(self.gm), config)
         self.kv_shapes = self.gm.meta["kv_shapes"]
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.default_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.vocab_size = model.config.vocab_size
+        if config.backend != "eager":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run every segment once per shape class, so compiled backends compile now, not mid-generation."""
+        warm_up(self.program, self.kv_shapes, self.dtype, self.device)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default") -> GenerationResult:
+    def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default", stop=None,
+                 streamer=None) -> GenerationResult:
+        """Greedy AdaDecode: the same tokens as plain greedy decoding of the model.
+
+        ``stop(tokens) -> bool`` (optional) is asked after every *verified* token with the sequence so
+        far (prompt included); generation ends at the first token it accepts, as HF stopping criteria
+        do. ``streamer`` (an HF ``BaseStreamer``) receives tokens once they are verified, never an early
+        token that a rollback could still take back; ``end()`` is called at the end.
+        """
         prompt = self._check_prompt(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -118,21 +132,43 @@ class AdaDecoder:
                    kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P))
         self._step(run, P - 1, allow_exit=False, count=False)  # prefill
+        published = P
         while True:
+            published, finished = self._publish(run, published, max_new_tokens, eos, stop, streamer)
             pending = len(run.tokens) - run.n_verified
-            done = len(run.tokens) - P >= max_new_tokens or run.tokens[-1] in eos
+            done = finished or len(run.tokens) - P >= max_new_tokens or run.tokens[-1] in eos
             if done and pending == 0:
                 break
             if done:  # flush: run the deferred layers of the pending tokens, no new token
                 self._step(run, len(run.tokens) - 2, allow_exit=False)
             else:
                 self._step(run, len(run.tokens) - 1, allow_exit=pending < self.config.max_pending)
+        if streamer is not None:
+            streamer.end()
         stats = run.stats
         stats.seconds = time.perf_counter() - start
         stats.new_tokens = len(run.tokens) - P
         stats.token_exit_layers = run.origin
         seq = torch.tensor([run.tokens], dtype=torch.long, device=self.device)
         return GenerationResult(seq, run.tokens[P:], stats)
+
+    def _publish(self, run: "_Run", published: int, max_new_tokens: int, eos, stop, streamer) -> tuple[int, bool]:
+        """Hand newly verified tokens to ``stop``/``streamer``; cut the sequence after the first token
+        that ends the generation (EOS, length, or ``stop``). Returns (tokens published, finished)."""
+        tokens, P = run.tokens, run.prompt_len
+        for j in range(published, run.n_verified):
+            if tokens[j] in eos or j + 1 - P >= max_new_tokens or (stop is not None and stop(tokens[:j + 1])):
+                # Anything after j is speculative (early tokens): drop it with its deferred rows.
+                del tokens[j + 1:]
+                del run.origin[j + 1 - P:]
+                run.kv.parked.clear()
+                run.n_verified = j + 1
+                if streamer is not None:
+                    streamer.put(torch.tensor(tokens[published:j + 1]))
+                return j + 1, True
+        if streamer is not None and run.n_verified > published:
+            streamer.put(torch.tensor(tokens[published:run.n_verified]))
+        return run.n_verified, False
 
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
         """Walk the layers for positions up to ``p_end``: ends at a confident exit probe (early token)
@@ -185,6 +221,16 @@ class AdaDecoder:
         token, conf = self.program.probe(layer, hidden_last)
         return int(token), float(conf)
 
+    @classmethod
+    def from_program(cls, program, heads, config: AdaDecodeConfig, *, vocab_size: int, eos_token_id=None,
+                     device="cpu", dtype=torch.float32) -> "AdaDecoder":
+        """A decoder over a ready program (e.g. `adadecode_fx.lower.onnxrt.load_exported`): no torch model."""
+        self = cls.__new__(cls)
+        self.model, self.heads, self.config, self.program, self.gm = None, heads, config, program, program.gm
+        self.kv_shapes, self.vocab_size, self.default_eos = program.kv_shapes, vocab_size, eos_token_id
+        self.device, self.dtype = torch.device(device), dtype
+        return self
+
     # ------------------------------------------------------------------------------------------------
     def _check_prompt(self, input_ids) -> list[int]:
         if isinstance(input_ids, torch.Tensor):
@@ -205,7 +251,7 @@ class AdaDecoder:
                 ids = list(ids[0])
         if not ids:
             raise AdaDecodeError("the prompt is empty: give at least one token (e.g. the BOS token)")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if any(isinstance(t, bool) or not float(t).is_integer() for t in ids):
             raise AdaDecodeError("token ids must be integers")
         bad = [t for t in ids if not 0 <= int(t) < vocab]

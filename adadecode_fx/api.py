@@ -1,0 +1,123 @@
+"""``adadecode_fx.generate``: one verb for the three ways in.
+
+1. ``adadecode_fx.generate(compiled, input_ids, max_new_tokens=64)`` where
+   ``compiled = torch.compile(model, backend="adadecode", options={...})``: options come from the
+   compile call.
+2. ``model.generate(**inputs, custom_generate=adadecode_fx.generate, exit_heads=..., adadecode=...)``:
+   Hugging Face prepares inputs, the generation config, stopping criteria and the streamer, then
+   hands over its loop to us (transformers >= 5 calls ``custom_generate(model, input_ids, ...)``).
+3. ``adadecode_fx.generate(model, input_ids, ...)`` directly.
+
+Decoders are cached per model and settings, so the capture and any compilation happen once.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .backend import compiled_options, is_compiled, parse_options
+from .config import AdaDecodeConfig
+from .errors import AdaDecodeError
+from .heads import ExitHeads, find_shipped_heads
+from .runtime.decoder import AdaDecoder
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def resolve_heads(model, spec) -> ExitHeads:
+    """``spec``: an `ExitHeads`, a directory, or ``"shipped"`` (the heads packaged for this model)."""
+    if isinstance(spec, ExitHeads):
+        return spec
+    if spec is None or spec == "shipped":
+        folder = find_shipped_heads(model)
+        if folder is None:
+            raise AdaDecodeError(
+                "no exit heads ship for this model; train some (adadecode train-heads --model ... --out DIR) "
+                "and pass exit_heads=DIR (or options={'heads': DIR} to torch.compile)")
+        return ExitHeads.load(folder)
+    return ExitHeads.load(spec)
+
+
+def decoder_for(model, config=None, heads=None) -> AdaDecoder:
+    """The cached `AdaDecoder` for ``model`` (a model, or a module compiled with backend="adadecode").
+
+    ``config``: an `AdaDecodeConfig` (used as is) or a dict of its fields (the rest default to the
+    heads' calibrated exit layers and threshold); for a compiled module, its compile options."""
+    if is_compiled(model):
+        options, options_heads = parse_options(compiled_options(model))
+        model = model._orig_mod
+        config = options if config is None else config
+        heads = options_heads if heads is None else heads
+    heads_key = id(heads) if isinstance(heads, ExitHeads) else str(heads)
+    config_key = config.to_json() if isinstance(config, AdaDecodeConfig) else repr(sorted((config or {}).items()))
+    per_model = _DECODERS.setdefault(model, {})
+    key = (config_key, heads_key)
+    if key not in per_model:
+        resolved = resolve_heads(model, heads)
+        if not isinstance(config, AdaDecodeConfig):
+            config = AdaDecodeConfig(**{**resolved.recommended(), **(config or {})})
+        per_model[key] = AdaDecoder(model, resolved, config)
+    return per_model[key]
+
+
+def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
+             synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, **kwargs):
+    """Greedy AdaDecode generation; returns ``[1, prompt + new]`` token ids like ``model.generate``.
+
+    Called by HF (``custom_generate``), ``generation_config`` holds the length and EOS settings and
+    ``stopping_criteria`` is honoured after every verified token. Called directly, pass
+    ``max_new_tokens`` / ``eos_token_id`` as keywords. ``exit_heads`` and ``adadecode`` (an
+    `AdaDecodeConfig` or a dict of its fields) choose the heads and settings.
+
+    Streaming through HF: transformers 5.24 passes a callable ``custom_generate`` only the arguments
+    that HF's own ``_sample`` does not take, so ``streamer=`` never reaches us (it gets the prompt and
+    nothing more). Pass the streamer as ``stream=`` instead; it then receives the prompt, the verified
+    tokens as they are final, and ``end()``.
+    """
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    if input_ids is None:
+        raise AdaDecodeError("generate needs input_ids (a [1, length] LongTensor)")
+    if generation_config is not None:  # called by HF generate: refuse what would change the output
+        if getattr(generation_config, "do_sample", False):
+            raise AdaDecodeError("sampling (do_sample=True) is not supported yet; AdaDecode decodes greedily")
+        if generation_config.num_beams not in (None, 1):
+            raise AdaDecodeError("beam search is not supported by AdaDecode; use num_beams=1")
+        if logits_processor:
+            names = sorted({type(p).__name__ for p in logits_processor})
+            raise AdaDecodeError(f"logits processors {names} would change the greedy choice; AdaDecode supports "
+                                 "plain greedy decoding (drop repetition_penalty, min_new_tokens, bad_words_ids...)")
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
+        raise AdaDecodeError(f"batch size {input_ids.shape[0]} is not supported yet; call generate once per prompt")
+    mask = kwargs.pop("attention_mask", None)
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise AdaDecodeError("padded inputs are not supported yet: pass one unpadded prompt (attention_mask all ones)")
+    decoder = decoder_for(model, adadecode, exit_heads)
+    if stream is not None:
+        stream.put(torch.as_tensor(input_ids).cpu())  # HF streamers take the prompt first
+        streamer = stream
+    elif streamer is not None and generation_config is None:
+        streamer.put(torch.as_tensor(input_ids).cpu())
+    if generation_config is not None:  # called by HF generate
+        prompt_len = input_ids.shape[-1]
+        max_new = generation_config.max_new_tokens
+        if max_new is None:
+            max_new = generation_config.max_length - prompt_len
+        eos = generation_config.eos_token_id
+        stop = None
+        if stopping_criteria:
+            def stop(tokens):
+                ids = torch.tensor([tokens], device=input_ids.device)
+                return bool(stopping_criteria(ids, None).any())
+        result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer)
+        if getattr(generation_config, "return_dict_in_generate", False):
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+            return GenerateDecoderOnlyOutput(sequences=result.sequences)
+        return result.sequences
+    max_new = kwargs.pop("max_new_tokens", 64)
+    eos = kwargs.pop("eos_token_id", "default")
+    if kwargs:
+        raise AdaDecodeError(f"unexpected arguments {sorted(kwargs)}; generate takes max_new_tokens, eos_token_id, "
+                             "streamer, exit_heads and adadecode")
+    return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer).sequences

@@ -1,0 +1,77 @@
+"""The ``"adadecode"`` torch.compile backend.
+
+``torch.compile(model, backend="adadecode", options={...})`` (registered through the
+``torch_dynamo_backends`` entry point, so no import is needed first) receives dynamo's graph of the
+model's forward, runs `split_layers` on it (the same pass the decoding program starts with) and lowers
+the split graph: segment by segment in eager mode, or as a whole through inductor. The compiled
+forward is therefore the model's full-depth forward, unchanged in meaning.
+
+Decoding is a loop around many forwards with state between them (per-layer K/V fill, parked rows,
+verification), which one forward graph cannot hold. So the compiled object is also the handle for
+`adadecode_fx.generate(compiled, input_ids, ...)`, which builds an `AdaDecoder` from the original
+model (``compiled._orig_mod``) and the same options. ``compiled.generate`` is Hugging Face's own
+loop over the *uncompiled* forward; use ``model.generate(..., custom_generate=adadecode_fx.generate)``
+to keep HF's interface.
+
+Options: every `AdaDecodeConfig` field (``threshold``, ``exit_layers``, ``max_pending``, ``backend``,
+``kv_bucket``...) plus ``heads`` (a directory, an `ExitHeads`, or ``"shipped"``, the default).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx
+
+from .config import AdaDecodeConfig
+from .errors import AdaDecodeError
+
+BACKEND_NAME = "adadecode"
+_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(AdaDecodeConfig))
+
+
+def parse_options(options) -> tuple[dict, object]:
+    """``options`` dict -> (config fields the user set, heads spec), validated: unknown keys and bad
+    values are errors, not ignored. Fields left out default to the heads' calibration."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_CONFIG_KEYS) - {"heads"})
+    if unknown:
+        raise AdaDecodeError(f"unknown adadecode option(s) {unknown}; valid: heads, {', '.join(_CONFIG_KEYS)}")
+    heads = options.pop("heads", "shipped")
+    AdaDecodeConfig(**options)
+    return options, heads
+
+
+def adadecode_backend(gm: fx.GraphModule, example_inputs, options=None, **_):
+    """Dynamo backend: split the forward graph at decoder-layer boundaries and lower it."""
+    from .passes import PassSettings, split_layers
+
+    fields, _heads = parse_options(options)  # bad options fail at the first call, with a clear message
+    split = split_layers(gm, PassSettings())
+    if fields.get("backend") == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(split, example_inputs)
+    # "eager" runs the segments as they are; ONNX Runtime and TensorRT lower the *decoding program*
+    # (adadecode_fx.lower), so for them the full-depth forward stays eager too.
+    return split.forward
+
+
+def compiled_options(compiled) -> dict:
+    """The ``options`` a module was compiled with, for ``backend="adadecode"``.
+
+    torch keeps them on the backend wrapper (``_TorchCompileWrapper.kwargs``) reachable from the
+    ``OptimizedModule``'s dynamo context; we walk that chain rather than ask users to repeat them."""
+    obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None:
+            break
+        if getattr(obj, "compiler_name", None) == BACKEND_NAME:
+            return dict((getattr(obj, "kwargs", None) or {}).get("options") or {})
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    raise AdaDecodeError(
+        "this object was not made by torch.compile(model, backend='adadecode'); pass the model itself "
+        "(adadecode_fx.generate(model, ..., exit_heads=..., adadecode=AdaDecodeConfig(...)))")
+
+
+def is_compiled(obj) -> bool:
+    return isinstance(obj, torch._dynamo.eval_frame.OptimizedModule)

@@ -1,0 +1,108 @@
+"""``model.generate(..., custom_generate=adadecode_fx.generate)``: HF's interface, our loop. Streamers
+see verified tokens only; stopping criteria and EOS cut where HF greedy cuts."""
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import adadecode_fx
+from adadecode_fx import AdaDecodeError, ExitHeads
+
+from tests.conftest import tiny_model
+
+PROMPT = torch.tensor([[11, 12, 13, 14, 15]])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", dtype=torch.float32)
+    return model, ExitHeads.random(model, (1, 2, 3), seed=3)
+
+
+def _hf(model, **kw):
+    return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, pad_token_id=0, **kw)
+
+
+def _ours(model, heads, **kw):
+    return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, pad_token_id=0,
+                          custom_generate=adadecode_fx.generate, exit_heads=heads,
+                          adadecode={"threshold": 0.02, "max_pending": 3}, **kw)
+
+
+class Recorder(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_custom_generate_matches_hf_greedy_and_streams_only_verified_tokens(setup):
+    model, heads = setup
+    ref = _hf(model, max_new_tokens=40)
+    streamer = Recorder()
+    out = _ours(model, heads, max_new_tokens=40, stream=streamer)  # HF drops `streamer=` for callables
+    assert out.tolist() == ref.tolist()
+    stats_decoder = adadecode_fx.decoder_for(model, {"threshold": 0.02, "max_pending": 3}, heads)
+    assert stats_decoder.config.exit_layers == (1, 2, 3)
+    # first put is the prompt (as HF's streamers expect), then verified tokens in order: a rolled-back early
+    # token in the stream would break this equality
+    assert streamer.chunks[0] == PROMPT[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, PROMPT.shape[1]:].tolist()
+    assert streamer.ended
+
+
+def test_streamed_chunks_are_never_taken_back(setup):
+    model, heads = setup
+    decoder = adadecode_fx.decoder_for(model, {"threshold": 0.02, "max_pending": 3}, heads)
+    streamer = Recorder()
+    result = decoder.generate(PROMPT, max_new_tokens=40, eos_token_id=None, streamer=streamer)
+    assert result.stats.rejected > 0  # rollbacks happened while streaming
+    assert sum(streamer.chunks, []) == result.new_tokens
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_stopping_criteria_and_eos_cut_where_hf_cuts(setup):
+    model, heads = setup
+    full = _hf(model, max_new_tokens=40)[0, PROMPT.shape[1]:].tolist()
+    stop_token = full[17]
+    crit = StoppingCriteriaList([StopAfter(stop_token)])
+    assert _ours(model, heads, max_new_tokens=40, stopping_criteria=crit).tolist() == \
+        _hf(model, max_new_tokens=40, stopping_criteria=StoppingCriteriaList([StopAfter(stop_token)])).tolist()
+    eos = full[9]
+    assert _ours(model, heads, max_new_tokens=40, eos_token_id=eos).tolist() == \
+        _hf(model, max_new_tokens=40, eos_token_id=eos).tolist()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"do_sample": True}, "sampling"),
+    ({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+    ({"num_beams": 2}, "beam search"),
+])
+def test_unsupported_generation_settings_are_refused(setup, kw, match):
+    model, heads = setup
+    args = dict(max_new_tokens=5, custom_generate=adadecode_fx.generate, exit_heads=heads, pad_token_id=0)
+    args.setdefault("do_sample", False)
+    args.update(kw)
+    with pytest.raises(AdaDecodeError, match=match):
+        model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **args)
+
+
+def test_batches_and_padding_are_refused_with_a_way_out(setup):
+    model, heads = setup
+    two = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(AdaDecodeError, match="batch size 2"):
+        adadecode_fx.generate(model, two, exit_heads=heads)
+    with pytest.raises(AdaDecodeError, match="padded inputs"):
+        adadecode_fx.generate(model, PROMPT, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]), exit_heads=heads)
