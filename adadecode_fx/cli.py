@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import AdaDecodeError
+from .config import canonical_dtype
 
 
 def _int_list(text, flag) -> tuple[int, ...]:
@@ -22,7 +23,6 @@ def _generate(args) -> int:
 
     from . import models
     from .config import AdaDecodeConfig
-    from .data import chat_prompt
     from .heads import ExitHeads, shipped_heads
     from .runtime import AdaDecoder
 
@@ -30,6 +30,9 @@ def _generate(args) -> int:
         raise AdaDecodeError("--prompt is empty: give the text to continue")
     layers = _int_list(args.exit_layers, "--exit-layers")
     torch.manual_seed(0)
+    if args.exported:
+        decoder, tokenizer = _load_exported(args, layers)
+        return _run_generation(args, decoder, tokenizer)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
     if heads_dir:
@@ -44,6 +47,33 @@ def _generate(args) -> int:
     threshold = 0.75 if args.threshold is None else args.threshold
     config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending)
     decoder = AdaDecoder(model, heads, config)
+    return _run_generation(args, decoder, tokenizer)
+
+
+def _load_exported(args, layers):
+    from pathlib import Path
+
+    from . import models
+    from .config import AdaDecodeConfig
+    from .lower.onnxrt import load_exported, load_manifest
+
+    saved = load_manifest(args.exported).get("config") or {}
+    threshold = saved.get("threshold", 0.75) if args.threshold is None else args.threshold
+    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending)
+    decoder = load_exported(args.exported, config=config)
+    tok_dir = Path(args.exported) / "tokenizer"
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    else:
+        tokenizer = models.load(args.model, dtype="float32")[1]
+    return decoder, tokenizer
+
+
+def _run_generation(args, decoder, tokenizer) -> int:
+    from .data import chat_prompt
+
     text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
@@ -51,7 +81,7 @@ def _generate(args) -> int:
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens)
     out_text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({"model": args.model, "prompt": text, "prompt_ids": ids[0].tolist(),
+        print(json.dumps({"model": args.exported or args.model, "prompt": text, "prompt_ids": ids[0].tolist(),
                           "generated_ids": result.new_tokens, "text": out_text,
                           "config": json.loads(decoder.config.to_json()),
                           "stats": result.stats.to_dict()}))
@@ -77,9 +107,14 @@ def _train_heads(args) -> int:
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     n = model.config.num_hidden_layers
     layers = auto_layers(n) if args.layers == "auto" else _int_list(args.layers, "--layers")
+    gen_dtype = canonical_dtype(args.gen_dtype)
+    generator = None
+    if gen_dtype != str(model.dtype).replace("torch.", ""):
+        generator, _ = models.load(args.model, dtype=gen_dtype)
     cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
-                      batch_tokens=args.batch_tokens, data=args.data, record_ids=[r["id"] for r in records])
-    heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out)
+                      batch_tokens=args.batch_tokens, data=args.data, record_ids=[r["id"] for r in records],
+                      gen_dtype=gen_dtype)
+    heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out, generator=generator)
     print(f"[adadecode] heads for layers {list(heads.layers)} written to {args.out} "
           f"(final loss {heads.metadata['loss_curve'][-1][1]:.3f})")
     return 0
@@ -124,6 +159,49 @@ def _eval_heads(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from . import models
+    from .config import AdaDecodeConfig
+    from .heads import ExitHeads, shipped_heads
+
+    fmt = args.format.lower()
+    if fmt == "tensorrt":
+        raise AdaDecodeError("--format tensorrt is not an export format: TensorRT engines are built at load time on "
+                             "the CUDA machine that runs them (AdaDecodeConfig(backend='tensorrt')); export --format onnx")
+    if fmt != "onnx":
+        raise AdaDecodeError(f"unknown --format {args.format!r}: the supported export format is onnx")
+    from .lower.onnxrt import check_dtype, export_onnx, require_onnx
+
+    require_onnx()
+    dtype = check_dtype(canonical_dtype(args.dtype))
+    layers = _int_list(args.exit_layers, "--exit-layers")
+    model, tokenizer = models.load(args.model, dtype=dtype)
+    heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
+    if heads_dir:
+        heads = ExitHeads.load(heads_dir, model)
+        if args.threshold is None:
+            args.threshold = heads.metadata.get("recommended_threshold", 0.75)
+        layers = layers or tuple(heads.metadata.get("recommended_exit_layers", ()))
+    elif layers:
+        heads = ExitHeads.identity(model, layers)
+    else:
+        heads = None
+    config = AdaDecodeConfig(exit_layers=layers, threshold=0.75 if args.threshold is None else args.threshold,
+                             max_pending=args.max_pending)
+    out = export_onnx(model, heads, config, args.out, log=lambda m: print(f"[adadecode] {m}", file=sys.stderr))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "tokenizer")
+    print(f"[adadecode] ONNX export of {args.model} written to {out} "
+          f"(run it with: adadecode generate --exported {out} --prompt ...)")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args, ["adadecode", *sys.argv[1:]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adadecode", description="AdaDecode for Hugging Face decoders")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--exported", help="run from an `adadecode export --format onnx` directory with ONNX Runtime "
+                                      "(no PyTorch weights; tokenizer from DIR/tokenizer, else from --model)")
     g.set_defaults(func=_generate)
 
     t = sub.add_parser("train-heads", help="train exit heads by self-distillation")
@@ -151,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
     t.add_argument("--batch-tokens", type=int, default=256)
     t.add_argument("--dtype", default="float32")
+    t.add_argument("--gen-dtype", default="float32",
+                   help="dtype of the copy that writes the greedy continuations (fp32 batches well on CPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="directory for heads.safetensors (+ resumable train state)")
     t.set_defaults(func=_train_heads)
@@ -168,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set-threshold", action="store_true",
                    help="store the recommended exit layers and gamma in the heads (generate's defaults)")
     e.set_defaults(func=_eval_heads)
+
+    x = sub.add_parser("export", help="export the AdaDecode program (segments, probes, heads) to run without PyTorch")
+    x.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
+    x.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
+    x.add_argument("--no-heads", action="store_true", help="export without exit probes (plain decoding)")
+    x.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
+    x.add_argument("--threshold", type=float, default=None, help="default gamma stored in the export")
+    x.add_argument("--max-pending", type=int, default=5)
+    x.add_argument("--format", default="onnx", help="onnx (ONNX Runtime: CPU, or CUDA with onnxruntime-gpu)")
+    x.add_argument("--dtype", default="float32", help="fp32 (the only dtype ONNX Runtime runs well on CPU)")
+    x.add_argument("--out", required=True, help="directory to write (manifest.json, *.onnx, heads/, tokenizer/)")
+    x.set_defaults(func=_export)
+
+    from .bench import add_arguments as _bench_arguments
+    b = sub.add_parser("bench", help="AdaDecode vs HF greedy / static+compile / prompt lookup / early exit; "
+                                     "JSON + PNG report")
+    _bench_arguments(b)
+    b.set_defaults(func=_bench)
     return p
 
 

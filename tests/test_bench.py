@@ -1,0 +1,78 @@
+"""`adadecode bench` on a tiny random Llama: report fields, parity computed from token ids, the PNG."""
+import json
+
+import pytest
+
+from adadecode_fx import ExitHeads
+from adadecode_fx.bench import BenchConfig, Method, run_bench, summary_table, write
+from tests.conftest import hf_greedy, tiny_model
+
+T = 10
+
+
+def corrupted(model):
+    """HF greedy with the last token changed: must break parity, or parity is not checking ids."""
+    def run(ids):
+        toks = hf_greedy(model, ids[0].tolist(), T)
+        toks[-1] = (toks[-1] + 1) % model.config.vocab_size
+        return toks, None
+    return Method("corrupted_greedy", run, {"note": "test only"})
+
+
+@pytest.fixture(scope="module")
+def report():
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
+    prompts = [{"id": "a", "input_ids": list(range(3, 15))}, {"id": "b", "input_ids": list(range(40, 49))}]
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit"),
+                      backends=("eager", "no_such_backend"), threshold=0.02, max_pending=3)
+    return model, run_bench(model, heads, prompts, cfg, extra_methods=(corrupted(model),), progress=False,
+                            log=lambda m: None)
+
+
+def test_report_fields_and_parity(report, tmp_path):
+    model, rep = report
+    assert rep["methods"][0] == "hf_greedy"
+    assert {"hf_prompt_lookup", "hf_early_exit", "adadecode_eager", "corrupted_greedy"} <= set(rep["methods"])
+    assert "adadecode_no_such_backend" in rep["skipped"]  # a backend that cannot be built is recorded
+    pm = rep["per_method"]
+    for name in rep["methods"]:
+        m = pm[name]
+        for key in ("tok_s_median", "speedup_median", "speedup_p25", "speedup_p75", "parity", "n", "peak_mem_mb",
+                    "exit_rate_per_layer", "acceptance_rate", "critical_path_per_token"):
+            assert key in m, (name, key)
+        assert m["n"] == 2 and m["new_tokens_total"] == 2 * T  # honest length: every method makes T tokens
+        assert m["tok_s_median"] > 0
+    assert pm["hf_greedy"]["parity"] == 1.0 and pm["hf_greedy"]["speedup_median"] == pytest.approx(1.0)
+    assert pm["corrupted_greedy"]["parity"] == 0.0  # parity compares ids, so it can fail
+    row = rep["per_prompt"][0]["methods"]["corrupted_greedy"]
+    assert row["identical"] is False and row["first_diff"] == T - 1
+    # fp64 tiny model: AdaDecode and the HF baselines are exact greedy
+    for name in ("adadecode_eager", "hf_prompt_lookup", "hf_early_exit"):
+        assert pm[name]["parity"] == 1.0, name
+    ada = pm["adadecode_eager"]
+    assert ada["early_emitted"] > 0 and 0 <= ada["acceptance_rate"] <= 1
+    assert sum(ada["exit_rate_per_layer"].values()) == pytest.approx(1.0)
+    assert set(ada["exit_rate_per_layer"]) <= {"1", "2", str(model.config.num_hidden_layers - 1)}
+    assert ada["critical_path_per_token"] > 0  # random heads: rollbacks can push it above the depth
+    assert pm["hf_greedy"]["critical_path_per_token"] == model.config.num_hidden_layers
+    # reference ids are HF greedy's own
+    assert rep["per_prompt"][1]["reference_ids"] == hf_greedy(model, list(range(40, 49)), T)
+    ob = rep["oracle_bound"]
+    assert ob["oracle_speedup_bound"] >= 1.0 and ob["replayed"]["exit_layers"] == [1, 2]
+    # rotated order per prompt
+    assert rep["per_prompt"][0]["order"] != rep["per_prompt"][1]["order"]
+
+    j, png = tmp_path / "r.json", tmp_path / "r.png"
+    write(rep, j, png)
+    assert json.loads(j.read_text())["per_method"]["corrupted_greedy"]["parity"] == 0.0
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "corrupted_greedy" in summary_table(rep)
+
+
+def test_cli_bench_parser():
+    from adadecode_fx import cli
+
+    args = cli.build_parser().parse_args(["bench", "--model", "x", "--task", "gsm8k", "--n", "3",
+                                          "--backends", "eager", "--json", "o.json", "--plot", "o.png"])
+    assert args.func.__name__ == "_bench" and args.backends == "eager" and args.n == 3
