@@ -45,7 +45,8 @@ def _generate(args) -> int:
     else:
         heads = None
     threshold = 0.75 if args.threshold is None else args.threshold
-    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending)
+    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending,
+                             backend=args.backend)
     decoder = AdaDecoder(model, heads, config)
     return _run_generation(args, decoder, tokenizer)
 
@@ -78,6 +79,17 @@ def _run_generation(args, decoder, tokenizer) -> int:
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise AdaDecodeError("the prompt tokenizes to nothing: give some text")
+    if args.stream:
+        if args.json:
+            raise AdaDecodeError("--stream prints text as it is verified; it cannot be combined with --json")
+        from transformers import TextStreamer
+
+        # verified tokens only: an early token is printed once the last layer has confirmed it
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        streamer.put(ids)
+        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        print(f"[adadecode] {result.stats.summary()}", file=sys.stderr)
+        return 0
     result = decoder.generate(ids, max_new_tokens=args.max_new_tokens)
     out_text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     if args.json:
@@ -217,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")
+    g.add_argument("--backend", default="eager", choices=("eager", "inductor", "onnxruntime", "tensorrt"),
+                   help="how segments run (inductor compiles for a minute or two first)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--exported", help="run from an `adadecode export --format onnx` directory with ONNX Runtime "
                                       "(no PyTorch weights; tokenizer from DIR/tokenizer, else from --model)")

@@ -1,5 +1,6 @@
 """`adadecode generate` in-process, against a tiny Llama and a word-level tokenizer saved to disk."""
 import json
+import re
 
 import pytest
 
@@ -94,3 +95,17 @@ def test_malformed_exit_layers(model_dir, capsys):
     rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2",
                        "--exit-layers", "1,a")
     assert rc == 2 and "exit-layers" in err
+
+
+def test_stream_prints_the_same_text_as_it_is_verified(model_dir, capsys):
+    prompt = "w5 w17 w3 w99 w42 w8"
+    common = ("--model", str(model_dir), "--dtype", "fp64", "--prompt", prompt, "--exit-layers", "1,2",
+              "--threshold", "0.01", "--max-new-tokens", "12")
+    rc, out, _ = run(capsys, *common, "--json")
+    assert rc == 0
+    rc, streamed, err = run(capsys, *common, "--stream")
+    assert rc == 0
+    assert int(re.search(r"(\d+) rejected", err).group(1)) > 0  # rollbacks happened while streaming
+    assert streamed.split() == prompt.split() + json.loads(out)["text"].split()
+    rc, _, err = run(capsys, *common, "--stream", "--json")
+    assert rc != 0 and "cannot be combined with --json" in err
