@@ -21,23 +21,23 @@ suppress EOS logits in HF only, so it is *not* used). Instruct models therefore 
 new tokens / wall time of the whole ``generate`` call (prefill included), the same clock for all.
 
 Parity: a method is identical on a prompt when its new token ids equal ``hf_greedy``'s, id for id.
+
+Code: this module runs the benchmark (`run_bench`: builds the methods, warms them up, interleaves them,
+compares token ids) and holds the command line shared by ``adadecode bench`` and
+``bench/run_bench.py``; the methods and their timing are `adadecode_fx.bench_methods`, the summaries,
+oracle bound, JSON, table and plot are `adadecode_fx.bench_report`.
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
-import platform
 import shlex
-import statistics
 import sys
-import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable
+from dataclasses import asdict, dataclass
 
+from .bench_methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
+from .bench_report import aggregate, machine_info, oracle_bound, plot, summary_table, write
 from .errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
@@ -58,186 +58,6 @@ class BenchConfig:
     oracle: bool = True
     mem_interval_s: float = 0.005
 
-
-@dataclass
-class Method:
-    """``run(input_ids [1, P]) -> (new token ids, AdaDecode stats dict or None)``."""
-    name: str
-    run: Callable
-    info: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------
-# machine and memory
-
-def machine_info(device: str = "cpu") -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": device}
-    try:
-        import psutil
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except (ImportError, OSError):
-        pass
-    try:
-        from . import __version__
-        info["adadecode_fx"] = __version__
-    except ImportError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-class PeakMemory:
-    """Peak memory of one call. CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at the
-    start. CPU: the process RSS sampled by a thread every ``interval`` s, peak minus the RSS at the
-    start (a process-wide delta: it misses peaks shorter than the interval and memory freed and reused
-    inside the allocator)."""
-
-    def __init__(self, device: str, interval: float = 0.005):
-        self.device, self.interval = device, interval
-        self.peak_mb = None
-        self.kind = "cuda_max_allocated_delta" if device.startswith("cuda") else "rss_peak_delta_sampled"
-
-    def __enter__(self):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        self._proc = _rss_reader()
-        self._base = self._peak = self._proc()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._proc())
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2 ** 20
-            return False
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._proc())
-        self.peak_mb = (self._peak - self._base) / 2 ** 20
-        return False
-
-
-def _rss_reader():
-    try:
-        import psutil
-        proc = psutil.Process()
-        return lambda: proc.memory_info().rss
-    except ImportError:
-        page = os.sysconf("SC_PAGE_SIZE")
-
-        def rss():
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * page
-        return rss
-
-
-# --------------------------------------------------------------------------------------------------
-# methods
-
-def _gen_config(model, max_new_tokens: int, **extra):
-    gc = copy.deepcopy(model.generation_config)
-    gc.do_sample = False
-    gc.num_beams = 1
-    gc.max_new_tokens = max_new_tokens
-    gc.min_new_tokens = None
-    gc.eos_token_id = None  # honest length: nobody stops at EOS (see the module docstring)
-    if gc.pad_token_id is None:
-        gc.pad_token_id = 0
-    for k in ("temperature", "top_p", "top_k"):
-        setattr(gc, k, None)
-    for k, v in extra.items():
-        setattr(gc, k, v)
-    return gc
-
-
-def hf_method(name: str, model, max_new_tokens: int, **extra) -> Method:
-    import torch
-
-    gc = _gen_config(model, max_new_tokens, **extra)
-
-    @torch.no_grad()
-    def run(ids):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-        return out[0, ids.shape[1]:].tolist(), None
-
-    info = {k: (repr(v) if k == "compile_config" else v) for k, v in extra.items()}
-    return Method(name, run, info)
-
-
-def static_compile_method(model, max_new_tokens: int, device: str) -> Method:
-    from transformers import CompileConfig
-
-    cc = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if device.startswith("cuda") else "default")
-    if not device.startswith("cuda"):
-        cc._compile_all_devices = True  # HF only auto-compiles on accelerators unless told
-    return hf_method("hf_static_compile", model, max_new_tokens, cache_implementation="static", compile_config=cc)
-
-
-def adadecode_method(model, heads, backend: str, threshold: float, exit_layers, max_pending: int,
-                     max_new_tokens: int) -> tuple[Method, object]:
-    from .config import AdaDecodeConfig
-    from .runtime import AdaDecoder
-
-    cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
-                          backend=backend)
-    dec = AdaDecoder(model, heads, cfg)
-
-    def run(ids):
-        res = dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=None)
-        return list(res.new_tokens), res.stats.to_dict()
-
-    return Method(f"adadecode_{backend}", run, {"config": json.loads(dec.config.to_json())}), dec
-
-
-def _reason(exc: BaseException) -> str:
-    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    return last[:500]
-
-
-def _run_timed(method: Method, ids, device: str, mem_interval: float) -> dict:
-    import torch
-
-    with PeakMemory(device, mem_interval) as mem:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens, stats = method.run(ids)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "stats": stats, "seconds": seconds, "new_tokens": len(tokens),
-            "tok_s": len(tokens) / seconds if seconds > 0 else 0.0, "peak_mem_mb": mem.peak_mb,
-            "peak_mem_kind": mem.kind}
-
-
-# --------------------------------------------------------------------------------------------------
-# the benchmark
 
 def resolve_heads_settings(heads, cfg: BenchConfig) -> tuple[tuple[int, ...], float]:
     meta = heads.metadata if heads is not None else {}
@@ -333,7 +153,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         runs = {}
         for m in order:
             bar.set_description(f"{p['id']} {m.name}"[-48:])
-            runs[m.name] = _run_timed(m, ids, device, cfg.mem_interval_s)
+            runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
             bar.update(1)
         ref = runs["hf_greedy"]["tokens"]
         eos = _eos_ids(model)
@@ -357,7 +177,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         per_prompt.append(row)
     bar.close()
 
-    per_method = {name: _aggregate(name, per_prompt, L, next(m for m in methods if m.name == name))
+    per_method = {name: aggregate(name, per_prompt, L, next(m for m in methods if m.name == name))
                   for name in names}
     oracle = None
     if cfg.oracle and eager_decoder is not None:
@@ -391,79 +211,10 @@ def _first_diff(ref: list, ids: list):
     return None if len(ref) == len(ids) else min(len(ref), len(ids))
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-
-def _aggregate(name: str, per_prompt: list, L: int, method: Method) -> dict:
-    rows = [p["methods"][name] for p in per_prompt]
-    tok_s = [r["tok_s"] for r in rows]
-    sp = [r["speedup"] for r in rows if r["speedup"] is not None]
-    mem = [r["peak_mem_mb"] for r in rows if r["peak_mem_mb"] is not None]
-    out = {"n": len(rows), "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s), "tok_s_max": max(tok_s),
-           "speedup_median": statistics.median(sp) if sp else None, "speedup_p25": _quantile(sp, 0.25),
-           "speedup_p75": _quantile(sp, 0.75), "speedup_min": min(sp) if sp else None,
-           "speedup_max": max(sp) if sp else None,
-           "parity": sum(r["identical"] for r in rows) / len(rows),
-           "new_tokens_total": sum(r["new_tokens"] for r in rows),
-           "peak_mem_mb": max(mem) if mem else None, "info": method.info,
-           "exit_rate_per_layer": None, "early_exit_rate": None, "acceptance_rate": None,
-           "critical_path_per_token": None}
-    stats = [r.get("stats") for r in rows]
-    if all(s is not None for s in stats):
-        tokens = sum(r["new_tokens"] for r in rows)
-        hist: dict[str, int] = {}
-        for s in stats:
-            for k, v in s["exit_histogram"].items():
-                hist[k] = hist.get(k, 0) + v
-        acc, rej = sum(s["accepted"] for s in stats), sum(s["rejected"] for s in stats)
-        out.update(exit_histogram=dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-                   exit_rate_per_layer={k: v / tokens for k, v in sorted(hist.items(), key=lambda kv: int(kv[0]))},
-                   early_exit_rate=sum(v for k, v in hist.items() if int(k) < L - 1) / tokens,
-                   acceptance_rate=acc / (acc + rej) if acc + rej else None,
-                   accepted=acc, rejected=rej, early_emitted=sum(s["early_emitted"] for s in stats),
-                   critical_path_per_token=sum(s["critical_path_layers"] for s in stats) / tokens)
-    elif name in ("hf_greedy", "hf_static_compile"):
-        out["critical_path_per_token"] = float(L)  # every token runs the whole stack, one after another
-    return out
-
-
-def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max_pending: int) -> dict:
-    """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
-    that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
-    both from `adadecode_fx.evaluation`."""
-    from .evaluation import head_records, measure_probe_cost, report, simulate
-
-    seqs, lens = [], []
-    for p in per_prompt:
-        ref = p["reference_ids"]
-        seqs.append(list(p["prompt_ids"]) + ref)
-        lens.append(p["prompt_tokens"])
-    L = decoder.program.num_layers
-    records = head_records(decoder.program, heads, seqs, lens)
-    try:
-        probe_cost = measure_probe_cost(decoder.program, heads)
-    except Exception:  # noqa: BLE001 - e.g. off CPU; the oracle bound does not need it
-        probe_cost = 0.0
-    rep = report(records, L, probe_cost, max_pending)
-    runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
-            for r in records]
-    tok = sum(s.tokens for s in runs)
-    crit = sum(s.critical_layers for s in runs)
-    probes = sum(s.probes for s in runs)
-    return {"oracle_layers_per_token": rep["oracle_layers_per_token"],
-            "oracle_speedup_bound": rep["oracle_speedup_bound"],
-            "probe_cost_layers": probe_cost, "head_layers": rep["layers"],
-            "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
-            "replayed": {"exit_layers": list(layers), "threshold": threshold,
-                         "layers_per_token": crit / tok if tok else None,
-                         "speedup_bound": L / (crit / tok + probe_cost * probes / tok) if tok else None},
-            "best_replayed": rep["recommended"]}
+def _reason(exc: BaseException) -> str:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last[:500]
 
 
 class _NoBar:
@@ -480,86 +231,6 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# output
-
-def plot(rep: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = rep["methods"]
-    pm = rep["per_method"]
-    med = [pm[n]["speedup_median"] or 0.0 for n in names]
-    lo = [max(0.0, (pm[n]["speedup_median"] or 0) - (pm[n]["speedup_p25"] or 0)) for n in names]
-    hi = [max(0.0, (pm[n]["speedup_p75"] or 0) - (pm[n]["speedup_median"] or 0)) for n in names]
-    colors = ["tab:gray" if n.startswith("hf_") else "tab:blue" for n in names]
-    bars = a.bar(range(len(names)), med, yerr=[lo, hi], capsize=4, color=colors)
-    for bar_, n in zip(bars, names):
-        top = max(bar_.get_height(), pm[n]["speedup_p75"] or 0.0)
-        a.text(bar_.get_x() + bar_.get_width() / 2, top + 0.02,
-               f"{pm[n]['speedup_median']:.2f}x\nparity {pm[n]['parity']:.0%}", ha="center", va="bottom", fontsize=8)
-    a.axhline(1.0, ls="--", c="k", lw=0.8)
-    ob = (rep.get("oracle_bound") or {}).get("oracle_speedup_bound")
-    if ob:
-        a.axhline(ob, ls=":", c="tab:red", lw=1, label=f"oracle bound {ob:.2f}x (critical-path layers)")
-        a.legend(fontsize=8, loc="upper left")
-    a.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-    a.set_ylabel("speed-up vs hf_greedy (median, bars p25-p75)")
-    cfg = rep["config"]
-    a.set_title(f"{rep.get('model', '')} {cfg['dtype']}, {rep.get('task', '')} n={len(rep['per_prompt'])}, "
-                f"{cfg['max_new_tokens']} tokens", fontsize=9)
-    a.set_ylim(0, max(med + [ob or 0, 1.0]) * 1.35)
-
-    L = cfg["num_layers"]
-    ada = [n for n in names if pm[n].get("exit_rate_per_layer")]
-    all_layers = sorted({int(k) for n in ada for k in pm[n]["exit_rate_per_layer"]})
-    width = 0.8 / max(1, len(ada))
-    for j, n in enumerate(ada):
-        rates = pm[n]["exit_rate_per_layer"]
-        b.bar([i + j * width for i in range(len(all_layers))], [rates.get(str(l), 0.0) for l in all_layers],
-              width=width, label=n)
-    b.set_xticks([i + width * (len(ada) - 1) / 2 for i in range(len(all_layers))],
-                 [f"{l}" + (" (full)" if l == L - 1 else "") for l in all_layers])
-    b.set_xlabel("layer that produced the output token")
-    b.set_ylabel("share of output tokens")
-    b.set_title("AdaDecode exit layers" if ada else "no AdaDecode method ran", fontsize=9)
-    if ada:
-        b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write(rep: dict, json_path=None, png_path=None) -> None:
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rep, indent=1))
-    if png_path:
-        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        plot(rep, png_path)
-
-
-def summary_table(rep: dict) -> str:
-    lines = ["| method | tok/s (median) | speed-up median [p25, p75] | parity | early-exit | acceptance | "
-             "critical-path layers/token | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
-
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-    for n in rep["methods"]:
-        m = rep["per_method"][n]
-        lines.append(f"| {n} | {m['tok_s_median']:.2f} | {f(m['speedup_median'], '.2f')}x "
-                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {m['parity']:.0%} "
-                     f"({round(m['parity'] * m['n'])}/{m['n']}) | {f(m['early_exit_rate'], '.1%')} | "
-                     f"{f(m['acceptance_rate'], '.1%')} | {f(m['critical_path_per_token'], '.1f')} | "
-                     f"{f(m['peak_mem_mb'], '.0f')} |")
-    for n, why in rep.get("skipped", {}).items():
-        lines.append(f"| {n} | skipped: {why} | | | | | | |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -652,3 +323,8 @@ def cli_main(argv=None) -> int:
     except AdaDecodeError as e:
         print(f"adadecode bench: error: {e}", file=sys.stderr)
         return 2
+
+
+__all__ = ["BenchConfig", "HF_METHODS", "Method", "PeakMemory", "TASKS", "adadecode_method", "add_arguments",
+           "cli_main", "hf_method", "machine_info", "main", "oracle_bound", "plot", "resolve_heads_settings",
+           "run_bench", "static_compile_method", "summary_table", "write"]

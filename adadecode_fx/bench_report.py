@@ -1,0 +1,205 @@
+"""What a benchmark report holds beyond the raw per-prompt timings, and how it is written out.
+
+- `aggregate`: one method's per-prompt rows summarized (tok/s, speed-up quantiles against
+  ``hf_greedy``, parity, peak memory and, for AdaDecode methods, exit / acceptance rates and
+  critical-path layers per token);
+- `oracle_bound`: what exits could gain at best on the reference sequences, and the replayed schedule
+  of the benchmarked configuration (both from `adadecode_fx.evaluation`);
+- `machine_info`: the machine and library versions, recorded with every report;
+- `write` (JSON + PNG via `plot`) and `summary_table` (the Markdown table ``adadecode bench`` prints).
+
+The report dict itself is built by `adadecode_fx.bench.run_bench`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from .bench_methods import Method
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device}
+    try:
+        import psutil
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
+        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except (ImportError, OSError):
+        pass
+    try:
+        from . import __version__
+        info["adadecode_fx"] = __version__
+    except ImportError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def aggregate(name: str, per_prompt: list, L: int, method: Method) -> dict:
+    rows = [p["methods"][name] for p in per_prompt]
+    tok_s = [r["tok_s"] for r in rows]
+    sp = [r["speedup"] for r in rows if r["speedup"] is not None]
+    mem = [r["peak_mem_mb"] for r in rows if r["peak_mem_mb"] is not None]
+    out = {"n": len(rows), "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s), "tok_s_max": max(tok_s),
+           "speedup_median": statistics.median(sp) if sp else None, "speedup_p25": _quantile(sp, 0.25),
+           "speedup_p75": _quantile(sp, 0.75), "speedup_min": min(sp) if sp else None,
+           "speedup_max": max(sp) if sp else None,
+           "parity": sum(r["identical"] for r in rows) / len(rows),
+           "new_tokens_total": sum(r["new_tokens"] for r in rows),
+           "peak_mem_mb": max(mem) if mem else None, "info": method.info,
+           "exit_rate_per_layer": None, "early_exit_rate": None, "acceptance_rate": None,
+           "critical_path_per_token": None}
+    stats = [r.get("stats") for r in rows]
+    if all(s is not None for s in stats):
+        tokens = sum(r["new_tokens"] for r in rows)
+        hist: dict[str, int] = {}
+        for s in stats:
+            for k, v in s["exit_histogram"].items():
+                hist[k] = hist.get(k, 0) + v
+        acc, rej = sum(s["accepted"] for s in stats), sum(s["rejected"] for s in stats)
+        out.update(exit_histogram=dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+                   exit_rate_per_layer={k: v / tokens for k, v in sorted(hist.items(), key=lambda kv: int(kv[0]))},
+                   early_exit_rate=sum(v for k, v in hist.items() if int(k) < L - 1) / tokens,
+                   acceptance_rate=acc / (acc + rej) if acc + rej else None,
+                   accepted=acc, rejected=rej, early_emitted=sum(s["early_emitted"] for s in stats),
+                   critical_path_per_token=sum(s["critical_path_layers"] for s in stats) / tokens)
+    elif name in ("hf_greedy", "hf_static_compile"):
+        out["critical_path_per_token"] = float(L)  # every token runs the whole stack, one after another
+    return out
+
+
+def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max_pending: int) -> dict:
+    """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
+    that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
+    both from `adadecode_fx.evaluation`."""
+    from .evaluation import head_records, measure_probe_cost, report, simulate
+
+    seqs, lens = [], []
+    for p in per_prompt:
+        ref = p["reference_ids"]
+        seqs.append(list(p["prompt_ids"]) + ref)
+        lens.append(p["prompt_tokens"])
+    L = decoder.program.num_layers
+    records = head_records(decoder.program, heads, seqs, lens)
+    try:
+        probe_cost = measure_probe_cost(decoder.program, heads)
+    except Exception:  # noqa: BLE001 - e.g. off CPU; the oracle bound does not need it
+        probe_cost = 0.0
+    rep = report(records, L, probe_cost, max_pending)
+    runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
+            for r in records]
+    tok = sum(s.tokens for s in runs)
+    crit = sum(s.critical_layers for s in runs)
+    probes = sum(s.probes for s in runs)
+    return {"oracle_layers_per_token": rep["oracle_layers_per_token"],
+            "oracle_speedup_bound": rep["oracle_speedup_bound"],
+            "probe_cost_layers": probe_cost, "head_layers": rep["layers"],
+            "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
+            "replayed": {"exit_layers": list(layers), "threshold": threshold,
+                         "layers_per_token": crit / tok if tok else None,
+                         "speedup_bound": L / (crit / tok + probe_cost * probes / tok) if tok else None},
+            "best_replayed": rep["recommended"]}
+
+
+def plot(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = rep["methods"]
+    pm = rep["per_method"]
+    med = [pm[n]["speedup_median"] or 0.0 for n in names]
+    lo = [max(0.0, (pm[n]["speedup_median"] or 0) - (pm[n]["speedup_p25"] or 0)) for n in names]
+    hi = [max(0.0, (pm[n]["speedup_p75"] or 0) - (pm[n]["speedup_median"] or 0)) for n in names]
+    colors = ["tab:gray" if n.startswith("hf_") else "tab:blue" for n in names]
+    bars = a.bar(range(len(names)), med, yerr=[lo, hi], capsize=4, color=colors)
+    for bar_, n in zip(bars, names):
+        top = max(bar_.get_height(), pm[n]["speedup_p75"] or 0.0)
+        a.text(bar_.get_x() + bar_.get_width() / 2, top + 0.02,
+               f"{pm[n]['speedup_median']:.2f}x\nparity {pm[n]['parity']:.0%}", ha="center", va="bottom", fontsize=8)
+    a.axhline(1.0, ls="--", c="k", lw=0.8)
+    ob = (rep.get("oracle_bound") or {}).get("oracle_speedup_bound")
+    if ob:
+        a.axhline(ob, ls=":", c="tab:red", lw=1, label=f"oracle bound {ob:.2f}x (critical-path layers)")
+        a.legend(fontsize=8, loc="upper left")
+    a.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    a.set_ylabel("speed-up vs hf_greedy (median, bars p25-p75)")
+    cfg = rep["config"]
+    a.set_title(f"{rep.get('model', '')} {cfg['dtype']}, {rep.get('task', '')} n={len(rep['per_prompt'])}, "
+                f"{cfg['max_new_tokens']} tokens", fontsize=9)
+    a.set_ylim(0, max(med + [ob or 0, 1.0]) * 1.35)
+
+    L = cfg["num_layers"]
+    ada = [n for n in names if pm[n].get("exit_rate_per_layer")]
+    all_layers = sorted({int(k) for n in ada for k in pm[n]["exit_rate_per_layer"]})
+    width = 0.8 / max(1, len(ada))
+    for j, n in enumerate(ada):
+        rates = pm[n]["exit_rate_per_layer"]
+        b.bar([i + j * width for i in range(len(all_layers))], [rates.get(str(l), 0.0) for l in all_layers],
+              width=width, label=n)
+    b.set_xticks([i + width * (len(ada) - 1) / 2 for i in range(len(all_layers))],
+                 [f"{l}" + (" (full)" if l == L - 1 else "") for l in all_layers])
+    b.set_xlabel("layer that produced the output token")
+    b.set_ylabel("share of output tokens")
+    b.set_title("AdaDecode exit layers" if ada else "no AdaDecode method ran", fontsize=9)
+    if ada:
+        b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rep: dict, json_path=None, png_path=None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rep, indent=1))
+    if png_path:
+        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+        plot(rep, png_path)
+
+
+def summary_table(rep: dict) -> str:
+    lines = ["| method | tok/s (median) | speed-up median [p25, p75] | parity | early-exit | acceptance | "
+             "critical-path layers/token | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+    for n in rep["methods"]:
+        m = rep["per_method"][n]
+        lines.append(f"| {n} | {m['tok_s_median']:.2f} | {f(m['speedup_median'], '.2f')}x "
+                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {m['parity']:.0%} "
+                     f"({round(m['parity'] * m['n'])}/{m['n']}) | {f(m['early_exit_rate'], '.1%')} | "
+                     f"{f(m['acceptance_rate'], '.1%')} | {f(m['critical_path_per_token'], '.1f')} | "
+                     f"{f(m['peak_mem_mb'], '.0f')} |")
+    for n, why in rep.get("skipped", {}).items():
+        lines.append(f"| {n} | skipped: {why} | | | | | | |")
+    return "\n".join(lines)
+
+
+__all__ = ["aggregate", "machine_info", "oracle_bound", "plot", "summary_table", "write"]
