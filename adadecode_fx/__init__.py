@@ -2,9 +2,9 @@
 from .config import AdaDecodeConfig
 from .errors import AdaDecodeError, HeadsMismatchError, MissingPackageError, UnsupportedModelError
 from .heads import ExitHeads, model_fingerprint
-from .runtime import AdaDecoder, DecodeStats, GenerationResult
+from .runtime import AdaDecoder, DecodeStats, GenerationResult, SamplingConfig
 from .api import decoder_for, generate
 
 __version__ = "0.1.0"
-__all__ = ["generate", "decoder_for", "AdaDecodeConfig", "AdaDecoder", "ExitHeads", "GenerationResult", "DecodeStats", "AdaDecodeError",
+__all__ = ["generate", "decoder_for", "AdaDecodeConfig", "AdaDecoder", "ExitHeads", "GenerationResult", "DecodeStats", "SamplingConfig", "AdaDecodeError",
            "HeadsMismatchError", "MissingPackageError", "UnsupportedModelError", "model_fingerprint"]

@@ -21,6 +21,7 @@ from .config import AdaDecodeConfig
 from .errors import AdaDecodeError
 from .heads import ExitHeads, find_shipped_heads
 from .runtime.decoder import AdaDecoder
+from .runtime.sampling import SamplingConfig
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -62,8 +63,8 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
 
 
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
-             synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, **kwargs):
-    """Greedy AdaDecode generation; returns ``[1, prompt + new]`` token ids like ``model.generate``.
+             synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, seed=None, **kwargs):
+    """AdaDecode generation (greedy, or sampling); returns ``[1, prompt + new]`` token ids like ``model.generate``.
 
     Called by HF (``custom_generate``), ``generation_config`` holds the length and EOS settings and
     ``stopping_criteria`` is honoured after every verified token. Called directly, pass
@@ -74,17 +75,27 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     that HF's own ``_sample`` does not take, so ``streamer=`` never reaches us (it gets the prompt and
     nothing more). Pass the streamer as ``stream=`` instead; it then receives the prompt, the verified
     tokens as they are final, and ``end()``.
+
+    Sampling: through HF, ``do_sample=True`` (with ``temperature``, ``top_k``, ``top_p``...) applies HF's
+    prepared ``logits_processor`` list to the exit heads' and the final layer's logits alike; the output is
+    distributed as HF sampling. ``seed=`` (an int) seeds a private generator; without it, torch's global
+    RNG is used (``torch.manual_seed`` makes runs reproducible). Called directly, pass ``do_sample=True``
+    and `SamplingConfig` fields (``temperature``, ``top_k``, ``top_p``, ``min_p``) as keywords. Beam
+    search is refused.
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
     if input_ids is None:
         raise AdaDecodeError("generate needs input_ids (a [1, length] LongTensor)")
+    sampling = None
     if generation_config is not None:  # called by HF generate: refuse what would change the output
-        if getattr(generation_config, "do_sample", False):
-            raise AdaDecodeError("sampling (do_sample=True) is not supported yet; AdaDecode decodes greedily")
         if generation_config.num_beams not in (None, 1):
             raise AdaDecodeError("beam search is not supported by AdaDecode; use num_beams=1")
-        if logits_processor:
+        if getattr(generation_config, "do_sample", False):
+            sampling = SamplingConfig(logits_processor=logits_processor, seed=seed)
+        elif seed is not None:
+            raise AdaDecodeError("seed= only applies when sampling: pass do_sample=True")
+        elif logits_processor:
             names = sorted({type(p).__name__ for p in logits_processor})
             raise AdaDecodeError(f"logits processors {names} would change the greedy choice; AdaDecode supports "
                                  "plain greedy decoding (drop repetition_penalty, min_new_tokens, bad_words_ids...)")
@@ -110,14 +121,25 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             def stop(tokens):
                 ids = torch.tensor([tokens], device=input_ids.device)
                 return bool(stopping_criteria(ids, None).any())
-        result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer)
+        result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer,
+                                  sampling=sampling)
         if getattr(generation_config, "return_dict_in_generate", False):
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=result.sequences)
         return result.sequences
     max_new = kwargs.pop("max_new_tokens", 64)
     eos = kwargs.pop("eos_token_id", "default")
+    do_sample = bool(kwargs.pop("do_sample", False))
+    options = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "min_p") if k in kwargs}
+    if logits_processor is not None:
+        options["logits_processor"] = logits_processor
     if kwargs:
         raise AdaDecodeError(f"unexpected arguments {sorted(kwargs)}; generate takes max_new_tokens, eos_token_id, "
-                             "streamer, exit_heads and adadecode")
-    return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer).sequences
+                             "streamer, exit_heads, adadecode, and for sampling do_sample, temperature, top_k, "
+                             "top_p, min_p, seed")
+    if seed is not None:
+        options["seed"] = seed
+    if options and not do_sample:
+        raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
+    return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer,
+                            sampling=SamplingConfig(**options) if do_sample else None).sequences

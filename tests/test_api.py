@@ -2,7 +2,7 @@
 see verified tokens only; stopping criteria and EOS cut where HF greedy cuts."""
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import adadecode_fx
@@ -85,8 +85,15 @@ def test_stopping_criteria_and_eos_cut_where_hf_cuts(setup):
         _hf(model, max_new_tokens=40, eos_token_id=eos).tolist()
 
 
+class _Stateful(LogitsProcessor):
+    """A processor AdaDecode sampling does not know to be stateless."""
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+
 @pytest.mark.parametrize("kw,match", [
-    ({"do_sample": True}, "sampling"),
+    ({"do_sample": True, "logits_processor": LogitsProcessorList([_Stateful()])}, "not supported with AdaDecode sampling"),
     ({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
     ({"num_beams": 2}, "beam search"),
 ])

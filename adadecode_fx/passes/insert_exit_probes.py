@@ -36,6 +36,15 @@ class ExitProbe(nn.Module):
     def forward(self, hidden):
         return self.apply(self.epilogue, self.vocab, self.adapter, hidden)
 
+    def logits(self, hidden, vocab_size: int):
+        """The head's logits over the full vocabulary, ``-inf`` outside the shortlist (for sampling: the
+        probe's distribution is what the logits processors make of these)."""
+        logits = self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
+        if self.vocab is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.vocab.to(logits.device), logits)
+
     @staticmethod
     def apply(epilogue, vocab, adapter, hidden):
         """The probe as a function of its adapter: every exit layer shares one compiled copy of it."""

@@ -5,6 +5,11 @@ One generation keeps: ``tokens`` (prompt + output), ``n_verified`` (the prefix t
 of earlier early tokens at each layer (deferred work). It ends either at an exit probe that is
 confident enough (the token is emitted early, its remaining layers parked) or at the last layer,
 where `verify_greedy` checks every pending early token and rolls back on the first mismatch.
+
+Sampling (``do_sample=True`` / a `SamplingConfig`): an exit probe's logits go through the same logits
+processors as the final layer's; if the resulting distribution ``q`` is confident enough (max >= threshold)
+an early token is drawn from it and ``q`` is kept; `verify_sampling` then accepts or resamples by the
+speculative-sampling rule, so the output is distributed as plain sampling.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from ..lower import lower, warm_up
 from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .kv_state import KVState
 from .program import DecodeProgram
+from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
-from .verify import verify_greedy
+from .verify import verify_greedy, verify_sampling
 
 
 _STRUCTURAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -57,6 +63,8 @@ class _Run:
     kv: KVState
     stats: DecodeStats
     origin: list[int] = field(default_factory=list)  # per output token: the layer that predicted it
+    sampler: Sampler | None = None                     # None: greedy
+    drafts: list = field(default_factory=list)         # sampling: q of each pending early token, in order
 
 
 @dataclass
@@ -114,8 +122,14 @@ class AdaDecoder:
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default", stop=None,
-                 streamer=None) -> GenerationResult:
+                 streamer=None, *, do_sample: bool = False, sampling: SamplingConfig | None = None,
+                 **sampling_options) -> GenerationResult:
         """Greedy AdaDecode: the same tokens as plain greedy decoding of the model.
+
+        Sampling: ``do_sample=True`` with `SamplingConfig` fields as keywords (``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``seed``, ``logits_processor``), or ``sampling=SamplingConfig(...)``. The
+        output is distributed as plain sampling from the model with those settings; the same ``seed``
+        gives the same tokens (``seed=None``: torch's global RNG, see `SamplingConfig`).
 
         ``stop(tokens) -> bool`` (optional) is asked after every *verified* token with the sequence so
         far (prompt included); generation ends at the first token it accepts, as HF stopping criteria
@@ -123,6 +137,16 @@ class AdaDecoder:
         token that a rollback could still take back; ``end()`` is called at the end.
         """
         prompt = self._check_prompt(input_ids)
+        if sampling_options and sampling is None and not do_sample:
+            raise AdaDecodeError(f"{sorted(sampling_options)} only apply when sampling: pass do_sample=True")
+        if sampling is not None and sampling_options:
+            raise AdaDecodeError("pass sampling settings either as sampling=SamplingConfig(...) or as keywords, "
+                                 "not both")
+        if sampling is None and do_sample:
+            try:
+                sampling = SamplingConfig(**sampling_options)
+            except TypeError as e:
+                raise AdaDecodeError(f"unknown sampling option: {e}") from None
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
@@ -130,7 +154,8 @@ class AdaDecoder:
         P = len(prompt)
         run = _Run(tokens=list(prompt), n_verified=P, prompt_len=P,
                    kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket),
-                   stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P))
+                   stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P),
+                   sampler=None if sampling is None else Sampler(sampling, self.device))
         self._step(run, P - 1, allow_exit=False, count=False)  # prefill
         published = P
         while True:
@@ -162,6 +187,7 @@ class AdaDecoder:
                 del tokens[j + 1:]
                 del run.origin[j + 1 - P:]
                 run.kv.parked.clear()
+                run.drafts.clear()
                 run.n_verified = j + 1
                 if streamer is not None:
                     streamer.put(torch.tensor(tokens[published:j + 1]))
@@ -191,7 +217,10 @@ class AdaDecoder:
             stats.critical_path_layers += count
             stats.layer_rows += hidden.shape[1] if count else 0
             if allow_exit and layer in prog.probe_fns:
-                token, conf = self.exit_probe(layer, hidden[:, -1:], tokens)
+                if run.sampler is None:
+                    token, conf = self.exit_probe(layer, hidden[:, -1:], tokens)
+                else:
+                    token, conf = self._sample_exit(run, layer, hidden[:, -1:])
                 if conf >= self.config.threshold:
                     state.park(layer, hidden)
                     tokens.append(token)
@@ -200,7 +229,12 @@ class AdaDecoder:
                     return
         first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
         logits = prog.epilogue(hidden[:, first - a:])
-        verdict = verify_greedy(tokens, first, logits[0].argmax(dim=-1).tolist())
+        if run.sampler is None:
+            verdict = verify_greedy(tokens, first, logits[0].argmax(dim=-1).tolist())
+        else:
+            probs = run.sampler.distributions(logits[0], tokens, first)
+            verdict = verify_sampling(tokens, first, probs, run.drafts, run.sampler.generator)
+            run.drafts.clear()  # every pending token is now accepted or rolled back
         stats.accepted += verdict.accepted
         if verdict.rejected_at is not None:
             stats.rejected += 1
@@ -220,6 +254,23 @@ class AdaDecoder:
         """
         token, conf = self.program.probe(layer, hidden_last)
         return int(token), float(conf)
+
+    def exit_logits(self, layer: int, hidden_last: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Sampling's exit input: the head's logits ``[V]`` for the newest position (``-inf`` outside a
+        shortlist). The logits processors are applied to them as to the final layer's. Tests override
+        this (like `exit_probe`) to force particular early-token distributions."""
+        return self.program.probe_logits(layer, hidden_last, self.vocab_size).reshape(-1)
+
+    def _sample_exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor) -> tuple[int, float]:
+        """(token drawn from q, max q) and, when it will exit, q recorded for verification."""
+        q = run.sampler.distribution(self.exit_logits(layer, hidden_last, run.tokens), run.tokens)
+        if q is None:
+            return -1, 0.0
+        conf = float(q.max())
+        if conf < self.config.threshold:
+            return -1, conf
+        run.drafts.append(q)
+        return int(torch.multinomial(q, 1, generator=run.sampler.generator)), conf
 
     @classmethod
     def from_program(cls, program, heads, config: AdaDecodeConfig, *, vocab_size: int, eos_token_id=None,

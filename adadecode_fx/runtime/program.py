@@ -36,6 +36,8 @@ class DecodeProgram:
         self.epilogue_fn = gm.epilogue
         self.layer_fns = [getattr(gm, f"layer_{i}") for i in range(self.num_layers)]
         self.probe_fns = {l: getattr(gm, f"exit_probe_{l}") for l in self.exit_layers}
+        # the eager ExitProbe modules: lowerings replace probe_fns, these stay (sampling needs logits)
+        self.probe_modules = dict(self.probe_fns)
         self.prologue_args = [self._top_name(a) for a in calls["prologue"].args]
         self.layer_recipes = [self._layer_recipe(getattr(gm, f"layer_{i}"), calls[f"layer_{i}"])
                               for i in range(self.num_layers)]
@@ -63,6 +65,7 @@ class DecodeProgram:
         self.prologue_fn, self.epilogue_fn = prologue_fn, epilogue_fn
         self.layer_fns = list(layer_fns)
         self.probe_fns = {int(l): fn for l, fn in probe_fns.items()}
+        self.probe_modules = {}
         self.prologue_args = list(prologue_args)
         self.layer_recipes = [[tup(item) for item in recipe] for recipe in layer_recipes]
         self.embedding_index = int(embedding_index)
@@ -131,6 +134,16 @@ class DecodeProgram:
 
     def probe(self, layer: int, hidden_last: torch.Tensor):
         return self.probe_fns[layer](hidden_last)
+
+    def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""
+        module = getattr(self, "probe_modules", {}).get(layer)
+        if module is None:
+            from ..errors import AdaDecodeError
+            raise AdaDecodeError("sampling needs the exit heads' logits, which this program does not keep (an "
+                                 "ONNX export's probes return only token and confidence); decode greedily, "
+                                 "or build the decoder from the model")
+        return module.logits(hidden_last, vocab_size)
 
     def hidden_states(self, ids: list[int], layers, state) -> tuple[dict, torch.Tensor]:
         """One full-depth pass over ``ids`` (fresh ``state``): outputs of ``layers`` and of the last layer,

@@ -1,0 +1,119 @@
+"""Sampling settings for AdaDecode: HF logits processors/warpers applied identically to exit probes and the
+final layer, and the random source (a seeded ``torch.Generator``, or torch's global RNG).
+
+Each distribution is computed for one position with the prefix that precedes it, so processors that look
+at the sequence (repetition penalty, no-repeat n-grams, min length...) see the right tokens even when
+several early tokens are verified in one block. Verification (`verify_sampling`) then applies the
+speculative-sampling rule, which makes AdaDecode's output distribution that of plain sampling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdaDecodeError
+
+# Processors whose output for a position depends only on that position's logits and its prefix (no
+# hidden state across calls, no extra model calls): safe to call once per position with that prefix.
+_SUPPORTED = (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
+    "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper",
+    "InfNanRemoveLogitsProcessor", "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor",
+    "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "LogitNormalization",
+)
+
+
+@dataclass
+class SamplingConfig:
+    """How AdaDecode samples (``AdaDecoder.generate(..., sampling=SamplingConfig(...))`` or
+    ``generate(..., do_sample=True, temperature=..., top_k=..., top_p=..., min_p=..., seed=...)``).
+
+    temperature, top_k, top_p, min_p: as in HF (``None`` = off); built into HF warpers, applied after
+        ``logits_processor``.
+    logits_processor: an HF ``LogitsProcessorList`` (e.g. the one HF ``generate`` prepares), applied
+        first. Only processors without state across calls are accepted (see ``_SUPPORTED``); each is called
+        per position with that position's prefix, for exit probes and the final layer alike.
+    seed: seeds a private ``torch.Generator``, so the same seed gives the same tokens. ``None`` draws from
+        torch's global RNG (reproducible with ``torch.manual_seed``, as HF sampling is).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    logits_processor: object = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise AdaDecodeError(f"temperature must be a positive number, got {t!r} (for greedy decoding use "
+                                 "do_sample=False)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise AdaDecodeError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise AdaDecodeError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise AdaDecodeError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise AdaDecodeError(f"seed must be an integer or None, got {self.seed!r}")
+        bad = sorted({type(p).__name__ for p in (self.logits_processor or ()) if type(p).__name__ not in _SUPPORTED})
+        if bad:
+            raise AdaDecodeError(
+                f"logits processors {bad} are not supported with AdaDecode sampling (they keep state across "
+                f"calls or run other models); supported: {', '.join(_SUPPORTED)}")
+
+    def processors(self) -> list:
+        from transformers.generation import logits_process as lp
+
+        out = list(self.logits_processor or ())
+        if self.temperature != 1.0:
+            out.append(lp.TemperatureLogitsWarper(float(self.temperature)))
+        if self.top_k is not None:
+            out.append(lp.TopKLogitsWarper(self.top_k))
+        if self.top_p is not None and self.top_p < 1.0:
+            out.append(lp.TopPLogitsWarper(float(self.top_p)))
+        if self.min_p is not None and self.min_p > 0:
+            out.append(lp.MinPLogitsWarper(float(self.min_p)))
+        return out
+
+
+class Sampler:
+    """One generation's sampling state: the processors and the random source."""
+
+    def __init__(self, config: SamplingConfig, device):
+        self.config = config
+        self.processors = config.processors()
+        self.device = torch.device(device)
+        self.generator = None
+        if config.seed is not None:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(config.seed)
+
+    def distribution(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor | None:
+        """Processed probabilities ``[V]`` for the token after ``prefix`` given raw ``logits [V]`` (``-inf``
+        marks tokens a head cannot produce). ``None`` if the processors leave no token possible."""
+        scores = logits.reshape(1, -1)
+        scores = scores.clone() if scores.dtype == torch.float64 else scores.float()
+        if self.processors:
+            ids = torch.tensor([prefix], dtype=torch.long, device=scores.device)
+            for proc in self.processors:
+                scores = proc(ids, scores)
+        if not bool(torch.isfinite(scores).any()):
+            return None
+        return torch.softmax(scores, dim=-1)[0]
+
+    def distributions(self, logits: torch.Tensor, tokens: list[int], first_row_pos: int) -> list:
+        """Row ``k`` of ``logits [T, V]`` predicts the token after ``tokens[:first_row_pos + k + 1]``."""
+        out = []
+        for k in range(logits.shape[0]):
+            p = self.distribution(logits[k], tokens[:first_row_pos + k + 1])
+            if p is None:
+                raise AdaDecodeError("the logits processors leave no token possible at the final layer")
+            out.append(p)
+        return out
