@@ -145,7 +145,11 @@ def _eval_heads(args) -> int:
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     heads = ExitHeads.load(args.heads, model)
     prompts = [r["prompt"] for r in records]
-    seqs = distillation_sequences(model, tokenizer, prompts, args.max_new_tokens, 4)
+    generator = model
+    if canonical_dtype(args.gen_dtype) != str(model.dtype).replace("torch.", ""):
+        generator, _ = models.load(args.model, dtype=canonical_dtype(args.gen_dtype))
+    seqs = distillation_sequences(generator, tokenizer, prompts, args.max_new_tokens, 16)
+    del generator
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     program = AdaDecoder(model, heads, AdaDecodeConfig()).program
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
@@ -260,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--max-pending", type=int, default=5)
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--gen-dtype", default="float32",
+                   help="dtype of the copy that writes the greedy continuations scored teacher-forced")
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write a PNG here")
     e.add_argument("--set-threshold", action="store_true",
