@@ -24,6 +24,7 @@ from .runtime.kv_state import KVState
 from .runtime.program import DecodeProgram
 
 STATE_FILE = "train_state.pt"
+SEQS_FILE = "sequences.pt"
 
 
 @dataclass
@@ -123,7 +124,17 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
         raise AdaDecodeError(f"{state_path} belongs to another run (layers or model differ); use a new --out")
-    seqs = resume["seqs"] if resume else distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
+    seqs_path = out / SEQS_FILE  # the slow part: kept as soon as it exists, so a rerun skips it
+    if resume:
+        seqs = resume["seqs"]
+    else:
+        recipe = {"prompts": list(prompts), "gen_tokens": cfg.gen_tokens, "fingerprint": model_fingerprint(model)}
+        saved = torch.load(seqs_path, weights_only=False) if seqs_path.exists() else None
+        if saved is not None and saved["recipe"] == recipe:
+            seqs = saved["seqs"]
+        else:
+            seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
+            torch.save({"recipe": recipe, "seqs": seqs}, seqs_path)
 
     program = DecodeProgram(structural_graph(model))
     dtype = model.get_input_embeddings().weight.dtype
