@@ -22,8 +22,6 @@ def _generate(args) -> int:
     import torch
 
     from . import models
-    from .config import AdaDecodeConfig
-    from .heads import ExitHeads, shipped_heads
     from .runtime import AdaDecoder
 
     if not args.prompt or not args.prompt.strip():
@@ -34,21 +32,30 @@ def _generate(args) -> int:
         decoder, tokenizer = _load_exported(args, layers)
         return _run_generation(args, decoder, tokenizer)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
+    heads, config = _heads_and_config(args, model, layers, backend=args.backend)
+    decoder = AdaDecoder(model, heads, config)
+    return _run_generation(args, decoder, tokenizer)
+
+
+def _heads_and_config(args, model, layers, **config_fields):
+    """Heads and config from --heads/--exit-layers/--no-heads/--threshold: given heads (or the shipped
+    ones) bring their calibrated exit layers and gamma as defaults; --exit-layers alone means untrained
+    (identity) heads."""
+    from .config import AdaDecodeConfig
+    from .heads import ExitHeads, shipped_heads
+
+    threshold = args.threshold
     heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
     if heads_dir:
         heads = ExitHeads.load(heads_dir, model)
-        if args.threshold is None:
-            args.threshold = heads.metadata.get("recommended_threshold", 0.75)
-        layers = layers or tuple(heads.metadata.get("recommended_exit_layers", ()))
-    elif layers:
-        heads = ExitHeads.identity(model, layers)
+        recommended = heads.recommended()
+        threshold = recommended.get("threshold", 0.75) if threshold is None else threshold
+        layers = layers or recommended.get("exit_layers", ())
     else:
-        heads = None
-    threshold = 0.75 if args.threshold is None else args.threshold
-    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending,
-                             backend=args.backend)
-    decoder = AdaDecoder(model, heads, config)
-    return _run_generation(args, decoder, tokenizer)
+        heads = ExitHeads.identity(model, layers) if layers else None
+    config = AdaDecodeConfig(exit_layers=layers, threshold=0.75 if threshold is None else threshold,
+                             max_pending=args.max_pending, **config_fields)
+    return heads, config
 
 
 def _load_exported(args, layers):
@@ -177,8 +184,6 @@ def _eval_heads(args) -> int:
 
 def _export(args) -> int:
     from . import models
-    from .config import AdaDecodeConfig
-    from .heads import ExitHeads, shipped_heads
 
     fmt = args.format.lower()
     if fmt == "tensorrt":
@@ -192,18 +197,7 @@ def _export(args) -> int:
     dtype = check_dtype(canonical_dtype(args.dtype))
     layers = _int_list(args.exit_layers, "--exit-layers")
     model, tokenizer = models.load(args.model, dtype=dtype)
-    heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
-    if heads_dir:
-        heads = ExitHeads.load(heads_dir, model)
-        if args.threshold is None:
-            args.threshold = heads.metadata.get("recommended_threshold", 0.75)
-        layers = layers or tuple(heads.metadata.get("recommended_exit_layers", ()))
-    elif layers:
-        heads = ExitHeads.identity(model, layers)
-    else:
-        heads = None
-    config = AdaDecodeConfig(exit_layers=layers, threshold=0.75 if args.threshold is None else args.threshold,
-                             max_pending=args.max_pending)
+    heads, config = _heads_and_config(args, model, layers)
     out = export_onnx(model, heads, config, args.out, log=lambda m: print(f"[adadecode] {m}", file=sys.stderr))
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adadecode_fx
-from adadecode_fx import AdaDecodeConfig, AdaDecodeError, ExitHeads
+from adadecode_fx import AdaDecodeError, ExitHeads
 from adadecode_fx.backend import adadecode_backend, compiled_options
 
 from tests.conftest import hf_greedy, tiny_model

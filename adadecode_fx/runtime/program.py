@@ -137,7 +137,7 @@ class DecodeProgram:
 
     def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""
-        module = getattr(self, "probe_modules", {}).get(layer)
+        module = self.probe_modules.get(layer)
         if module is None:
             from ..errors import AdaDecodeError
             raise AdaDecodeError("sampling needs the exit heads' logits, which this program does not keep (an "
