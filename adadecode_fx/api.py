@@ -64,7 +64,10 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
 
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
              synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, seed=None, **kwargs):
-    """AdaDecode generation (greedy, or sampling); returns ``[1, prompt + new]`` token ids like ``model.generate``.
+    """AdaDecode generation (greedy, or sampling); returns ``[B, prompt + new]`` token ids like ``model.generate``.
+
+    Batches: ``input_ids [B, T]`` with a left-padding ``attention_mask`` (``tokenizer.padding_side = "left"``);
+    rows that end early are padded with ``pad_token_id`` (see `AdaDecoder.generate` for how rows share steps).
 
     Called by HF (``custom_generate``), ``generation_config`` holds the length and EOS settings and
     ``stopping_criteria`` is honoured after every verified token. Called directly, pass
@@ -86,7 +89,7 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
     if input_ids is None:
-        raise AdaDecodeError("generate needs input_ids (a [1, length] LongTensor)")
+        raise AdaDecodeError("generate needs input_ids (a [batch, length] LongTensor)")
     sampling = None
     if generation_config is not None:  # called by HF generate: refuse what would change the output
         if generation_config.num_beams not in (None, 1):
@@ -99,11 +102,13 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             names = sorted({type(p).__name__ for p in logits_processor})
             raise AdaDecodeError(f"logits processors {names} would change the greedy choice; AdaDecode supports "
                                  "plain greedy decoding (drop repetition_penalty, min_new_tokens, bad_words_ids...)")
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
-        raise AdaDecodeError(f"batch size {input_ids.shape[0]} is not supported yet; call generate once per prompt")
     mask = kwargs.pop("attention_mask", None)
-    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-        raise AdaDecodeError("padded inputs are not supported yet: pass one unpadded prompt (attention_mask all ones)")
+    pad_id = kwargs.pop("pad_token_id", None)
+    if generation_config is not None and pad_id is None:
+        pad_id = generation_config.pad_token_id
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1 and (
+            stream is not None or streamer is not None):
+        raise AdaDecodeError("a streamer takes one sequence (as in HF); drop it for a batch")
     decoder = decoder_for(model, adadecode, exit_heads)
     if stream is not None:
         stream.put(torch.as_tensor(input_ids).cpu())  # HF streamers take the prompt first
@@ -122,7 +127,7 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
                 ids = torch.tensor([tokens], device=input_ids.device)
                 return bool(stopping_criteria(ids, None).any())
         result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer,
-                                  sampling=sampling)
+                                  attention_mask=mask, pad_token_id=pad_id, sampling=sampling)
         if getattr(generation_config, "return_dict_in_generate", False):
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=result.sequences)
@@ -135,11 +140,12 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
         options["logits_processor"] = logits_processor
     if kwargs:
         raise AdaDecodeError(f"unexpected arguments {sorted(kwargs)}; generate takes max_new_tokens, eos_token_id, "
-                             "streamer, exit_heads, adadecode, and for sampling do_sample, temperature, top_k, "
+                             "attention_mask, pad_token_id, streamer, exit_heads, adadecode, and for sampling do_sample, temperature, top_k, "
                              "top_p, min_p, seed")
     if seed is not None:
         options["seed"] = seed
     if options and not do_sample:
         raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
     return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer,
+                            attention_mask=mask, pad_token_id=pad_id,
                             sampling=SamplingConfig(**options) if do_sample else None).sequences

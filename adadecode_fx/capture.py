@@ -64,9 +64,10 @@ class _ExplicitKVWrapper(nn.Module):
         self.model = model
         self._cache_cls = _cache_classes()
 
-    def forward(self, input_ids, position_ids, cache_position, kv):
+    def forward(self, input_ids, position_ids, cache_position, attention_mask, kv):
         cache = self._cache_cls(kv, cache_position)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         cache=cache, use_cache=True)
         return out.logits
 
 
@@ -108,14 +109,15 @@ def kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return shapes
 
 
-def example_inputs(model, shapes, block: int = 3, seq: int = 8):
+def example_inputs(model, shapes, block: int = 3, seq: int = 8, batch: int = 2):
     dev = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
-    ids = torch.zeros(1, block, dtype=torch.long, device=dev)
+    ids = torch.zeros(batch, block, dtype=torch.long, device=dev)
     pos = torch.arange(block, device=dev)
-    kv = [(torch.zeros(ks[0], ks[1], seq, ks[3], dtype=dtype, device=dev),
-           torch.zeros(vs[0], vs[1], seq, vs[3], dtype=dtype, device=dev)) for ks, vs in shapes]
-    return ids, pos[None], pos, kv
+    mask = torch.ones(batch, seq, dtype=torch.long, device=dev)
+    kv = [(torch.zeros(batch, ks[1], seq, ks[3], dtype=dtype, device=dev),
+           torch.zeros(batch, vs[1], seq, vs[3], dtype=dtype, device=dev)) for ks, vs in shapes]
+    return ids, pos[None].expand(batch, block).contiguous(), pos, mask, kv
 
 
 @torch.no_grad()
@@ -125,9 +127,10 @@ def capture(model) -> torch.fx.GraphModule:
     model.eval()
     shapes = kv_shapes(model)
     args = example_inputs(model, shapes)
+    B = torch.export.Dim("B", min=1, max=1 << 10)
     T = torch.export.Dim("T", min=1, max=1 << 16)
     S = torch.export.Dim("S", min=2, max=1 << 17)
-    dyn = ({1: T}, {1: T}, {0: T}, [({2: S}, {2: S}) for _ in shapes])
+    dyn = ({0: B, 1: T}, {0: B, 1: T}, {0: T}, {0: B, 1: S}, [({0: B, 2: S}, {0: B, 2: S}) for _ in shapes])
     wrapper = _ExplicitKVWrapper(model)
     try:
         ep = torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)

@@ -106,10 +106,20 @@ def test_unsupported_generation_settings_are_refused(setup, kw, match):
         model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **args)
 
 
-def test_batches_and_padding_are_refused_with_a_way_out(setup):
+def test_left_padded_batch_through_hf_equals_hf_batched_greedy(setup):
     model, heads = setup
-    two = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    with pytest.raises(AdaDecodeError, match="batch size 2"):
-        adadecode_fx.generate(model, two, exit_heads=heads)
-    with pytest.raises(AdaDecodeError, match="padded inputs"):
-        adadecode_fx.generate(model, PROMPT, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]), exit_heads=heads)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    args = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    ours = model.generate(ids, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                          adadecode={"threshold": 0.05}, **args)
+    assert torch.equal(ours, model.generate(ids, do_sample=False, **args))
+
+
+def test_right_padding_is_refused_with_a_way_out(setup):
+    model, heads = setup
+    ids = torch.tensor([[5, 6, 0], [7, 8, 9]])
+    with pytest.raises(AdaDecodeError, match="padding_side = 'left'"):
+        adadecode_fx.generate(model, ids, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), exit_heads=heads)
+
+

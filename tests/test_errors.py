@@ -135,14 +135,14 @@ def test_empty_prompt(plain_decoder, llama, prompt):
         plain_decoder.generate(prompt, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("prompt", [torch.ones(2, 4, dtype=torch.long), [[1, 2], [3, 4]]])
-def test_batch_of_two(plain_decoder, llama, prompt):
-    with pytest.raises(AdaDecodeError, match="batch size 2 is not supported"):
-        plain_decoder.generate(prompt, max_new_tokens=2)
+def test_right_padded_batch(plain_decoder, llama):
+    with pytest.raises(AdaDecodeError, match="not left-padded"):
+        plain_decoder.generate(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+                               max_new_tokens=2)
 
 
 def test_bad_shape(plain_decoder, llama):
-    with pytest.raises(AdaDecodeError, match=r"\[1, length\]"):
+    with pytest.raises(AdaDecodeError, match=r"\[batch, length\]"):
         plain_decoder.generate(torch.ones(1, 1, 3, dtype=torch.long), max_new_tokens=2)
 
 

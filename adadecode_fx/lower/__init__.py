@@ -34,23 +34,27 @@ def lower(program, config):
 
 
 @torch.no_grad()
-def warm_up(program, kv_shapes, dtype, device) -> None:
+def warm_up(program, kv_shapes, dtype, device, batch: int = 1) -> None:
     """Run every segment on each shape class a generation meets, so compilation happens here:
     (T=1, S=1) a one-token prefill, (T=1, S>1) a decode step, (T>1, S>1) a prefill or a deferred block.
-    Without duck sizing, a prefill (T == S) shares the graph of a deferred block (T < S)."""
+    Without duck sizing, a prefill (T == S) shares the graph of a deferred block (T < S).
+    ``batch > 1``: the same classes for a batch, and a prompt prefilled alone in row 1 of it (K/V views
+    that start inside the buffers, see `KVState.row`)."""
     import torch.fx.experimental._config as fx_config
 
     from ..runtime.kv_state import KVState
 
-    state = KVState(kv_shapes, 8, dtype, device, 1)
+    state = KVState(kv_shapes, 8, dtype, device, 1, pad=[0] * batch)
     with fx_config.patch(use_duck_shape=False):
         _run_shape_classes(program, state)
+        if batch > 1:
+            _run_shape_classes(program, state.row(1))
 
 
 def _run_shape_classes(program, state) -> None:
     for ids, start in (([0], 0), ([0], 1), ([0, 0], 2)):
         kv = state.views(start + len(ids))
-        top = program.top_inputs(ids, start, kv)
+        top = program.top_inputs([ids] * state.batch, start, kv, state.mask(start + len(ids)))
         pro = program.prologue(top)
         hidden = program.embeddings(pro, len(ids))
         for i in range(program.num_layers):

@@ -78,9 +78,9 @@ def _example_calls(program) -> dict:
     return calls
 
 
-def _dims(ph, block_symbol: str) -> dict:
-    """Dynamic dims of an input from its placeholder's fake value: the block length -> T, any other
-    symbol (the K/V length) -> S."""
+def _dims(ph, symbols: dict) -> dict:
+    """Dynamic dims of an input from its placeholder's fake value: ``symbols`` names some (the block
+    length -> "T"; the batch -> None, exported as the example's 1), any other symbol is the K/V length "S"."""
     val = ph.meta.get("val")
     out = {}
     for d, size in enumerate(getattr(val, "shape", ())):
@@ -88,7 +88,9 @@ def _dims(ph, block_symbol: str) -> dict:
             expr = str(size.node.expr)
             if not size.node.expr.is_symbol:
                 raise UnsupportedModelError(f"input {ph.name} has a computed size {expr}; cannot export it")
-            out[d] = "T" if expr == block_symbol else "S"
+            name = symbols.get(expr, "S")
+            if name is not None:
+                out[d] = name
     return out
 
 
@@ -227,7 +229,7 @@ def write_program(program, out_dir, meta: dict | None = None, log=None) -> dict:
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # a half-rewritten directory must not look complete
     dtype = check_dtype(next(iter(gm.parameters())).dtype)
-    block = gm.meta["block_symbol"]
+    block = {gm.meta["block_symbol"]: "T", gm.meta.get("batch_symbol"): None}  # one sequence per engine
     calls = _example_calls(program)
     segments, started = {}, time.perf_counter()
     how = {"exported": 0, "cloned": 0}

@@ -109,11 +109,12 @@ def slim_prologue(sub: fx.GraphModule, keep: list[int]) -> tuple[fx.GraphModule,
     if sized:
         with graph.inserting_before(sized[0]):
             kv_len = graph.placeholder("kv_len")
+        ids = next(p for p in placeholders if p.name == "input_ids")
         for ph in sized:
             for user in list(ph.users):
-                if user.target is not aten.sym_size.int or user.args[1] not in (2, -2):
-                    raise UnsupportedModelError(f"the prologue reads K/V buffer {ph.name} other than its length")
-                user.args = (kv_len, 0)
+                if user.target is not aten.sym_size.int or user.args[1] not in (0, 2, -2):
+                    raise UnsupportedModelError(f"the prologue reads K/V buffer {ph.name} other than its sizes")
+                user.args = (ids, 0) if user.args[1] == 0 else (kv_len, 0)  # batch size, or K/V length
             graph.erase_node(ph)
     graph.output(tuple(outs[k] for k in keep))
     graph.eliminate_dead_code()

@@ -82,9 +82,10 @@ def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     for name, call in calls.items():
         if name != "prologue":
             _rebind_symints(getattr(gm, name), call, gm.graph)
-    token_dim = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"].shape[1]
-    T = _expr(token_dim)
+    ids_shape = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"].shape
+    T = _expr(ids_shape[1])
     gm.meta["block_symbol"] = str(T)
+    gm.meta["batch_symbol"] = str(_expr(ids_shape[0]) or ids_shape[0])
 
     for i in range(num_layers):
         name = f"layer_{i}"

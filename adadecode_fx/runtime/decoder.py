@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,6 +28,7 @@ from ..lower import lower, warm_up
 from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .kv_state import KVState
 from .program import DecodeProgram
+from .prompts import prompt_batch
 from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
 from .verify import verify_greedy, verify_sampling
@@ -56,21 +57,25 @@ def structural_graph(model) -> torch.fx.GraphModule:
 
 @dataclass
 class _Run:
-    """One generation's mutable state."""
-    tokens: list[int]      # prompt + output so far (early tokens included)
-    n_verified: int        # tokens[:n_verified] are final
-    prompt_len: int
+    """One generation's mutable state. Rows advance in lockstep: every row has the same length."""
+    rows: list[list[int]]  # per batch row: pad slots + prompt + output so far (early tokens included)
+    n_verified: int        # rows[b][:n_verified] are final
+    prompt_len: int        # slots taken by the left-padded prompts
     kv: KVState
     stats: DecodeStats
-    origin: list[int] = field(default_factory=list)  # per output token: the layer that predicted it
+    origin: list[int] = field(default_factory=list)  # per output slot: the layer that predicted it
     sampler: Sampler | None = None                     # None: greedy
-    drafts: list = field(default_factory=list)         # sampling: q of each pending early token, in order
+    drafts: list = field(default_factory=list)         # sampling, per row: q of each pending early token
+    ends: list = field(default_factory=list)           # per row: its length once finished (EOS/stop), else None
+
+    def active(self) -> list[int]:
+        return [b for b, e in enumerate(self.ends) if e is None]
 
 
 @dataclass
 class GenerationResult:
-    sequences: torch.Tensor  # [1, prompt + new] like HF generate
-    new_tokens: list[int]
+    sequences: torch.Tensor  # [B, prompt + new] like HF generate (finished rows padded on the right)
+    new_tokens: list         # list[int] for one prompt, else one list per row
     stats: DecodeStats
 
 
@@ -115,94 +120,153 @@ class AdaDecoder:
         if config.backend != "eager":
             self.warm_up()
 
-    def warm_up(self) -> None:
-        """Run every segment once per shape class, so compiled backends compile now, not mid-generation."""
-        warm_up(self.program, self.kv_shapes, self.dtype, self.device)
+    def warm_up(self, batch: int = 1) -> None:
+        """Run every segment once per shape class, so compiled backends compile now, not mid-generation.
+        Batches (``batch > 1``) have their own classes, warmed on the first batched generation."""
+        key = min(batch, 2)  # dynamo specialises a batch of 1; every larger batch shares one graph
+        warmed = self.__dict__.setdefault("_warmed", set())
+        if key not in warmed:
+            warm_up(self.program, self.kv_shapes, self.dtype, self.device, batch=key)
+            warmed.add(key)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default", stop=None,
-                 streamer=None, *, do_sample: bool = False, sampling: SamplingConfig | None = None,
-                 **sampling_options) -> GenerationResult:
+                 streamer=None, *, attention_mask=None, pad_token_id=None, do_sample: bool = False,
+                 sampling: SamplingConfig | None = None, **sampling_options) -> GenerationResult:
         """Greedy AdaDecode: the same tokens as plain greedy decoding of the model.
+
+        ``input_ids``: one prompt (``[T]``, ``[1, T]`` or a list of ints) or a batch: ``[B, T]`` with a
+        left-padding ``attention_mask``, or a list of token lists (padded here). Every row's output equals
+        that row's plain greedy output. Rows move in lockstep: a step exits early only if every unfinished
+        row's probe is confident, and a wrong early token in one row rolls back all rows to that slot
+        (the others recompute the same tokens). A row that ends (EOS, ``stop``) is padded with
+        ``pad_token_id`` (default: the model's, else its EOS) while the others go on.
 
         Sampling: ``do_sample=True`` with `SamplingConfig` fields as keywords (``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``logits_processor``), or ``sampling=SamplingConfig(...)``. The
         output is distributed as plain sampling from the model with those settings; the same ``seed``
         gives the same tokens (``seed=None``: torch's global RNG, see `SamplingConfig`).
 
-        ``stop(tokens) -> bool`` (optional) is asked after every *verified* token with the sequence so
-        far (prompt included); generation ends at the first token it accepts, as HF stopping criteria
-        do. ``streamer`` (an HF ``BaseStreamer``) receives tokens once they are verified, never an early
-        token that a rollback could still take back; ``end()`` is called at the end.
+        ``stop(tokens) -> bool`` (optional) is asked after every *verified* token with the row so far
+        (prompt included, padding not); a row ends at the first token it accepts, as HF stopping criteria
+        do. ``streamer`` (an HF ``BaseStreamer``, one prompt only) receives tokens once they are verified,
+        never an early token that a rollback could still take back; ``end()`` is called at the end.
         """
-        prompt = self._check_prompt(input_ids)
-        if sampling_options and sampling is None and not do_sample:
-            raise AdaDecodeError(f"{sorted(sampling_options)} only apply when sampling: pass do_sample=True")
-        if sampling is not None and sampling_options:
+        batch = prompt_batch(input_ids, attention_mask, vocab=self.vocab_size)
+        sampling = self._sampling(do_sample, sampling, sampling_options)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if streamer is not None and batch.size > 1:
+            raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
+                                 "drop the streamer for a batch")
+        eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
+        if batch.size > 1 and self.config.backend in ("onnxruntime", "tensorrt"):
+            raise AdaDecodeError(f"the {self.config.backend} engines are built for one sequence; decode a batch with "
+                                 "backend='eager' or 'inductor', or one prompt at a time")
+        if batch.size > 1 and self.config.backend != "eager":
+            self.warm_up(batch=batch.size)
+        start = time.perf_counter()
+        P, B = batch.length, batch.size
+        run = _Run(rows=batch.rows, n_verified=P, prompt_len=P,
+                   kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket,
+                              pad=batch.pad),
+                   stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
+                   sampler=None if sampling is None else Sampler(sampling, self.device),
+                   drafts=[[] for _ in range(B)], ends=[None] * B)
+        self._prefill(run)
+        published = P
+        while True:
+            published, finished = self._publish(run, published, max_new_tokens, eos, stop, streamer)
+            length = len(run.rows[0])
+            pending = length - run.n_verified
+            done = (finished or length - P >= max_new_tokens
+                    or all(run.rows[b][-1] in eos for b in run.active()))
+            if done and pending == 0:
+                break
+            if done:  # flush: run the deferred layers of the pending tokens, no new token
+                self._step(run, length - 2, allow_exit=False)
+            else:
+                self._step(run, length - 1, allow_exit=pending < self.config.max_pending)
+        if streamer is not None:
+            streamer.end()
+        return self._result(run, batch, start, pad_token_id, eos)
+
+    @staticmethod
+    def _sampling(do_sample, sampling, options) -> SamplingConfig | None:
+        if options and sampling is None and not do_sample:
+            raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
+        if sampling is not None and options:
             raise AdaDecodeError("pass sampling settings either as sampling=SamplingConfig(...) or as keywords, "
                                  "not both")
         if sampling is None and do_sample:
             try:
-                sampling = SamplingConfig(**sampling_options)
+                sampling = SamplingConfig(**options)
             except TypeError as e:
                 raise AdaDecodeError(f"unknown sampling option: {e}") from None
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
-        start = time.perf_counter()
-        P = len(prompt)
-        run = _Run(tokens=list(prompt), n_verified=P, prompt_len=P,
-                   kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket),
-                   stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P),
-                   sampler=None if sampling is None else Sampler(sampling, self.device))
-        self._step(run, P - 1, allow_exit=False, count=False)  # prefill
-        published = P
-        while True:
-            published, finished = self._publish(run, published, max_new_tokens, eos, stop, streamer)
-            pending = len(run.tokens) - run.n_verified
-            done = finished or len(run.tokens) - P >= max_new_tokens or run.tokens[-1] in eos
-            if done and pending == 0:
-                break
-            if done:  # flush: run the deferred layers of the pending tokens, no new token
-                self._step(run, len(run.tokens) - 2, allow_exit=False)
-            else:
-                self._step(run, len(run.tokens) - 1, allow_exit=pending < self.config.max_pending)
-        if streamer is not None:
-            streamer.end()
+        return sampling
+
+    def _result(self, run: "_Run", batch, start: float, pad_token_id, eos) -> GenerationResult:
+        P, length = run.prompt_len, len(run.rows[0])
+        ends = [length if e is None else e for e in run.ends]
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = min(eos) if eos else 0
+        new = [row[P:end] for row, end in zip(run.rows, ends)]
+        seq = [[pad_token_id] * p + row[p:P] + out + [pad_token_id] * (length - P - len(out))
+               for row, p, out in zip(run.rows, batch.pad, new)]
         stats = run.stats
         stats.seconds = time.perf_counter() - start
-        stats.new_tokens = len(run.tokens) - P
+        stats.new_tokens = sum(len(out) for out in new)
         stats.token_exit_layers = run.origin
-        seq = torch.tensor([run.tokens], dtype=torch.long, device=self.device)
-        return GenerationResult(seq, run.tokens[P:], stats)
+        return GenerationResult(torch.tensor(seq, dtype=torch.long, device=self.device),
+                                new[0] if batch.single else new, stats)
 
     def _publish(self, run: "_Run", published: int, max_new_tokens: int, eos, stop, streamer) -> tuple[int, bool]:
-        """Hand newly verified tokens to ``stop``/``streamer``; cut the sequence after the first token
-        that ends the generation (EOS, length, or ``stop``). Returns (tokens published, finished)."""
-        tokens, P = run.tokens, run.prompt_len
+        """Hand newly verified slots to ``stop``/``streamer``; a row ends after its first token that ends
+        the generation (EOS, length, or ``stop``). Once every row has ended, the speculative tail (early
+        tokens and their deferred rows) is dropped. Returns (slots published, all rows finished)."""
+        P = run.prompt_len
         for j in range(published, run.n_verified):
-            if tokens[j] in eos or j + 1 - P >= max_new_tokens or (stop is not None and stop(tokens[:j + 1])):
-                # Anything after j is speculative (early tokens): drop it with its deferred rows.
-                del tokens[j + 1:]
+            for b in run.active():
+                row = run.rows[b]
+                if row[j] in eos or j + 1 - P >= max_new_tokens or (
+                        stop is not None and stop(row[run.kv.pad[b]:j + 1])):
+                    run.ends[b] = j + 1
+            if not run.active():
+                for row in run.rows:
+                    del row[j + 1:]
                 del run.origin[j + 1 - P:]
                 run.kv.parked.clear()
-                run.drafts.clear()
+                for d in run.drafts:
+                    d.clear()
                 run.n_verified = j + 1
                 if streamer is not None:
-                    streamer.put(torch.tensor(tokens[published:j + 1]))
+                    streamer.put(torch.tensor(run.rows[0][published:j + 1]))
                 return j + 1, True
         if streamer is not None and run.n_verified > published:
-            streamer.put(torch.tensor(tokens[published:run.n_verified]))
+            streamer.put(torch.tensor(run.rows[0][published:run.n_verified]))
         return run.n_verified, False
 
+    def _prefill(self, run: "_Run") -> None:
+        """Each prompt alone over its real slots (see `KVState.row`), each ending with its first token."""
+        P = run.prompt_len
+        for b, row in enumerate(run.rows):
+            alone = _Run(rows=[row], n_verified=P, prompt_len=P, kv=run.kv.row(b), stats=run.stats,
+                         sampler=run.sampler, drafts=[[]], ends=[None])
+            self._step(alone, P - 1, allow_exit=False, count=False)
+        run.kv.fill = [P] * len(run.kv.fill)
+        run.origin.append(self.program.num_layers - 1)
+        run.n_verified = P + 1
+
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
-        """Walk the layers for positions up to ``p_end``: ends at a confident exit probe (early token)
-        or at the last layer (verification, maybe a rollback, and a final token)."""
-        prog, L, state, stats, tokens = self.program, self.program.num_layers, run.kv, run.stats, run.tokens
+        """Walk the layers for slots up to ``p_end``: ends at a confident exit probe (early tokens) or at
+        the last layer (verification, maybe a rollback, and a final token per row)."""
+        prog, L, state, stats = self.program, self.program.num_layers, run.kv, run.stats
         a = state.fill[-1]
         kv = state.views(p_end + 1)
-        top = prog.top_inputs(tokens[a:p_end + 1], a, kv)
+        top = prog.top_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
         pro = prog.prologue(top)
         hidden = prog.embeddings(pro, p_end + 1 - state.fill[0])
         stats.steps += count
@@ -216,61 +280,94 @@ class AdaDecoder:
             state.fill[layer] = p_end + 1
             stats.critical_path_layers += count
             stats.layer_rows += hidden.shape[1] if count else 0
-            if allow_exit and layer in prog.probe_fns:
-                if run.sampler is None:
-                    token, conf = self.exit_probe(layer, hidden[:, -1:], tokens)
-                else:
-                    token, conf = self._sample_exit(run, layer, hidden[:, -1:])
-                if conf >= self.config.threshold:
-                    state.park(layer, hidden)
-                    tokens.append(token)
-                    run.origin.append(layer)
-                    stats.early_emitted += 1
-                    return
+            if allow_exit and layer in prog.probe_fns and self._exit(run, layer, hidden[:, -1:]):
+                state.park(layer, hidden)
+                return
         first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
-        logits = prog.epilogue(hidden[:, first - a:])
+        self._verify(run, first, prog.epilogue(hidden[:, first - a:]))
+
+    def _exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor) -> bool:
+        """The exit decision (batch-wide): emit one early token per row if every unfinished row's probe
+        is confident enough."""
+        active = run.active()
         if run.sampler is None:
-            verdict = verify_greedy(tokens, first, logits[0].argmax(dim=-1).tolist())
+            tokens, confs = self.exit_probe(layer, hidden_last, run.rows)
         else:
-            probs = run.sampler.distributions(logits[0], tokens, first)
-            verdict = verify_sampling(tokens, first, probs, run.drafts, run.sampler.generator)
-            run.drafts.clear()  # every pending token is now accepted or rolled back
-        stats.accepted += verdict.accepted
-        if verdict.rejected_at is not None:
-            stats.rejected += 1
-            del tokens[verdict.rejected_at:]
-            del run.origin[verdict.rejected_at - run.prompt_len:]
-            state.rollback(verdict.rejected_at)
-        if verdict.next_token >= 0:
-            tokens.append(verdict.next_token)
+            tokens, confs = self._sample_exit(run, layer, hidden_last, active)
+        if min(confs[b] for b in active) < self.config.threshold:
+            return False
+        for b, row in enumerate(run.rows):
+            row.append(tokens[b] if tokens[b] >= 0 else row[-1])  # finished rows: any valid id
+        run.origin.append(layer)
+        run.stats.early_emitted += len(active)
+        return True
+
+    def _verify(self, run: "_Run", first: int, logits: torch.Tensor) -> None:
+        """Check every pending early token of every unfinished row against the final layer's
+        ``logits [B, T, V]`` (row ``k`` predicts slot ``first + k + 1``); roll all rows back to the
+        earliest wrong slot and give each row its final token there."""
+        L, P = self.program.num_layers, run.prompt_len
+        verdicts = {}
+        for b in run.active():
+            row = run.rows[b]
+            if run.sampler is None:
+                verdicts[b] = verify_greedy(row, first, logits[b].argmax(dim=-1).tolist())
+            else:
+                pad = run.kv.pad[b]
+                probs = run.sampler.distributions(logits[b], row[pad:], first - pad)
+                v = verify_sampling(row[pad:], first - pad, probs, run.drafts[b], run.sampler.generator)
+                verdicts[b] = v if v.rejected_at is None else replace(v, rejected_at=v.rejected_at + pad)
+            run.drafts[b].clear()  # every pending token is now accepted or rolled back
+        run.stats.accepted += sum(v.accepted for v in verdicts.values())
+        cut = min((v.rejected_at for v in verdicts.values() if v.rejected_at is not None), default=None)
+        if cut is not None:
+            run.stats.rejected += sum(v.rejected_at is not None for v in verdicts.values())
+            for b, row in enumerate(run.rows):
+                v = verdicts.get(b)
+                keep = v.next_token if v is not None and v.rejected_at == cut else row[cut]
+                del row[cut:]
+                row.append(keep)
+            del run.origin[cut - P:]
             run.origin.append(L - 1)
-        run.n_verified = len(tokens)
+            run.kv.rollback(cut)
+        elif any(v.next_token >= 0 for v in verdicts.values()):
+            for b, row in enumerate(run.rows):
+                v = verdicts.get(b)
+                row.append(v.next_token if v is not None else row[-1])
+            run.origin.append(L - 1)
+        run.n_verified = len(run.rows[0])
 
-    def exit_probe(self, layer: int, hidden_last: torch.Tensor, tokens: list[int]) -> tuple[int, float]:
-        """The exit decision's input: the head's (token, confidence) for the newest position.
+    def exit_probe(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]) -> tuple[list, list]:
+        """The exit decision's input: per row, the head's (token, confidence) for the newest slot.
 
-        ``tokens`` is the sequence so far (the prediction is for ``len(tokens)``); the heads ignore it,
-        but tests override this method with oracle or adversarial probes that use it.
+        ``rows`` are the sequences so far (the prediction is for slot ``len(rows[b])``); the heads ignore
+        them, but tests override this method with oracle or adversarial probes that use them.
         """
         token, conf = self.program.probe(layer, hidden_last)
-        return int(token), float(conf)
+        return token.reshape(-1).tolist(), conf.reshape(-1).tolist()
 
-    def exit_logits(self, layer: int, hidden_last: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-        """Sampling's exit input: the head's logits ``[V]`` for the newest position (``-inf`` outside a
+    def exit_logits(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        """Sampling's exit input: the head's logits ``[B, V]`` for the newest slot (``-inf`` outside a
         shortlist). The logits processors are applied to them as to the final layer's. Tests override
         this (like `exit_probe`) to force particular early-token distributions."""
-        return self.program.probe_logits(layer, hidden_last, self.vocab_size).reshape(-1)
+        return self.program.probe_logits(layer, hidden_last, self.vocab_size).reshape(hidden_last.shape[0], -1)
 
-    def _sample_exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor) -> tuple[int, float]:
-        """(token drawn from q, max q) and, when it will exit, q recorded for verification."""
-        q = run.sampler.distribution(self.exit_logits(layer, hidden_last, run.tokens), run.tokens)
-        if q is None:
-            return -1, 0.0
-        conf = float(q.max())
-        if conf < self.config.threshold:
-            return -1, conf
-        run.drafts.append(q)
-        return int(torch.multinomial(q, 1, generator=run.sampler.generator)), conf
+    def _sample_exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor, active) -> tuple[list, list]:
+        """Per row (token drawn from q, max q); if every active row is confident, each q is recorded for
+        verification. Finished rows get token -1 and confidence 1."""
+        logits = self.exit_logits(layer, hidden_last, run.rows)
+        tokens, confs, qs = [-1] * len(run.rows), [1.0] * len(run.rows), {}
+        for b in active:
+            pad = run.kv.pad[b]
+            q = run.sampler.distribution(logits[b], run.rows[b][pad:])
+            confs[b] = 0.0 if q is None else float(q.max())
+            if confs[b] < self.config.threshold:
+                return tokens, confs
+            qs[b] = q
+        for b, q in qs.items():
+            run.drafts[b].append(q)
+            tokens[b] = int(torch.multinomial(q, 1, generator=run.sampler.generator))
+        return tokens, confs
 
     @classmethod
     def from_program(cls, program, heads, config: AdaDecodeConfig, *, vocab_size: int, eos_token_id=None,
@@ -281,31 +378,3 @@ class AdaDecoder:
         self.kv_shapes, self.vocab_size, self.default_eos = program.kv_shapes, vocab_size, eos_token_id
         self.device, self.dtype = torch.device(device), dtype
         return self
-
-    # ------------------------------------------------------------------------------------------------
-    def _check_prompt(self, input_ids) -> list[int]:
-        if isinstance(input_ids, torch.Tensor):
-            if input_ids.dim() == 2:
-                if input_ids.shape[0] != 1:
-                    raise AdaDecodeError(
-                        f"batch size {input_ids.shape[0]} is not supported yet (batching is planned with "
-                        "sampling support); call generate once per prompt")
-                input_ids = input_ids[0]
-            if input_ids.dim() != 1:
-                raise AdaDecodeError(f"input_ids must be [1, length] or [length], got shape {tuple(input_ids.shape)}")
-            ids = input_ids.tolist()
-        else:
-            ids = list(input_ids)
-            if ids and isinstance(ids[0], (list, tuple)):
-                if len(ids) != 1:
-                    raise AdaDecodeError(f"batch size {len(ids)} is not supported yet; call generate per prompt")
-                ids = list(ids[0])
-        if not ids:
-            raise AdaDecodeError("the prompt is empty: give at least one token (e.g. the BOS token)")
-        vocab = self.vocab_size
-        if any(isinstance(t, bool) or not float(t).is_integer() for t in ids):
-            raise AdaDecodeError("token ids must be integers")
-        bad = [t for t in ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise AdaDecodeError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
-        return [int(t) for t in ids]

@@ -5,6 +5,10 @@ increase with depth. Positions in ``[fill[l+1], fill[l])`` have passed layer ``l
 layer-``l`` outputs wait in ``parked[l]`` until the next pass through layer ``l+1`` takes them along.
 Rollback only moves fill lengths: stale rows past ``fill`` are masked by position and overwritten later,
 so memory stays flat however often we roll back.
+
+A batch of ``B`` rows shares the fill lengths (rows advance in lockstep). Row ``b``'s prompt is
+left-padded to start at slot ``pad[b]``: its positions are ``slot - pad[b]`` and ``attention_mask``
+(``[B, capacity]``, static for the whole generation) hides its pad slots from every query.
 """
 from __future__ import annotations
 
@@ -12,22 +16,50 @@ import torch
 
 
 class KVState:
-    def __init__(self, kv_shapes, capacity: int, dtype, device, bucket: int):
+    def __init__(self, kv_shapes, capacity: int, dtype, device, bucket: int, pad=(0,)):
         self.capacity = capacity
         self.bucket = bucket
+        self.pad = [int(p) for p in pad]
+        batch = len(self.pad)
         self.buffers = [
-            (torch.zeros(ks[0], ks[1], capacity, ks[3], dtype=dtype, device=device),
-             torch.zeros(vs[0], vs[1], capacity, vs[3], dtype=dtype, device=device))
+            (torch.zeros(batch, ks[1], capacity, ks[3], dtype=dtype, device=device),
+             torch.zeros(batch, vs[1], capacity, vs[3], dtype=dtype, device=device))
             for ks, vs in kv_shapes]
+        self.attention_mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
+        for b, p in enumerate(self.pad):
+            self.attention_mask[b, :p] = 0
         self.fill = [0] * len(kv_shapes)
         self.parked: dict[int, torch.Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return len(self.pad)
+
+    def row(self, b: int) -> "KVState":
+        """Row ``b`` alone, sharing its buffers, with nothing filled before its first real slot: a
+        prompt is prefilled one row at a time, so no query is ever a pad slot (a fully masked query
+        row gives NaN in eager attention, which the next layer's K/V would spread to every row)."""
+        view = KVState.__new__(KVState)
+        view.capacity, view.bucket, view.pad = self.capacity, self.bucket, [self.pad[b]]
+        view.buffers = [(k[b:b + 1], v[b:b + 1]) for k, v in self.buffers]
+        view.attention_mask = self.attention_mask[b:b + 1]
+        view.fill = [self.pad[b]] * len(self.fill)
+        view.parked = {}
+        return view
 
     def views(self, upto: int):
         """Buffers cut to ``upto`` positions rounded up to the bucket (attention reads only that much)."""
         if upto > self.capacity:
             raise RuntimeError(f"KV capacity {self.capacity} exceeded ({upto})")
-        s = min(self.capacity, -(-upto // self.bucket) * self.bucket)
+        s = self._width(upto)
         return [(k[:, :, :s], v[:, :, :s]) for k, v in self.buffers]
+
+    def mask(self, upto: int) -> torch.Tensor:
+        """``attention_mask`` cut like `views`."""
+        return self.attention_mask[:, :self._width(upto)]
+
+    def _width(self, upto: int) -> int:
+        return min(self.capacity, -(-upto // self.bucket) * self.bucket)
 
     def park(self, layer: int, hidden: torch.Tensor) -> None:
         old = self.parked.get(layer)

@@ -96,12 +96,20 @@ class DecodeProgram:
         return recipe
 
     @staticmethod
-    def top_inputs(ids: list[int], start: int, kv) -> dict:
-        """Graph inputs for tokens ``ids`` at positions ``start, start+1, ...`` over K/V views ``kv``."""
+    def top_inputs(ids, start: int, kv, attention_mask=None, pad=None) -> dict:
+        """Graph inputs for token rows ``ids`` (``[B][T]``, or one flat row) at slots ``start, start+1, ...``
+        over K/V views ``kv``. ``attention_mask`` ``[B, S]`` (default: all ones) hides pad slots; ``pad[b]``
+        is row b's first real slot, so its positions are ``slot - pad[b]``."""
         dev = kv[0][0].device
-        top = {"input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
-               "cache_position": torch.arange(start, start + len(ids), device=dev)}
-        top["position_ids"] = top["cache_position"][None]
+        rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+        top = {"input_ids": torch.tensor(rows, dtype=torch.long, device=dev),
+               "cache_position": torch.arange(start, start + len(rows[0]), device=dev)}
+        top["position_ids"] = top["cache_position"][None].repeat(len(rows), 1)
+        if pad is not None and any(pad):
+            top["position_ids"] = top["position_ids"] - torch.tensor(pad, device=dev)[:, None]
+        if attention_mask is None:
+            attention_mask = torch.ones(len(rows), kv[0][0].shape[2], dtype=torch.long, device=dev)
+        top["attention_mask"] = attention_mask
         for i, (k, v) in enumerate(kv):
             top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
         return top

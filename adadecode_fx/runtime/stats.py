@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 class DecodeStats:
     num_layers: int
     prompt_tokens: int = 0
-    new_tokens: int = 0
-    token_exit_layers: list = field(default_factory=list)  # per output token: layer that predicted it
+    batch_size: int = 1
+    new_tokens: int = 0          # over all rows of a batch, up to each row's end
+    token_exit_layers: list = field(default_factory=list)  # per output slot (all rows): layer that predicted it
     early_emitted: int = 0       # early predictions made (accepted + rejected + discarded by a rollback)
     accepted: int = 0            # early predictions confirmed by the final layer
     rejected: int = 0            # verifications that found a wrong early token (each causes a rollback)
@@ -31,7 +32,8 @@ class DecodeStats:
 
     @property
     def critical_path_per_token(self) -> float:
-        return self.critical_path_layers / self.new_tokens if self.new_tokens else 0.0
+        slots = len(self.token_exit_layers)
+        return self.critical_path_layers / slots if slots else 0.0
 
     @property
     def tokens_per_second(self) -> float:

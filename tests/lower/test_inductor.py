@@ -47,6 +47,20 @@ def test_inductor_matches_eager_and_hf_with_exits_and_rollbacks_without_recompil
     assert early >= 20 and rejected >= 10, (early, rejected)
 
 
+def test_inductor_batches_match_hf_and_compile_once_for_every_batch_size():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    heads = ExitHeads.random(model, (1, 3), seed=1)
+    compiled = AdaDecoder(model, heads, AdaDecodeConfig(backend="inductor", threshold=0.02, max_pending=3))
+    prompts = [[5, 6, 7], list(range(20, 33)), [1], list(range(40, 48))]
+    out = compiled.generate(prompts[:2], 20, eos_token_id=None)  # first batch: warms the batch classes
+    assert out.new_tokens == [hf_greedy(model, p, 20) for p in prompts[:2]]
+    before = _unique_graphs()
+    for batch in (prompts, prompts[1:], prompts[:2]):
+        out = compiled.generate(batch, 20, eos_token_id=None)
+        assert out.new_tokens == [hf_greedy(model, p, 20) for p in batch]
+    assert _unique_graphs() == before, "a batch of another size recompiled"
+
+
 @pytest.mark.slow
 def test_inductor_parity_on_smollm2(smol):
     model, tokenizer = smol

@@ -81,6 +81,7 @@ def test_roles(family):
 def top_inputs(ids, a, b, kv):
     top = {"input_ids": ids[:, a:b], "cache_position": torch.arange(a, b)}
     top["position_ids"] = top["cache_position"][None]
+    top["attention_mask"] = torch.ones(1, kv[0][0].shape[2], dtype=torch.long)
     for i, (k, v) in enumerate(kv):
         top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
     return top

@@ -27,7 +27,7 @@ def run(gm, ids, S=None):
           (torch.zeros(ks[0], ks[1], S, ks[3], dtype=torch.float64),
            torch.zeros(vs[0], vs[1], S, vs[3], dtype=torch.float64))]
     with torch.no_grad():
-        return gm(ids, pos[None], pos, *kv)
+        return gm(ids, pos[None], pos, torch.ones(1, S, dtype=torch.long), *kv)
 
 
 def probed(model, layers=LAYERS, seed=0, scale=1.0):

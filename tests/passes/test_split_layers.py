@@ -25,7 +25,7 @@ def call_split(gm, ids, kv):
     T = ids.shape[1]
     pos = torch.arange(T)
     flat = [t for pair in kv for t in pair]
-    return gm(ids, pos[None], pos, *flat)
+    return gm(ids, pos[None], pos, torch.ones(1, kv[0][0].shape[2], dtype=torch.long), *flat)
 
 
 def module_paths(node):

@@ -12,9 +12,9 @@ class ScriptedDecoder(AdaDecoder):
         super().__init__(model, ExitHeads.identity(model, layers), AdaDecodeConfig(**cfg))
         self.reference, self.wrong = reference, wrong
 
-    def exit_probe(self, layer, hidden_last, tokens):
-        right = self.reference[len(tokens)]
-        return ((right + 1) % self.model.config.vocab_size if self.wrong else right), 1.0
+    def exit_probe(self, layer, hidden_last, rows):
+        right = self.reference[len(rows[0])]
+        return [(right + 1) % self.model.config.vocab_size if self.wrong else right], [1.0]
 
 
 def expected_schedule(new_tokens: int, max_pending: int):
