@@ -57,6 +57,7 @@ class BenchConfig:
     warmup: bool = True
     oracle: bool = True
     mem_interval_s: float = 0.005
+    batch_sizes: tuple[int, ...] = ()          # also measure batched throughput (`adadecode_fx.bench_batch`)
 
 
 def resolve_heads_settings(heads, cfg: BenchConfig) -> tuple[tuple[int, ...], float]:
@@ -99,6 +100,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         else:
             methods.append(hf_method("hf_early_exit", model, T, assistant_early_exit=int(E)))
     eager_decoder = None
+    decoders = {}
     for backend in cfg.backends:
         name = f"adadecode_{backend}"
         if heads is None:
@@ -111,6 +113,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             log(f"skipping {name}: {skipped[name]}")
             continue
         methods.append(m)
+        decoders[name] = dec
         if backend == "eager" or eager_decoder is None:  # the oracle replay reads the eager program if any
             eager_decoder = dec
     methods.extend(extra_methods)
@@ -185,12 +188,17 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             oracle = oracle_bound(eager_decoder, heads, per_prompt, layers, threshold, cfg.max_pending)
         except Exception as exc:  # noqa: BLE001
             oracle = {"error": _reason(exc)}
+    batching = None
+    if cfg.batch_sizes:
+        from .bench_batch import run_batch_bench
+        batching = run_batch_bench(model, {n: d for n, d in decoders.items() if n in names},
+                                   [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log)
     return {"config": {**asdict(cfg), "exit_layers": list(layers), "threshold": threshold, "num_layers": L,
                        "dtype": str(model.dtype).replace("torch.", ""), "device": device,
                        "length_scheme": "exactly max_new_tokens greedy tokens for every method; EOS stopping "
                                         "disabled (eos_token_id=None) everywhere, no logits processors"},
             "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
-            "oracle_bound": oracle, "per_prompt": per_prompt}
+            "oracle_bound": oracle, "per_prompt": per_prompt, "batching": batching}
 
 
 def _compiles(name: str) -> bool:
@@ -255,6 +263,8 @@ def add_arguments(p) -> None:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw prompts, "
                                                       "as the heads were trained and calibrated)")
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
+    p.add_argument("--batch-sizes", default="", help="also measure batched throughput at these batch sizes "
+                                                      "(e.g. 1,4,8; each at most --n) against HF greedy")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle bound")
     p.add_argument("--no-progress", action="store_true")
@@ -272,12 +282,7 @@ def main(args, argv=None) -> int:
     def names(text):
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
-    exit_layers = ()
-    if args.exit_layers:
-        try:
-            exit_layers = tuple(int(x) for x in names(args.exit_layers))
-        except ValueError:
-            raise AdaDecodeError(f"--exit-layers must be comma-separated integers, got {args.exit_layers!r}") from None
+    exit_layers = _ints(args.exit_layers, "--exit-layers")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AdaDecodeError("--device cuda but CUDA is not available")
@@ -293,7 +298,8 @@ def main(args, argv=None) -> int:
         prompts.append({"id": r["id"], "input_ids": tokenizer(text).input_ids})
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, methods=names(args.methods), backends=names(args.backends),
                       threshold=args.threshold, exit_layers=exit_layers, max_pending=args.max_pending,
-                      early_exit_layers=args.early_exit_layers, warmup=not args.no_warmup, oracle=not args.no_oracle)
+                      early_exit_layers=args.early_exit_layers, warmup=not args.no_warmup, oracle=not args.no_oracle,
+                      batch_sizes=_ints(args.batch_sizes, "--batch-sizes"))
     machine = machine_info(device)
     started = time.time()
     rep = run_bench(model, heads, prompts, cfg, device=device, progress=not args.no_progress)
@@ -305,11 +311,21 @@ def main(args, argv=None) -> int:
     rep["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     write(rep, args.json, args.plot)
     print(summary_table(rep))
+    if rep.get("batching"):
+        from .bench_batch import batch_table
+        print(batch_table(rep["batching"]))
     ob = rep.get("oracle_bound") or {}
     if ob.get("oracle_speedup_bound"):
         print(f"oracle bound {ob['oracle_speedup_bound']:.2f}x ({ob['oracle_layers_per_token']:.1f} layers/token); "
               f"replayed schedule of this config {ob['replayed']['speedup_bound']:.2f}x")
     return 0
+
+
+def _ints(text, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in (text or "").split(",") if x.strip())
+    except ValueError:
+        raise AdaDecodeError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def cli_main(argv=None) -> int:

@@ -131,7 +131,9 @@ def plot(rep: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    batching = rep.get("batching")
+    fig, axes = plt.subplots(1, 3 if batching else 2, figsize=(18 if batching else 12, 4.5))
+    a, b = axes[0], axes[1]
     names = rep["methods"]
     pm = rep["per_method"]
     med = [pm[n]["speedup_median"] or 0.0 for n in names]
@@ -170,9 +172,29 @@ def plot(rep: dict, path) -> None:
     b.set_title("AdaDecode exit layers" if ada else "no AdaDecode method ran", fontsize=9)
     if ada:
         b.legend(fontsize=8)
+    if batching:
+        _plot_batching(axes[2], batching)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_batching(ax, batching: dict) -> None:
+    sizes = list(batching["per_batch"])
+    names = list(batching["per_batch"][sizes[0]])
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        tok_s = [batching["per_batch"][B][n]["tok_s_median"] for B in sizes]
+        bars = ax.bar([i + j * width for i in range(len(sizes))], tok_s, width=width, label=n,
+                      color="tab:gray" if n.startswith("hf_") else None)
+        for bar_, B in zip(bars, sizes):
+            e = batching["per_batch"][B][n]
+            ax.text(bar_.get_x() + bar_.get_width() / 2, bar_.get_height(),
+                    f"{e['speedup_vs_hf_same_batch']:.2f}x\n{e['parity']:.0%}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(sizes))], [f"batch {B}" for B in sizes])
+    ax.set_ylabel("generated tok/s, all rows (median over groups)")
+    ax.set_title("batched throughput (labels: vs HF greedy at that batch, row parity)", fontsize=9)
+    ax.legend(fontsize=8)
 
 
 def write(rep: dict, json_path=None, png_path=None) -> None:

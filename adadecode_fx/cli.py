@@ -24,7 +24,7 @@ def _generate(args) -> int:
     from . import models
     from .runtime import AdaDecoder
 
-    if not args.prompt or not args.prompt.strip():
+    if not args.prompt or not all(p.strip() for p in args.prompt):
         raise AdaDecodeError("--prompt is empty: give the text to continue")
     layers = _int_list(args.exit_layers, "--exit-layers")
     torch.manual_seed(0)
@@ -58,6 +58,29 @@ def _heads_and_config(args, model, layers, **config_fields):
     return heads, config
 
 
+def torch_ids(ids):
+    import torch
+
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _run_batch(args, decoder, tokenizer, texts, rows) -> int:
+    if args.stream:
+        raise AdaDecodeError("--stream prints one sequence; give one --prompt, or drop --stream for a batch")
+    result = decoder.generate(rows, max_new_tokens=args.max_new_tokens)
+    outs = [tokenizer.decode(new, skip_special_tokens=True) for new in result.new_tokens]
+    if args.json:
+        print(json.dumps({"model": args.exported or args.model, "prompts": texts, "prompt_ids": rows,
+                          "generated_ids": result.new_tokens, "texts": outs,
+                          "config": json.loads(decoder.config.to_json()), "stats": result.stats.to_dict()}))
+    else:
+        for text, out in zip(texts, outs):
+            print(text + out)
+            print("-" * 40)
+        print(f"[adadecode] batch of {len(rows)}: {result.stats.summary()}", file=sys.stderr)
+    return 0
+
+
 def _load_exported(args, layers):
     from pathlib import Path
 
@@ -82,10 +105,13 @@ def _load_exported(args, layers):
 def _run_generation(args, decoder, tokenizer) -> int:
     from .data import chat_prompt
 
-    text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise AdaDecodeError("the prompt tokenizes to nothing: give some text")
+    texts = [chat_prompt(tokenizer, p) if args.chat else p for p in args.prompt]
+    rows = [tokenizer(t).input_ids for t in texts]
+    if not all(rows):
+        raise AdaDecodeError("a prompt tokenizes to nothing: give some text")
+    if len(rows) > 1:
+        return _run_batch(args, decoder, tokenizer, texts, rows)
+    text, ids = texts[0], torch_ids(rows[0])
     if args.stream:
         if args.json:
             raise AdaDecodeError("--stream prints text as it is verified; it cannot be combined with --json")
@@ -230,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")
     g.add_argument("--backend", default="eager", choices=("eager", "inductor", "onnxruntime", "tensorrt"),
                    help="how segments run (inductor compiles for a minute or two first)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="the prompt; repeat it to decode a batch (rows are left-padded and decoded together)")
     g.add_argument("--exported", help="run from an `adadecode export --format onnx` directory with ONNX Runtime "
                                       "(no PyTorch weights; tokenizer from DIR/tokenizer, else from --model)")
     g.set_defaults(func=_generate)

@@ -25,7 +25,7 @@ def report():
     heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
     prompts = [{"id": "a", "input_ids": list(range(3, 15))}, {"id": "b", "input_ids": list(range(40, 49))}]
     cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit"),
-                      backends=("eager", "no_such_backend"), threshold=0.02, max_pending=3)
+                      backends=("eager", "no_such_backend"), threshold=0.02, max_pending=3, batch_sizes=(2,))
     return model, run_bench(model, heads, prompts, cfg, extra_methods=(corrupted(model),), progress=False,
                             log=lambda m: None)
 
@@ -62,6 +62,15 @@ def test_report_fields_and_parity(report, tmp_path):
     assert ob["oracle_speedup_bound"] >= 1.0 and ob["replayed"]["exit_layers"] == [1, 2]
     # rotated order per prompt
     assert rep["per_prompt"][0]["order"] != rep["per_prompt"][1]["order"]
+
+    # batched throughput: rows compared with their unbatched HF greedy output
+    batching = rep["batching"]
+    assert batching["batch_sizes"] == [1, 2] and set(batching["per_batch"]) == {"1", "2"}
+    for entry in batching["per_batch"].values():
+        assert set(entry) == {"hf_greedy", "adadecode_eager"}
+        assert entry["adadecode_eager"]["parity"] == 1.0 and entry["hf_greedy"]["parity"] == 1.0
+        assert entry["adadecode_eager"]["tok_s_median"] > 0 and "early_exit_rate" in entry["adadecode_eager"]
+    assert batching["per_batch"]["2"]["hf_greedy"]["rows"] == 2
 
     j, png = tmp_path / "r.json", tmp_path / "r.png"
     write(rep, j, png)

@@ -59,6 +59,20 @@ def test_generate_json_matches_hf_greedy(model_dir, capsys):
     assert set(stats["exit_histogram"]) <= {"1", "2", "4"}
 
 
+def test_repeated_prompt_decodes_a_batch(model_dir, capsys):
+    prompts = ["w5 w17 w3 w99 w42 w8", "w60 w61"]
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", prompts[0], "--prompt",
+                       prompts[1], "--json", "--exit-layers", "1,2", "--threshold", "0.01", "--max-new-tokens", "9")
+    assert rc == 0, err
+    data = json.loads(out)
+    model, _ = models.load(str(model_dir), dtype="fp64")
+    assert data["prompt_ids"] == [[5, 17, 3, 99, 42, 8], [60, 61]]
+    assert data["generated_ids"] == [hf_greedy(model, ids, 9) for ids in data["prompt_ids"]]
+    assert data["stats"]["batch_size"] == 2 and data["stats"]["new_tokens"] == 18
+    rc, out, err = run(capsys, "--model", str(model_dir), "--prompt", "w1", "--prompt", "w2", "--stream")
+    assert rc != 0 and "--stream" in err
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(model_dir, capsys, prompt):
     rc, out, err = run(capsys, "--model", str(model_dir), "--prompt", prompt)
