@@ -158,6 +158,7 @@ def _train_heads(args) -> int:
         generator, _ = models.load(args.model, dtype=gen_dtype)
     cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
                       batch_tokens=args.batch_tokens, data=args.data, record_ids=[r["id"] for r in records],
+                      loss_vocab=args.loss_vocab,
                       gen_dtype=gen_dtype)
     heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out, generator=generator)
     print(f"[adadecode] heads for layers {list(heads.layers)} written to {args.out} "
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
     t.add_argument("--batch-tokens", type=int, default=256)
+    t.add_argument("--loss-vocab", choices=("shortlist", "full"), default="shortlist",
+                   help="distil over the probe's shortlist (what it scores when decoding; fast) or the full vocabulary")
     t.add_argument("--dtype", default="float32")
     t.add_argument("--gen-dtype", default="float32",
                    help="dtype of the copy that writes the greedy continuations (fp32 batches well on CPU)")

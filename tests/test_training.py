@@ -1,4 +1,5 @@
 """A tiny self-distillation run lowers the KL and raises agreement on held-out tokens; it resumes."""
+import pytest
 import torch
 
 from adadecode_fx import ExitHeads
@@ -21,9 +22,10 @@ def _held_out_agreement(model, heads):
     return {l: r["agree"].float().mean().item() for l, r in res.items()}
 
 
-def test_training_lowers_kl_and_raises_agreement(tmp_path):
+@pytest.mark.parametrize("shortlist", [0, 64])  # 0: full-vocabulary loss; 64: the loss over the shortlist
+def test_training_lowers_kl_and_raises_agreement(tmp_path, shortlist):
     model = tiny_model("llama", seed=3, dtype=torch.float32)
-    cfg = TrainConfig(layers=(1, 2), epochs=4, lr=2e-2, gen_tokens=24, batch_tokens=64, shortlist=0)
+    cfg = TrainConfig(layers=(1, 2), epochs=4, lr=2e-2, gen_tokens=24, batch_tokens=64, shortlist=shortlist)
     heads = train_heads(model, None, _prompts(0, 24), cfg, tmp_path, progress=False)
     curve = [loss for _, loss in heads.metadata["loss_curve"]]
     assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3, curve
@@ -32,6 +34,8 @@ def test_training_lowers_kl_and_raises_agreement(tmp_path):
     assert all(after[l] > before[l] + 0.05 for l in (1, 2)), (before, after)
     loaded = ExitHeads.load(tmp_path, model)
     assert loaded.metadata["train"]["layers"] == [1, 2] and loaded.metadata["complete"]
+    assert (loaded.vocab is None) == (shortlist == 0)
+    assert ("shortlist" in loaded.metadata["method"]) == (shortlist > 0)
 
 
 def test_training_resumes_from_its_state(tmp_path):
