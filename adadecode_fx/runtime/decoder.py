@@ -308,10 +308,11 @@ class AdaDecoder:
         earliest wrong slot and give each row its final token there."""
         L, P = self.program.num_layers, run.prompt_len
         verdicts = {}
+        preds = logits.argmax(dim=-1).tolist() if run.sampler is None else None  # one call for all rows
         for b in run.active():
             row = run.rows[b]
-            if run.sampler is None:
-                verdicts[b] = verify_greedy(row, first, logits[b].argmax(dim=-1).tolist())
+            if preds is not None:
+                verdicts[b] = verify_greedy(row, first, preds[b])
             else:
                 pad = run.kv.pad[b]
                 probs = run.sampler.distributions(logits[b], row[pad:], first - pad)
