@@ -26,6 +26,7 @@ from ..errors import AdaDecodeError
 from ..heads import ExitHeads
 from ..lower import lower, warm_up
 from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
+from ..passes.row_exact_attention import prefill_block
 from .kv_state import KVState
 from .program import DecodeProgram
 from .prompts import prompt_batch
@@ -255,7 +256,8 @@ class AdaDecoder:
         for b, row in enumerate(run.rows):
             alone = _Run(rows=[row], n_verified=P, prompt_len=P, kv=run.kv.row(b), stats=run.stats,
                          sampler=run.sampler, drafts=[[]], ends=[None])
-            self._step(alone, P - 1, allow_exit=False, count=False)
+            with prefill_block():  # one attention call over the prompt, as plain decoding prefills
+                self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)
         run.origin.append(self.program.num_layers - 1)
         run.n_verified = P + 1

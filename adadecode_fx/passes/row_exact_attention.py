@@ -1,0 +1,108 @@
+"""row_exact_attention: make a block of decode rows attend exactly as each row would alone.
+
+Why: AdaDecode runs deferred rows through the deep layers in blocks of T > 1, while plain decoding runs
+each position alone (T = 1). In low precision the attention kernels round differently for a block than
+for one row (measured on CPU, torch 2.13, bf16: the SDPA output of a 3-row block differs from three
+1-row calls in the last bit), which flips near-ties and breaks token parity with plain greedy decoding
+(SmolLM2 bf16: 2 of 6 HumanEval prompts diverged). Linear layers, norms and element-wise ops are
+row-independent on that CPU (each output row is bit-identical whatever the block size), so attention
+is the one op to fix.
+
+Expects: the output of `deferred_batching` (layer segments labelled, K/V read at its exact length,
+i.e. ``kv_bucket=1``).
+Returns: the same module with every ``aten.scaled_dot_product_attention`` inside a layer segment
+replaced by ``adadecode::row_exact_sdpa``: for a block of T rows whose K/V ends at the block's last
+position, row ``i`` attends over exactly the keys it sees when decoded alone (the first ``S - T + i + 1``),
+one SDPA call per row. A prefill is the exception: plain decoding prefills the prompt as one block, so
+the runtime marks it (`prefill_block`) and the op then runs the single block call, like HF does.
+
+The op is opaque to dynamo (a custom op), so compiled segments call it as an extern kernel and decide
+at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.onnx_rewrite`).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import fx
+
+from .split_layers import segment_calls
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def prefill_block():
+    """Within this context, attention runs blocks as one call (a prompt's prefill)."""
+    old = getattr(_STATE, "prefill", False)
+    _STATE.prefill = True
+    try:
+        yield
+    finally:
+        _STATE.prefill = old
+
+
+def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@torch.library.custom_op("adadecode::row_exact_sdpa", mutates_args=())
+def row_exact_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> torch.Tensor:
+    T, S = q.shape[-2], k.shape[-2]
+    if T == 1 or getattr(_STATE, "prefill", False) or (attn_mask is None and not is_causal):
+        # contiguous: the fake kernel below promises that layout to compilers
+        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
+    rows = []
+    for i in range(T):
+        n = S - T + i + 1  # row i's position is the (n-1)-th slot: it sees keys [0, n) when alone
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask[..., i:i + 1, :n] if attn_mask.shape[-2] > 1 else attn_mask[..., :n]
+        rows.append(_sdpa(q[..., i:i + 1, :], k[..., :n, :], v[..., :n, :], mask, dropout_p, False, scale,
+                          enable_gqa))
+    return torch.cat(rows, dim=-2)
+
+
+@row_exact_sdpa.register_fake
+def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+ROW_EXACT = torch.ops.adadecode.row_exact_sdpa.default
+
+
+def _call_args(node: fx.Node) -> tuple:
+    names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal")
+    defaults = (None, 0.0, False)
+    args = list(node.args) + [node.kwargs.get(n, d) for n, d in zip(names[len(node.args):],
+                                                                   defaults[len(node.args) - 3:])]
+    return tuple(args[:6])
+
+
+def row_exact_attention(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+    for name in segment_calls(gm):
+        if not name.startswith("layer_"):
+            continue
+        sub = getattr(gm, name)
+        changed = False
+        for node in sub.graph.nodes:
+            if node.op == "call_function" and node.target is SDPA:
+                node.args = _call_args(node)
+                node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
+                node.target = ROW_EXACT
+                changed = True
+        if changed:
+            sub.recompile()
+    return gm
+
+
+def plain_attention(graph: fx.Graph) -> fx.Graph:
+    """Undo the rewrite in ``graph`` (for exporters that do not know the custom op)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is ROW_EXACT:
+            node.target = SDPA
+    return graph

@@ -1,0 +1,54 @@
+"""row_exact_attention: a block of decode rows attends exactly as each row alone."""
+import torch
+
+from adadecode_fx.passes import PassSettings, run_passes
+from adadecode_fx.passes.row_exact_attention import (
+    ROW_EXACT,
+    SDPA,
+    plain_attention,
+    prefill_block,
+    row_exact_sdpa,
+)
+from tests.conftest import captured
+
+
+def _inputs(T=4, S=37, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 6, T, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 6, S, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, T, S, dtype=torch.bool).tril(S - T)
+    mask[1, ..., :3] = False  # a left-padded row
+    return q, k, v, mask
+
+
+def test_rows_match_one_row_calls():
+    q, k, v, mask = _inputs()
+    T, S = q.shape[2], k.shape[2]
+    out = row_exact_sdpa(q, k, v, mask, scale=0.25)
+    for i in range(T):
+        n = S - T + i + 1
+        alone = SDPA(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], mask[..., i:i + 1, :n], scale=0.25)
+        assert torch.equal(out[:, :, i:i + 1], alone)
+
+
+def test_block_semantics_unchanged():
+    q, k, v, mask = _inputs(dtype=torch.float64)
+    torch.testing.assert_close(row_exact_sdpa(q, k, v, mask), SDPA(q, k, v, mask), rtol=1e-12, atol=1e-12)
+
+
+def test_prefill_runs_one_block_call():
+    q, k, v, mask = _inputs(T=9, S=9)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    with prefill_block():
+        out = row_exact_sdpa(q, k, v, mask)
+    assert torch.equal(out, SDPA(q, k, v, mask))
+
+
+def test_pass_rewrites_layer_attention_and_can_be_undone():
+    gm = run_passes(captured("llama"), PassSettings())
+    ops = [n for i in range(gm.meta["num_layers"]) for n in getattr(gm, f"layer_{i}").graph.nodes
+           if n.op == "call_function"]
+    assert sum(n.target is ROW_EXACT for n in ops) == gm.meta["num_layers"]
+    assert not any(n.target is SDPA for n in ops)
+    graph = plain_attention(gm.layer_0.graph)
+    assert any(n.target is SDPA for n in graph.nodes)
