@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
+from ..passes.block_linear import plain_linear
 from ..passes.row_exact_attention import plain_attention
 
 aten = torch.ops.aten
@@ -38,7 +39,7 @@ def copy_graph(sub: fx.GraphModule) -> tuple[fx.Graph, tuple]:
     graph = fx.Graph()
     env: dict = {}
     out = graph.graph_copy(sub.graph, env)
-    plain_attention(graph)  # ONNX has no adadecode::row_exact_sdpa; its engines run fp32 (see the pass)
+    plain_linear(plain_attention(graph))  # ONNX knows neither op; its engines run fp32 (see the passes)
     return graph, (tuple(out) if isinstance(out, (tuple, list)) else (out,))
 
 

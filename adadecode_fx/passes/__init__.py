@@ -14,13 +14,14 @@ from typing import Any
 
 from torch import fx
 
+from .block_linear import block_linear
 from .deferred_batching import deferred_batching
 from .explicit_kv import explicit_kv
 from .insert_exit_probes import ExitProbe, insert_exit_probes
 from .row_exact_attention import row_exact_attention
 from .split_layers import split_layers
 
-PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, insert_exit_probes)
+PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, block_linear, insert_exit_probes)
 
 
 @dataclass
@@ -38,4 +39,4 @@ def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.
 
 
 __all__ = ["PASSES", "PassSettings", "run_passes", "split_layers", "explicit_kv", "deferred_batching",
-           "row_exact_attention", "insert_exit_probes", "ExitProbe"]
+           "row_exact_attention", "block_linear", "insert_exit_probes", "ExitProbe"]

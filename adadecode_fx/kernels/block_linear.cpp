@@ -1,0 +1,137 @@
+// Block linear for bf16 on x86 AVX2: y = x @ w.T (+ b), each output rounded exactly as ATen's one-row
+// bf16 GEMV rounds it, but every weight row is read from memory once per block instead of once per row.
+//
+// Why: on CPUs where ATen runs bf16 linears as independent fp32-accumulated dot products (torch 2.13,
+// CPU capability AVX2), a block of T rows costs T times one row, so deferred rows are never free.
+// Here row m of the result is bit-identical to ATen's result for row m alone; the Python side checks
+// that against ATen at load time and falls back to ATen when it does not hold.
+//
+// ATen's reduction order (ReducedPrecisionFloatGemvFastPathKernel, AVX2: 8 float lanes), reproduced:
+//  - 8 accumulator registers; chunk c covers 64 elements, register r lanes l hold element 64c + 8r + l;
+//    acc[r] = fma(x, w, acc[r]) in order of c (products of bf16 values are exact in fp32, so the fused
+//    and unfused forms agree);
+//  - registers folded as acc[i] += acc[i + 4], acc[i] += acc[i + 2], acc[0] += acc[1];
+//  - lanes folded as b_i = a_i + a_(i+4), then (b0 + b2) + (b1 + b3);
+//  - y = round_to_nearest_even_bf16(beta_term + dot), with the bias as the beta term.
+// Only K % 64 == 0 is handled (no tail loop); callers fall back to ATen otherwise.
+#include <immintrin.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+inline __m256 bf16x8_to_f32(__m128i v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float lanes_sum(__m256 v) {
+  __m256 v1 = _mm256_permute2f128_ps(v, v, 0x1);
+  v = _mm256_add_ps(v, v1);
+  v1 = _mm256_shuffle_ps(v, v, 0x4E);
+  v = _mm256_add_ps(v, v1);
+  v1 = _mm256_shuffle_ps(v, v, 0xB1);
+  v = _mm256_add_ps(v, v1);
+  return _mm256_cvtss_f32(v);
+}
+
+// R rows against one weight row, in ATen's order, chunk by chunk: each weight element is loaded and
+// converted once for R rows. R = 2 measured best on a 2-core AVX2 EPYC (16 accumulators spill a little,
+// but a 2-row block then costs ~1.1x one row on Qwen2.5's MLP shapes; R = 1 costs 2x, see docs/kernels.md).
+#ifndef KROWS
+#define KROWS 2
+#endif
+constexpr int kRows = KROWS;
+
+template <int R>
+inline void dots_aten_order(const float* x, int64_t K, const uint16_t* w, float* out) {
+  __m256 acc[R][8];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < 8; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < K; j += 64) {
+    for (int k = 0; k < 4; ++k) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * k));
+      const __m256 w0 = bf16x8_to_f32(_mm256_castsi256_si128(wv));
+      const __m256 w1 = bf16x8_to_f32(_mm256_extracti128_si256(wv, 1));
+      for (int i = 0; i < R; ++i) {
+        acc[i][2 * k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + j + 16 * k), w0, acc[i][2 * k]);
+        acc[i][2 * k + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + j + 16 * k + 8), w1, acc[i][2 * k + 1]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    __m256* a = acc[i];
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_add_ps(a[r], a[r + 4]);
+    for (int r = 0; r < 2; ++r) a[r] = _mm256_add_ps(a[r], a[r + 2]);
+    out[i] = lanes_sum(_mm256_add_ps(a[0], a[1]));
+  }
+}
+
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous [N, K] matrix");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(x.size(-1) == K && K % 64 == 0, "K must match and be a multiple of 64");
+  if (x.numel() == K) return at::linear(x, w, b);  // one row: ATen's own GEMV is the reference, and as fast
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty({M, N}, x.options());
+  auto xf = x2.to(at::kFloat);  // exact; converted once instead of once per weight row
+  const float* xp = xf.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  at::Tensor bc;
+  const uint16_t* bp = nullptr;
+  if (b.has_value() && b->defined()) {
+    TORCH_CHECK(b->scalar_type() == at::kBFloat16 && b->numel() == N, "bias must be bf16 [N]");
+    bc = b->contiguous();
+    bp = reinterpret_cast<const uint16_t*>(bc.data_ptr<at::BFloat16>());
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float d[kRows];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint16_t* wn = wp + n * K;
+      const float bias = bp ? from_bf16(bp[n]) : 0.0f;
+      for (int64_t m = 0; m < M; m += kRows) {
+        const int64_t rows = std::min<int64_t>(kRows, M - m);
+        const float* xm = xp + m * K;
+        if (rows == kRows) {
+          dots_aten_order<kRows>(xm, K, wn, d);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) dots_aten_order<1>(xm + i * K, K, wn, d + i);
+        }
+        for (int64_t i = 0; i < rows; ++i) yp[(m + i) * N + n] = to_bf16(bp ? bias + d[i] : d[i]);
+      }
+    }
+  });
+  return y.view(sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adadecode_kernels, m) {
+  m.def("block_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adadecode_kernels, CPU, m) {
+  m.impl("block_linear", &block_linear);
+}

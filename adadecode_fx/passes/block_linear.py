@@ -1,0 +1,70 @@
+"""block_linear: run the bf16 linears of layers and epilogue with a kernel whose blocks are cheap and exact.
+
+Why: AdaDecode's deferred rows are supposed to ride along with the next token almost for free (a block
+of a few rows costs what one row costs on memory-bound hardware). On CPU, torch 2.13 runs bf16 linears
+as one fp32-accumulated dot product per (row, output): a block of T rows costs T times one row
+(measured, Qwen2.5 4864x896 projection: 0.57 ms per row for M = 1..128), so deferring saves nothing.
+`adadecode_fx.kernels` has a kernel that computes each output in exactly ATen's order (bit-identical
+rows, so parity with plain decoding holds) while reading each weight row once per block and converting
+it once for up to four rows.
+
+Expects: the output of `deferred_batching`.
+Returns: the same module where every ``aten.linear`` in a layer segment or the epilogue whose weight is a
+bf16 ``[N, K]`` matrix with ``K % 64 == 0`` calls ``adadecode_kernels::block_linear`` instead, when the
+kernel built and passed its self-check on this machine. ``gm.meta["block_linear"]`` records what
+happened (count of rewritten linears, or why none were).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .split_layers import segment_calls
+
+LINEAR = torch.ops.aten.linear.default
+
+
+def _weight(sub: fx.GraphModule, node: fx.Node):
+    w = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    obj = sub
+    for part in w.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _eligible(sub: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not LINEAR:
+        return False
+    w = _weight(sub, node)
+    return (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+            and w.dim() == 2 and w.shape[1] % 64 == 0 and w.is_contiguous())
+
+
+def block_linear(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+    segments = [name for name in segment_calls(gm) if name.startswith("layer_") or name == "epilogue"]
+    nodes = [(getattr(gm, s), n) for s in segments for n in getattr(gm, s).graph.nodes if _eligible(getattr(gm, s), n)]
+    if not nodes:
+        gm.meta["block_linear"] = "no bf16 CPU linears"
+        return gm
+    from ..kernels import block_linear_op, block_linear_status
+    op = block_linear_op()
+    if op is None:
+        gm.meta["block_linear"] = f"kept ATen: {block_linear_status()}"
+        return gm
+    for sub, node in nodes:
+        node.target = op
+        node.args = (node.args + (None,))[:3]
+    for sub in {id(s): s for s, _ in nodes}.values():
+        sub.recompile()
+    gm.meta["block_linear"] = f"{len(nodes)} linears"
+    return gm
+
+
+def plain_linear(graph: fx.Graph) -> fx.Graph:
+    """Undo the rewrite in ``graph`` (for exporters that do not know the op)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("adadecode_kernels.block_linear"):
+            node.target = LINEAR
+    return graph
