@@ -127,23 +127,44 @@ def capture(model) -> torch.fx.GraphModule:
     model.eval()
     shapes = kv_shapes(model)
     args = example_inputs(model, shapes)
-    B = torch.export.Dim("B", min=1, max=1 << 10)
-    T = torch.export.Dim("T", min=1, max=1 << 16)
-    S = torch.export.Dim("S", min=2, max=1 << 17)
-    dyn = ({0: B, 1: T}, {0: B, 1: T}, {0: T}, {0: B, 1: S}, [({0: B, 2: S}, {0: B, 2: S}) for _ in shapes])
     wrapper = _ExplicitKVWrapper(model)
     try:
-        ep = torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
-    except Exception as e:  # export errors are long; keep the cause, say what it means
-        raise UnsupportedModelError(
-            f"could not capture {type(model).__name__} with torch.export ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); this architecture is not supported yet") from e
+        ep = _export(wrapper, args, _named_dims(len(shapes)))
+    except Exception as first:  # noqa: BLE001
+        if args[0].device.type == "cpu":
+            raise _capture_error(model, first) from first
+        # torch 2.11 on CUDA cannot prove its own symbolic-stride guards (Min(8*S, 16*S) == 8*S) for
+        # a ranged K/V width; an unranged one accepts them. CPU keeps the ranged, checked form.
+        try:
+            ep = _export(wrapper, args, _named_dims(len(shapes), s_unranged=True))
+        except Exception as e:  # noqa: BLE001
+            raise _capture_error(model, e) from e
     gm = _unlift(ep, wrapper)
     gm.meta["num_layers"] = len(shapes)
     gm.meta["vocab_size"] = model.get_output_embeddings().weight.shape[0]
     gm.meta["kv_shapes"] = shapes
     gm.meta["model_class"] = type(model).__name__
     return gm
+
+
+def _named_dims(n_layers: int, s_unranged: bool = False):
+    """B and T are shared Dim objects, so every input that carries them gets the same symbol (the passes
+    find positional inputs by that symbol). ``s_unranged``: the K/V width as ``Dim.DYNAMIC``."""
+    B = torch.export.Dim("B", min=1, max=1 << 10)
+    T = torch.export.Dim("T", min=1, max=1 << 16)
+    S = torch.export.Dim.DYNAMIC if s_unranged else torch.export.Dim("S", min=2, max=1 << 17)
+    return ({0: B, 1: T}, {0: B, 1: T}, {0: T}, {0: B, 1: S}, [({0: B, 2: S}, {0: B, 2: S}) for _ in range(n_layers)])
+
+
+def _export(wrapper, args, dyn):
+    return torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
+
+
+def _capture_error(model, e: Exception) -> UnsupportedModelError:
+    """export errors are long; keep the cause, say what it means."""
+    return UnsupportedModelError(
+        f"could not capture {type(model).__name__} with torch.export ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); this architecture is not supported yet")
 
 
 def _unlift(ep, wrapper) -> torch.fx.GraphModule:

@@ -246,7 +246,9 @@ def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: tor
     result = {}
     target = final_argmax(program, final, chunk)
     for l in heads.layers:
-        probe = ExitProbe(heads.weight(l).to(hidden[l].dtype), head, heads.vocab)
+        dev = hidden[l].device
+        vocab = None if heads.vocab is None else heads.vocab.to(dev)
+        probe = ExitProbe(heads.weight(l).to(device=dev, dtype=hidden[l].dtype), head, vocab)
         toks, confs = zip(*(probe(hidden[l][i:i + chunk][None]) for i in range(0, len(final), chunk)))
         tok = torch.cat([t[0] for t in toks])
         result[l] = {"token": tok, "conf": torch.cat([c[0] for c in confs]), "agree": tok == target}

@@ -91,10 +91,13 @@ def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     epilogue = gm.epilogue
     if len([n for n in epilogue.graph.nodes if n.op == "placeholder"]) != 1:
         raise UnsupportedModelError("the epilogue takes more than the final hidden state; cannot reuse it as a probe head")
-    dtype = next(iter(t for t in epilogue.parameters()), None)
-    dtype = dtype.dtype if dtype is not None else torch.float32
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
     vocab = getattr(heads, "vocab", None)
+    param = next(iter(epilogue.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    if vocab is not None:
+        vocab = vocab.to(device)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
     probe_head = epilogue
     if vocab is not None and getattr(settings, "shortlist", True):
         probe_head = shortlist_epilogue(epilogue, vocab, gm.meta["vocab_size"])
@@ -103,7 +106,7 @@ def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
         call = calls[f"layer_{layer}"]
         residual = next(u for u in call.users if u.target is operator.getitem and u.args[1] == 0)
         name = f"exit_probe_{layer}"
-        gm.add_module(name, ExitProbe(heads.weight(layer).to(dtype), probe_head, vocab))
+        gm.add_module(name, ExitProbe(heads.weight(layer).to(device=device, dtype=dtype), probe_head, vocab))
         with gm.graph.inserting_after(residual):
             last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (residual, 1, -1))
         with gm.graph.inserting_after(last):

@@ -1,0 +1,44 @@
+"""The CUDA path (skips without a GPU): greedy parity on the device, eager and inductor segments."""
+import pytest
+import torch
+
+from tests.conftest import FAMILIES, decoder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_model(family, dtype):
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model.to("cuda")
+
+
+def _greedy(model, prompt, n):
+    ids = torch.tensor([prompt], device="cuda")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "gemma2"])
+def test_cuda_greedy_parity_many_exits(family):
+    model = _cuda_model(family, torch.float32)
+    dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
+    for plen in (3, 20):
+        prompt = list(range(5, 5 + plen))
+        out = dec.generate(prompt, max_new_tokens=30)
+        assert out.new_tokens == _greedy(model, prompt, 30)
+    assert out.stats.early_emitted > 0
+
+
+def test_cuda_inductor_parity():
+    from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+    model = _cuda_model("llama", torch.float32)
+    heads = ExitHeads.random(model, [1, 3], scale=0.5, seed=1)
+    dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.05, backend="inductor"))
+    prompt = list(range(7, 30))
+    assert dec.generate(prompt, max_new_tokens=30).new_tokens == _greedy(model, prompt, 30)
