@@ -6,7 +6,7 @@ as one fp32-accumulated dot product per (row, output): a block of T rows costs T
 (measured, Qwen2.5 4864x896 projection: 0.57 ms per row for M = 1..128), so deferring saves nothing.
 `adadecode_fx.kernels` has a kernel that computes each output in exactly ATen's order (bit-identical
 rows, so parity with plain decoding holds) while reading each weight row once per block and converting
-it once for up to four rows.
+it once for two rows at a time (see docs/kernels.md).
 
 Expects: the output of `deferred_batching`.
 Returns: the same module where every ``aten.linear`` in a layer segment or the epilogue whose weight is a
