@@ -4,7 +4,7 @@ A lowering swaps the program's segment callables (``prologue_fn``, ``layer_fns[i
 ``probe_fns[l]``) for compiled ones with the *same call signature*, so the decode loop never knows
 which backend runs. Every lowering has the signature ``(program, config) -> program``.
 
-- ``eager``: the FX segments as they are.
+- ``eager``: `adadecode_fx.lower.eager` (the FX segments, custom ops called as plain functions).
 - ``inductor``: `adadecode_fx.lower.inductor` (torch.compile per segment, shared across identical layers).
 - ``onnxruntime``: `adadecode_fx.lower.onnxrt` (segments exported to ONNX, run by ORT sessions).
 - ``tensorrt``: `adadecode_fx.lower.tensorrt` (torch-tensorrt; needs CUDA).
@@ -20,7 +20,8 @@ def lower(program, config):
     """Lower ``program`` for ``config.backend``; returns the (possibly new) program."""
     backend = config.backend
     if backend == "eager":
-        return program
+        from .eager import lower_eager
+        return lower_eager(program, config)
     if backend == "inductor":
         from .inductor import lower_inductor
         return lower_inductor(program, config)

@@ -14,10 +14,10 @@ segments write them in place through the views they are given.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx
+
+from .eager import private_copy
 
 
 def structure_key(gm: fx.GraphModule) -> tuple:
@@ -109,15 +109,6 @@ class _SharedProbe(torch.nn.Module):
         return ExitProbe.apply(self.head, self.vocab, adapter, hidden)
 
 
-def _private(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of a segment that only we hold. Segments are shared between decoders of one model, and
-    every new decoder's ``recompile()`` regenerates their code, which would invalidate what dynamo
-    compiled for them here."""
-    copy_ = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    copy_.meta.update(gm.meta)
-    return copy_
-
-
 def _compile(fn, config):
     options = {}
     if str(config.dtype) in ("bfloat16", "float16"):
@@ -143,13 +134,13 @@ def lower_with(program, config, compile_fn, name: str):
         kv = [j for j, item in enumerate(program.layer_recipes[i]) if item[0] == "kv"]
         program.layer_fns[i] = _Compiled(templates[key], [_fetch(layer, t) for t in targets], kv)
     kv = [j for j, arg in enumerate(program.prologue_args) if arg.startswith("kv_")]
-    program.prologue_fn = _Compiled(compile_fn(_private(program.prologue_fn), config), keep=kv)
-    program.epilogue_fn = _Compiled(compile_fn(_private(program.epilogue_fn), config))
+    program.prologue_fn = _Compiled(compile_fn(private_copy(program.prologue_fn), config), keep=kv)
+    program.epilogue_fn = _Compiled(compile_fn(private_copy(program.epilogue_fn), config))
     probes = {}
     for layer, probe in program.probe_fns.items():
         key = (id(probe.epilogue), id(probe.vocab))
         if key not in probes:  # exit layers share the probe head and differ only in their adapter
-            probes[key] = compile_fn(_SharedProbe(_private(probe.epilogue), probe.vocab), config)
+            probes[key] = compile_fn(_SharedProbe(private_copy(probe.epilogue), probe.vocab), config)
         program.probe_fns[layer] = _Compiled(probes[key], [probe.adapter])
     program.backend = name
     program.compiled_templates = len(templates) + len(probes) + 2
