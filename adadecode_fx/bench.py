@@ -21,6 +21,8 @@ suppress EOS logits in HF only, so it is *not* used). Instruct models therefore 
 new tokens / wall time of the whole ``generate`` call (prefill included), the same clock for all.
 
 Parity: a method is identical on a prompt when its new token ids equal ``hf_greedy``'s, id for id.
+Where they differ, both are run once more, untimed (``recheck``), so a report says whether the
+divergence is reproducible in that process or came from state that changed between runs.
 
 Code: this module runs the benchmark (`run_bench`: builds the methods, warms them up, interleaves them,
 compares token ids) and holds the command line shared by ``adadecode bench`` and
@@ -58,6 +60,7 @@ class BenchConfig:
     oracle: bool = True
     mem_interval_s: float = 0.005
     batch_sizes: tuple[int, ...] = ()          # also measure batched throughput (`adadecode_fx.bench_batch`)
+    recheck_divergence: bool = True            # rerun (untimed) a method and the reference where they differ
 
 
 def resolve_heads_settings(heads, cfg: BenchConfig) -> tuple[tuple[int, ...], float]:
@@ -159,6 +162,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
             bar.update(1)
         ref = runs["hf_greedy"]["tokens"]
+        m_by_name = {m.name: m for m in methods}
         eos = _eos_ids(model)
         row = {"id": p["id"], "prompt_tokens": int(ids.shape[1]), "prompt_ids": list(p["input_ids"]),
                "order": [m.name for m in order],
@@ -171,6 +175,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                      "identical": first_diff is None, "first_diff": first_diff, "peak_mem_mb": r["peak_mem_mb"]}
             if first_diff is not None:
                 entry["ids"] = r["tokens"]
+                if cfg.recheck_divergence:
+                    entry["recheck"] = _recheck(m_by_name[name], ids, ref, r["tokens"], m_by_name["hf_greedy"])
             if r["stats"] is not None:
                 s = r["stats"]
                 entry["stats"] = {k: s[k] for k in ("early_emitted", "accepted", "rejected", "steps",
@@ -199,6 +205,15 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                                         "disabled (eos_token_id=None) everywhere, no logits processors"},
             "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
             "oracle_bound": oracle, "per_prompt": per_prompt, "batching": batching}
+
+
+def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method) -> dict:
+    """A divergence seen once, replayed untimed in the same process: is the method (and the reference)
+    deterministic here? ``method_repeats`` false means the first run was not reproducible in place."""
+    again, _ = method.run(ids)
+    ref_again, _ = reference.run(ids)
+    return {"method_repeats": again == tokens, "reference_repeats": ref_again == ref,
+            "first_diff_again": _first_diff(ref_again, again)}
 
 
 def _compiles(name: str) -> bool:
@@ -267,6 +282,8 @@ def add_arguments(p) -> None:
                                                       "(e.g. 1,4,8; each at most --n) against HF greedy")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle bound")
+    p.add_argument("--no-recheck", action="store_true",
+                   help="do not rerun a method (and the reference) where its tokens differ from hf_greedy's")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a PNG here (speed-up bars + exit-layer histogram)")
@@ -299,6 +316,7 @@ def main(args, argv=None) -> int:
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, methods=names(args.methods), backends=names(args.backends),
                       threshold=args.threshold, exit_layers=exit_layers, max_pending=args.max_pending,
                       early_exit_layers=args.early_exit_layers, warmup=not args.no_warmup, oracle=not args.no_oracle,
+                      recheck_divergence=not args.no_recheck,
                       batch_sizes=_ints(args.batch_sizes, "--batch-sizes"))
     machine = machine_info(device)
     started = time.time()

@@ -47,6 +47,8 @@ def test_report_fields_and_parity(report, tmp_path):
     assert pm["corrupted_greedy"]["parity"] == 0.0  # parity compares ids, so it can fail
     row = rep["per_prompt"][0]["methods"]["corrupted_greedy"]
     assert row["identical"] is False and row["first_diff"] == T - 1
+    assert row["recheck"] == {"method_repeats": True, "reference_repeats": True, "first_diff_again": T - 1}
+    assert "recheck" not in rep["per_prompt"][0]["methods"]["adadecode_eager"]  # identical: nothing to recheck
     # fp64 tiny model: AdaDecode and the HF baselines are exact greedy
     for name in ("adadecode_eager", "hf_prompt_lookup", "hf_early_exit"):
         assert pm[name]["parity"] == 1.0, name
