@@ -40,10 +40,7 @@ inline float lanes_sum(__m256 v) {
 // R rows against one weight row, in ATen's order, chunk by chunk: each weight element is loaded and
 // converted once for R rows. R = 2 measured best on a 2-core AVX2 EPYC (16 accumulators spill a little,
 // but a 2-row block then costs ~1.1x one row on Qwen2.5's MLP shapes; R = 1 costs 2x, see docs/kernels.md).
-#ifndef KROWS
-#define KROWS 2
-#endif
-constexpr int kRows = KROWS;
+constexpr int kRows = 2;
 
 template <int R>
 inline void dots_aten_order(const float* x, int64_t K, const uint16_t* w, float* out) {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..passes.split_layers import fetch_attr
 from .eager import private_copy
 
 
@@ -30,7 +31,7 @@ def structure_key(gm: fx.GraphModule) -> tuple:
         index[node] = i
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("%", index[n]))
         if node.op == "get_attr":
-            t = _fetch(gm, node.target)
+            t = fetch_attr(gm, node.target)
             target = ("weight", tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else ("attr", repr(t))
         elif node.op == "placeholder":
             target = "input"
@@ -40,19 +41,12 @@ def structure_key(gm: fx.GraphModule) -> tuple:
     return tuple(items)
 
 
-def _fetch(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def weights_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of ``gm`` whose tensor attributes are leading placeholders; returns it and their targets
     in placeholder order."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    attrs = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(_fetch(gm, n.target), torch.Tensor)]
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.Tensor)]
     for k, node in enumerate(attrs):
         env[node] = graph.placeholder(f"w{k}")
         env[node].meta = dict(node.meta)
@@ -132,7 +126,7 @@ def lower_with(program, config, compile_fn, name: str):
         if key not in templates:
             templates[key] = compile_fn(template, config)
         kv = [j for j, item in enumerate(program.layer_recipes[i]) if item[0] == "kv"]
-        program.layer_fns[i] = _Compiled(templates[key], [_fetch(layer, t) for t in targets], kv)
+        program.layer_fns[i] = _Compiled(templates[key], [fetch_attr(layer, t) for t in targets], kv)
     kv = [j for j, arg in enumerate(program.prologue_args) if arg.startswith("kv_")]
     program.prologue_fn = _Compiled(compile_fn(private_copy(program.prologue_fn), config), keep=kv)
     program.epilogue_fn = _Compiled(compile_fn(private_copy(program.epilogue_fn), config))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .split_layers import segment_calls
+from .split_layers import fetch_attr, segment_calls
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -28,10 +28,7 @@ def _weight(sub: fx.GraphModule, node: fx.Node):
     w = node.args[1] if len(node.args) > 1 else None
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return None
-    obj = sub
-    for part in w.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return fetch_attr(sub, w.target)
 
 
 def _eligible(sub: fx.GraphModule, node: fx.Node) -> bool:

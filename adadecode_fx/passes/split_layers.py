@@ -128,7 +128,7 @@ def split_layers(gm: fx.GraphModule, config=None) -> fx.GraphModule:
             if n in env:
                 return env[n]
             if n.op == "get_attr":
-                value = _fetch(gm, n.target)
+                value = fetch_attr(gm, n.target)
                 if isinstance(value, nn.Parameter):
                     sub_root.register_parameter(n.target, value)
                 elif isinstance(value, torch.Tensor):
@@ -170,11 +170,9 @@ def split_layers(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     return result
 
 
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def fetch_attr(module, target: str):
+    """The object a ``get_attr`` node's dotted ``target`` names on ``module``."""
+    return operator.attrgetter(target)(module)
 
 
 def segment_calls(gm: fx.GraphModule) -> dict[str, fx.Node]:
