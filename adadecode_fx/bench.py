@@ -151,6 +151,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                         m.info["note"] = "HF did not compile the forward (static cache only)"
 
     names = [m.name for m in methods]
+    by_name = {m.name: m for m in methods}
     per_prompt = []
     bar = _progress(len(prompts) * len(methods), progress)
     for i, (p, ids) in enumerate(zip(prompts, inputs)):
@@ -162,7 +163,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
             bar.update(1)
         ref = runs["hf_greedy"]["tokens"]
-        m_by_name = {m.name: m for m in methods}
+        ref_again = []  # the reference's untimed rerun, made once per prompt and only on a divergence
         eos = _eos_ids(model)
         row = {"id": p["id"], "prompt_tokens": int(ids.shape[1]), "prompt_ids": list(p["input_ids"]),
                "order": [m.name for m in order],
@@ -176,7 +177,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             if first_diff is not None:
                 entry["ids"] = r["tokens"]
                 if cfg.recheck_divergence:
-                    entry["recheck"] = _recheck(m_by_name[name], ids, ref, r["tokens"], m_by_name["hf_greedy"])
+                    entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name["hf_greedy"], ref_again)
             if r["stats"] is not None:
                 s = r["stats"]
                 entry["stats"] = {k: s[k] for k in ("early_emitted", "accepted", "rejected", "steps",
@@ -207,11 +208,13 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             "oracle_bound": oracle, "per_prompt": per_prompt, "batching": batching}
 
 
-def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method) -> dict:
+def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method, ref_again: list) -> dict:
     """A divergence seen once, replayed untimed in the same process: is the method (and the reference)
-    deterministic here? ``method_repeats`` false means the first run was not reproducible in place."""
+    deterministic here? ``method_repeats`` false means the first run was not reproducible in place.
+    ``ref_again`` holds the reference's rerun for this prompt once made (shared by its divergences)."""
     again, _ = method.run(ids)
-    ref_again, _ = reference.run(ids)
+    if not ref_again:
+        ref_again.extend(reference.run(ids)[0])
     return {"method_repeats": again == tokens, "reference_repeats": ref_again == ref,
             "first_diff_again": _first_diff(ref_again, again)}
 

@@ -8,8 +8,8 @@ from adadecode_fx.runtime import DecodeProgram
 from tests.conftest import tiny_model
 
 
-def _targets(fn) -> list:
-    return [n.target for n in fn.graph.nodes if n.op == "call_function"]
+def _targets(graph) -> list:
+    return [n.target for n in graph.nodes if n.op == "call_function"]
 
 
 def test_eager_layers_skip_the_custom_op_and_leave_shared_segments_alone():
@@ -17,10 +17,10 @@ def test_eager_layers_skip_the_custom_op_and_leave_shared_segments_alone():
     heads = ExitHeads.random(model, (1, 3), seed=0)
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.02, max_pending=3))
     for i, fn in enumerate(dec.program.layer_fns):
-        assert row_exact in _targets(fn) and ROW_EXACT not in _targets(fn), i
-        assert ROW_EXACT in _targets(getattr(dec.gm, f"layer_{i}")), i  # what other lowerings start from
+        assert row_exact in _targets(fn.graph) and ROW_EXACT not in _targets(fn.graph), i
+        assert ROW_EXACT in _targets(getattr(dec.gm, f"layer_{i}").graph), i  # what other lowerings start from
     # an exporter that maps the op back to SDPA also maps the plain body back
-    assert SDPA in _targets(type("G", (), {"graph": plain_attention(dec.program.layer_fns[0].graph)}))
+    assert SDPA in _targets(plain_attention(dec.program.layer_fns[0].graph))
 
 
 def test_eager_lowering_changes_no_token():
