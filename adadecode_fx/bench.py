@@ -14,8 +14,9 @@ hits all of them alike):
   backend whose construction raises `AdaDecodeError`/ImportError is skipped with the reason recorded.
 
 Honest length: every method generates exactly ``max_new_tokens`` tokens of pure greedy argmax. End of
-sequence is disabled the same way for all of them (HF: ``eos_token_id=None`` in the generation config;
-AdaDecode: ``eos_token_id=None``); no logits processor changes any argmax (``min_new_tokens`` would
+sequence is disabled the same way for all of them (HF: an empty ``eos_token_id`` list in the generation
+config, because ``None`` falls back to the model's own EOS in transformers 5; AdaDecode:
+``eos_token_id=None``); no logits processor changes any argmax (``min_new_tokens`` would
 suppress EOS logits in HF only, so it is *not* used). Instruct models therefore keep decoding past
 ``<|im_end|>``; the reference's first EOS position is recorded per prompt (``eos_at``). tok/s is
 new tokens / wall time of the whole ``generate`` call (prefill included), the same clock for all.
@@ -162,6 +163,9 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             bar.set_description(f"{p['id']} {m.name}"[-48:])
             runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
             bar.update(1)
+        for name, r in runs.items():
+            if r["new_tokens"] != T:  # would make every other method look divergent (or this one)
+                log(f"{p['id']} {name}: {r['new_tokens']} new tokens, not {T}: the honest-length scheme failed")
         ref = runs["hf_greedy"]["tokens"]
         ref_again = []  # the reference's untimed rerun, made once per prompt and only on a divergence
         eos = _eos_ids(model)
@@ -203,7 +207,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     return {"config": {**asdict(cfg), "exit_layers": list(layers), "threshold": threshold, "num_layers": L,
                        "dtype": str(model.dtype).replace("torch.", ""), "device": device,
                        "length_scheme": "exactly max_new_tokens greedy tokens for every method; EOS stopping "
-                                        "disabled (eos_token_id=None) everywhere, no logits processors"},
+                                        "disabled everywhere (HF: eos_token_id=[], AdaDecode: None), no logits "
+                                        "processors"},
             "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
             "oracle_bound": oracle, "per_prompt": per_prompt, "batching": batching}
 

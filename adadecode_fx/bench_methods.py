@@ -33,7 +33,7 @@ def _gen_config(model, max_new_tokens: int, **extra):
     gc.num_beams = 1
     gc.max_new_tokens = max_new_tokens
     gc.min_new_tokens = None
-    gc.eos_token_id = None  # honest length: nobody stops at EOS (see `adadecode_fx.bench`)
+    gc.eos_token_id = []  # honest length: nobody stops at EOS (None would fall back to the model's EOS)
     if gc.pad_token_id is None:
         gc.pad_token_id = 0
     for k in ("temperature", "top_p", "top_k"):

@@ -87,3 +87,23 @@ def test_cli_bench_parser():
     args = cli.build_parser().parse_args(["bench", "--model", "x", "--task", "gsm8k", "--n", "3",
                                           "--backends", "eager", "--json", "o.json", "--plot", "o.png"])
     assert args.func.__name__ == "_bench" and args.backends == "eager" and args.n == 3
+
+
+def test_honest_length_past_the_models_eos():
+    """A model whose own EOS comes up early still decodes exactly T tokens in every method: transformers 5
+    fills a ``None`` eos_token_id from the model's generation config, so the bench must disable it
+    explicitly (a short reference made every AdaDecode run look divergent one token past EOS)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model("llama"))
+    prompt = list(range(3, 15))
+    free = hf_greedy(model, prompt, T)
+    model.generation_config.eos_token_id = free[2]
+    heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit"),
+                      backends=("eager",), threshold=0.02, max_pending=3, oracle=False)
+    rep = run_bench(model, heads, [{"id": "a", "input_ids": prompt}], cfg, progress=False, log=lambda m: None)
+    row = rep["per_prompt"][0]
+    assert row["reference_ids"] == free and row["eos_at"] == 2
+    for name, entry in row["methods"].items():
+        assert entry["new_tokens"] == T and entry["identical"], name
