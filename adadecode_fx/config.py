@@ -30,7 +30,9 @@ class AdaDecodeConfig:
     threshold: gamma; a probe whose max probability is >= threshold emits its token early. In (0, 1].
     max_pending: at most this many early tokens wait for verification; when full, the token runs full depth.
     dtype: compute dtype of the model and heads.
-    backend: how segments are executed. Only "eager" exists so far.
+    backend: how segments are executed: "eager" (the default; token-exact with HF greedy in bf16 too),
+        "inductor" (torch.compile; token-equal in our fp32/fp64 tests, but its fused bf16 code rounds
+        differently from eager ATen, so bf16 output can part from HF's), "onnxruntime", "tensorrt".
     kv_bucket: attention reads the KV buffers in slices rounded up to this many positions, so that
         shapes repeat for compiled segments. 1 (exact length) by default: in bf16 a padded, masked
         attention rounds differently from HF's and can flip a near-tie (seen on SmolLM2, HumanEval/10).
