@@ -1,4 +1,5 @@
 """`adadecode bench` on a tiny random Llama: report fields, parity computed from token ids, the PNG."""
+import copy
 import json
 
 import pytest
@@ -93,8 +94,6 @@ def test_honest_length_past_the_models_eos():
     """A model whose own EOS comes up early still decodes exactly T tokens in every method: transformers 5
     fills a ``None`` eos_token_id from the model's generation config, so the bench must disable it
     explicitly (a short reference made every AdaDecode run look divergent one token past EOS)."""
-    import copy
-
     model = copy.deepcopy(tiny_model("llama"))
     prompt = list(range(3, 15))
     free = hf_greedy(model, prompt, T)

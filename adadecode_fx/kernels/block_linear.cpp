@@ -38,8 +38,9 @@ inline float lanes_sum(__m256 v) {
 }
 
 // R rows against one weight row, in ATen's order, chunk by chunk: each weight element is loaded and
-// converted once for R rows. R = 2 measured best on a 2-core AVX2 EPYC (16 accumulators spill a little,
-// but a 2-row block then costs ~1.1x one row on Qwen2.5's MLP shapes; R = 1 costs 2x, see docs/kernels.md).
+// converted once for R rows. R = 2 measured best on a 2-core AVX2 EPYC (16 accumulators spill a little).
+// A 2-row block costs ~1.1x one row on a cache-resident Qwen2.5 MLP matrix but ~1.45x with weights from
+// DRAM (a whole decode step; ATen's 2 rows ~1.5x): see docs/kernels.md.
 constexpr int kRows = 2;
 
 template <int R>
