@@ -26,8 +26,10 @@ def _build():
         return None, f"ATen runs with CPU capability {torch.backends.cpu.get_cpu_capability()}, not AVX2"
     try:
         from torch.utils.cpp_extension import load
+        # -fopenmp: ATen's parallel_for is a header-inlined `#pragma omp parallel`; without it the kernel
+        # runs on one thread (the OpenMP runtime itself is torch's, already loaded)
         load(name="adadecode_block_linear", sources=[str(Path(__file__).with_name("block_linear.cpp"))],
-             extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001  (no compiler, no ninja, headers missing...: keep ATen)
         return None, f"building the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     op = torch.ops.adadecode_kernels.block_linear.default
@@ -42,10 +44,10 @@ def _fake(x, w, b=None):
 
 def _self_check(op) -> str | None:
     gen = torch.Generator().manual_seed(0)
-    for n, k, bias in ((96, 128, True), (200, 192, False), (64, 896, True)):
+    for n, k, bias, m in ((96, 128, True, 7), (200, 192, False, 7), (64, 896, True, 7), (300, 896, True, 1)):
         w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
         b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias else None
-        x = torch.randn(1, 7, k, generator=gen).bfloat16()
+        x = torch.randn(1, m, k, generator=gen).bfloat16()
         rows = torch.cat([F.linear(x[:, i:i + 1], w, b) for i in range(x.shape[1])], dim=1)
         if not torch.equal(op(x, w, b), rows):
             return f"block_linear disagrees with ATen's bf16 linear (shape {n}x{k}): ATen's order changed"
@@ -58,6 +60,11 @@ def block_linear_op():
         if "op" not in _STATE:
             _STATE["op"], _STATE["status"] = _build()
         return _STATE["op"]
+
+
+def kernel_threads() -> int:
+    """Threads one of our kernels' parallel loops really runs on (0 when the kernel is unavailable)."""
+    return int(torch.ops.adadecode_kernels.parallel_threads()) if block_linear_op() is not None else 0
 
 
 def block_linear_status() -> str:

@@ -19,13 +19,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 namespace {
-
-inline __m256 bf16x8_to_f32(__m128i v) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
 
 inline float lanes_sum(__m256 v) {
   __m256 v1 = _mm256_permute2f128_ps(v, v, 0x1);
@@ -38,9 +35,10 @@ inline float lanes_sum(__m256 v) {
 }
 
 // R rows against one weight row, in ATen's order, chunk by chunk: each weight element is loaded and
-// converted once for R rows. R = 2 measured best on a 2-core AVX2 EPYC (16 accumulators spill a little).
-// A 2-row block costs ~1.1x one row on a cache-resident Qwen2.5 MLP matrix but ~1.45x with weights from
-// DRAM (a whole decode step; ATen's 2 rows ~1.5x): see docs/kernels.md.
+// widened once (zero-extend from memory, shift into the high half: two uops per 8 values, one scratch
+// register) for R rows. R = 2 keeps 16 accumulators + 1 scratch, so at most one spills; from DRAM a
+// 2-row call then costs about one ATen row (docs/kernels.md). R = 1 is also ~15% faster than ATen's
+// GEMV, which converts x again for every weight row.
 constexpr int kRows = 2;
 
 template <int R>
@@ -49,14 +47,10 @@ inline void dots_aten_order(const float* x, int64_t K, const uint16_t* w, float*
   for (int i = 0; i < R; ++i)
     for (int r = 0; r < 8; ++r) acc[i][r] = _mm256_setzero_ps();
   for (int64_t j = 0; j < K; j += 64) {
-    for (int k = 0; k < 4; ++k) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * k));
-      const __m256 w0 = bf16x8_to_f32(_mm256_castsi256_si128(wv));
-      const __m256 w1 = bf16x8_to_f32(_mm256_extracti128_si256(wv, 1));
-      for (int i = 0; i < R; ++i) {
-        acc[i][2 * k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + j + 16 * k), w0, acc[i][2 * k]);
-        acc[i][2 * k + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + j + 16 * k + 8), w1, acc[i][2 * k + 1]);
-      }
+    for (int r = 0; r < 8; ++r) {
+      const __m256 wr = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 8 * r))), 16));
+      for (int i = 0; i < R; ++i) acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + j + 8 * r), wr, acc[i][r]);
     }
   }
   for (int i = 0; i < R; ++i) {
@@ -87,7 +81,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous [N, K] matrix");
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(x.size(-1) == K && K % 64 == 0, "K must match and be a multiple of 64");
-  if (x.numel() == K) return at::linear(x, w, b);  // one row: ATen's own GEMV is the reference, and as fast
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   auto sizes = x.sizes().vec();
@@ -124,10 +117,19 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   return y.view(sizes);
 }
 
+// How many threads a parallel_for here really uses. ATen's parallel_for is inlined from its headers as
+// `#pragma omp parallel`: built without -fopenmp it silently runs on one thread (it did, sessions 4-6).
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adadecode_kernels, m) {
   m.def("block_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(adadecode_kernels, CPU, m) {

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adadecode_fx.kernels import block_linear_op, block_linear_status
+from adadecode_fx.kernels import block_linear_op, block_linear_status, kernel_threads
 
 AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 needs_kernel = pytest.mark.skipif(not AVX2 or shutil.which("c++") is None,
@@ -18,6 +18,19 @@ needs_kernel = pytest.mark.skipif(not AVX2 or shutil.which("c++") is None,
 def test_builds_and_passes_self_check():
     assert block_linear_op() is not None, block_linear_status()
     assert block_linear_status() == "ok"
+
+
+@needs_kernel
+def test_runs_on_every_torch_thread():
+    # without -fopenmp, ATen's header-inlined parallel_for ran the kernel on one thread: blocks then cost
+    # ~1.5x one ATen row instead of ~1x (docs/kernels.md)
+    before = torch.get_num_threads()
+    try:
+        for n in {1, 2, before}:
+            torch.set_num_threads(n)
+            assert kernel_threads() == n
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel
