@@ -23,6 +23,16 @@ def test_eager_layers_skip_the_custom_op_and_leave_shared_segments_alone():
     assert SDPA in _targets(plain_attention(dec.program.layer_fns[0].graph))
 
 
+def test_eager_layers_read_kv_heads_unrepeated():
+    model = tiny_model("qwen2", dtype=torch.float32)  # 4 query heads over 2 K/V heads
+    dec = AdaDecoder(model, ExitHeads.random(model, (1,), seed=0), AdaDecodeConfig(threshold=0.02))
+    for fn in dec.program.layer_fns:
+        attn = next(n for n in fn.graph.nodes if n.op == "call_function" and n.target is row_exact)
+        assert attn.kwargs["enable_gqa"] is True
+        assert torch.ops.aten.expand.default not in _targets(fn.graph)  # no repeat_kv copy left
+        assert torch.ops.aten._assert_tensor_metadata.default not in _targets(fn.graph)
+
+
 def test_eager_lowering_changes_no_token():
     model = tiny_model("qwen2", dtype=torch.float32)
     heads = ExitHeads.random(model, (1, 3), seed=0)
