@@ -8,6 +8,7 @@ for one minibatch of tokens.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import time
@@ -77,13 +78,21 @@ def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, bat
     return seqs
 
 
+def segment_device(program: DecodeProgram) -> torch.device:
+    """Where the program's weights live (its K/V and inputs must be there too); CPU if it holds none."""
+    for t in itertools.chain(program.epilogue_fn.parameters(), program.epilogue_fn.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_shapes, dtype):
     """Stack exit-layer and final-layer hidden states of all sequences: ({l: [N, d]}, [N, d])."""
     per_layer = {l: [] for l in layers}
     final = []
+    device = segment_device(program)
     for ids in seqs:
-        state = KVState(kv_shapes, len(ids), dtype, "cpu", 64)
+        state = KVState(kv_shapes, len(ids), dtype, device, 64)
         keep, last = program.hidden_states(ids, set(layers), state)
         for l in layers:
             per_layer[l].append(keep[l][0])

@@ -42,3 +42,16 @@ def test_cuda_inductor_parity():
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.05, backend="inductor"))
     prompt = list(range(7, 30))
     assert dec.generate(prompt, max_new_tokens=30).new_tokens == _greedy(model, prompt, 30)
+
+
+def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
+    """The bench's oracle bound replays the reference through the program; its K/V must live with the weights
+    (the H100 Qwen bench of session 8 failed here with 'index is on cpu')."""
+    from adadecode_fx.bench_report import oracle_bound
+    model = _cuda_model("llama", torch.float32)
+    dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
+    prompt = list(range(5, 15))
+    ref = _greedy(model, prompt, 12)
+    per_prompt = [{"prompt_ids": prompt, "reference_ids": ref, "prompt_tokens": len(prompt)}]
+    bound = oracle_bound(dec, dec.heads, per_prompt, [1, 3], 1e-9, 5)
+    assert "error" not in bound and bound["oracle_speedup_bound"] >= 1.0
