@@ -1,4 +1,5 @@
-"""Eager lowering: the FX segments as they are, with Python custom ops called as plain functions.
+"""Eager lowering: the FX segments as they are, with Python custom ops called as plain functions, and
+one-row layer steps run as TorchScript traces of the same ATen calls (`adadecode_fx.lower.scripted_rows`).
 
 Why: `adadecode::row_exact_sdpa` is a custom op so that dynamo and exporters treat it as one opaque call.
 Eager segments do not need that, and every call through the dispatcher into a Python kernel costs
@@ -13,6 +14,7 @@ import torch
 from torch import fx
 
 from ..passes.row_exact_attention import ROW_EXACT, row_exact
+from .scripted_rows import script_decode_rows
 
 # custom op -> the plain function with the same signature and result
 _PLAIN = {ROW_EXACT: row_exact}
@@ -78,4 +80,4 @@ def lower_eager(program, config):
         layer.recompile()
         program.layer_fns[i] = layer
     program.backend = "eager"
-    return program
+    return script_decode_rows(program, config)
