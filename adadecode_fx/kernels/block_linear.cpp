@@ -40,6 +40,8 @@ inline float lanes_sum(__m256 v) {
 // 2-row call then costs about one ATen row (docs/kernels.md). R = 1 is also ~15% faster than ATen's
 // GEMV, which converts x again for every weight row.
 constexpr int kRows = 2;
+// Bytes of weights (bf16) and of rows (fp32) per tile of a long block: two such tiles fit a 512 KB L2.
+constexpr int64_t kTileBytes = 96 * 1024;
 
 template <int R>
 inline void dots_aten_order(const float* x, int64_t K, const uint16_t* w, float* out) {
@@ -97,20 +99,32 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     bc = b->contiguous();
     bp = reinterpret_cast<const uint16_t*>(bc.data_ptr<at::BFloat16>());
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  // Long blocks (a prompt's prefill) are tiled: the weights of a tile of outputs stay in L2 while every
+  // tile of rows passes over them, and a tile of rows (fp32) stays in L2 while its outputs are computed.
+  // Without tiles each output streamed all M rows of x from L2/L3 (for a 137-row prompt, 2.7 MB per output
+  // of the 4864-wide down projection). Each output is still one dots_aten_order call: the bits are the same.
+  const int64_t n_tile = std::max<int64_t>(16, kTileBytes / (K * 2));
+  const int64_t m_tile = std::max<int64_t>(kRows, kTileBytes / (K * 4) / kRows * kRows);
+  at::parallel_for(0, N, n_tile, [&](int64_t begin, int64_t end) {
     float d[kRows];
-    for (int64_t n = begin; n < end; ++n) {
-      const uint16_t* wn = wp + n * K;
-      const float bias = bp ? from_bf16(bp[n]) : 0.0f;
-      for (int64_t m = 0; m < M; m += kRows) {
-        const int64_t rows = std::min<int64_t>(kRows, M - m);
-        const float* xm = xp + m * K;
-        if (rows == kRows) {
-          dots_aten_order<kRows>(xm, K, wn, d);
-        } else {
-          for (int64_t i = 0; i < rows; ++i) dots_aten_order<1>(xm + i * K, K, wn, d + i);
+    for (int64_t n0 = begin; n0 < end; n0 += n_tile) {
+      const int64_t n1 = std::min(end, n0 + n_tile);
+      for (int64_t m0 = 0; m0 < M; m0 += m_tile) {
+        const int64_t m1 = std::min(M, m0 + m_tile);
+        for (int64_t n = n0; n < n1; ++n) {
+          const uint16_t* wn = wp + n * K;
+          const float bias = bp ? from_bf16(bp[n]) : 0.0f;
+          for (int64_t m = m0; m < m1; m += kRows) {
+            const int64_t rows = std::min<int64_t>(kRows, m1 - m);
+            const float* xm = xp + m * K;
+            if (rows == kRows) {
+              dots_aten_order<kRows>(xm, K, wn, d);
+            } else {
+              for (int64_t i = 0; i < rows; ++i) dots_aten_order<1>(xm + i * K, K, wn, d + i);
+            }
+            for (int64_t i = 0; i < rows; ++i) yp[(m + i) * N + n] = to_bf16(bp ? bias + d[i] : d[i]);
+          }
         }
-        for (int64_t i = 0; i < rows; ++i) yp[(m + i) * N + n] = to_bf16(bp ? bias + d[i] : d[i]);
       }
     }
   });

@@ -49,6 +49,22 @@ def test_rows_equal_one_row_aten(n, k64, m, bias, seed, scale):
 
 
 @needs_kernel
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 120), k64=st.sampled_from([1, 14, 76]), m=st.integers(12, 150), bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_long_blocks_are_tiled_and_still_equal_one_row_aten(n, k64, m, bias, seed):
+    # a prefill's block is cut into row and output tiles (K = 896: 26 rows; K = 4864: 4 rows per tile)
+    op = block_linear_op()
+    g = torch.Generator().manual_seed(seed)
+    k = 64 * k64
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    b = (torch.randn(n, generator=g) * 0.1).bfloat16() if bias else None
+    x = torch.randn(1, m, k, generator=g).bfloat16()
+    rows = torch.cat([F.linear(x[:, i:i + 1], w, b) for i in range(m)], dim=1)
+    assert torch.equal(op(x, w, b), rows)
+
+
+@needs_kernel
 def test_refuses_what_it_cannot_do():
     op = block_linear_op()
     with pytest.raises(RuntimeError, match="multiple of 64"):
