@@ -209,9 +209,9 @@ def measure_probe_cost(program, heads, repeats: int = 30) -> float:
 
 
 def heads_dtype(program):
-    import itertools
+    from .training import epilogue_weight
 
-    return next(itertools.chain(program.epilogue_fn.parameters(), program.epilogue_fn.buffers())).dtype
+    return epilogue_weight(program).dtype
 
 
 @torch.no_grad()

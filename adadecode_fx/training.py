@@ -78,11 +78,15 @@ def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, bat
     return seqs
 
 
+def epilogue_weight(program: DecodeProgram) -> torch.Tensor | None:
+    """A weight of the program's epilogue: its device and dtype are the program's."""
+    return next(itertools.chain(program.epilogue_fn.parameters(), program.epilogue_fn.buffers()), None)
+
+
 def segment_device(program: DecodeProgram) -> torch.device:
     """Where the program's weights live (its K/V and inputs must be there too); CPU if it holds none."""
-    for t in itertools.chain(program.epilogue_fn.parameters(), program.epilogue_fn.buffers()):
-        return t.device
-    return torch.device("cpu")
+    weight = epilogue_weight(program)
+    return weight.device if weight is not None else torch.device("cpu")
 
 
 @torch.no_grad()

@@ -16,6 +16,10 @@ def _decoder(family, dtype, **extra):
     return model, AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.02, max_pending=3, extra=extra))
 
 
+def _clone(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def _record_one_row_calls(dec):
     """Wrap every layer so each one-row call also stores a clone of its arguments."""
     calls = []
@@ -23,7 +27,7 @@ def _record_one_row_calls(dec):
     def spy(i, layer):
         def call(*args):
             if args[layer.residual].shape[1] == 1:
-                calls.append((i, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+                calls.append((i, _clone(args)))
             return layer(*args)
         return call
 
@@ -43,8 +47,8 @@ def test_trace_equals_fx_at_every_kv_length(family, dtype):
     for i, args in calls:
         layer = layers[i]
         assert layer.traces.get(1) is not None, (i, layer.failure)
-        fx_out = layer.gm(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])[0]
-        traced_out = layer(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])[0]
+        fx_out = layer.gm(*_clone(args))[0]
+        traced_out = layer(*_clone(args))[0]
         assert torch.equal(fx_out, traced_out), i
         lengths.add(max(a.shape[2] for a in args if isinstance(a, torch.Tensor) and a.dim() == 4))
     assert len(lengths) > 5  # one trace per layer, run over many K/V lengths
