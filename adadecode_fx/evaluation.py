@@ -189,8 +189,11 @@ def measure_probe_cost(program, heads, repeats: int = 30) -> float:
     import time
 
     from .runtime.kv_state import KVState
+    from .training import segment_device
 
-    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), "cpu", 64)
+    device = segment_device(program)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time the kernels, not the launches
+    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
     keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
     h = keep[heads.layers[0]][:, -1:]
     kv = state.views(65)
@@ -198,10 +201,13 @@ def measure_probe_cost(program, heads, repeats: int = 30) -> float:
     pro = program.prologue(top)
     layer_t, probe_t = [], []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         program.layer(program.num_layers // 2, h, pro, top, kv)
+        sync()
         t1 = time.perf_counter()
         program.probe(heads.layers[0], h)
+        sync()
         t2 = time.perf_counter()
         layer_t.append(t1 - t0)
         probe_t.append(t2 - t1)

@@ -55,3 +55,11 @@ def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
     per_prompt = [{"prompt_ids": prompt, "reference_ids": ref, "prompt_tokens": len(prompt)}]
     bound = oracle_bound(dec, dec.heads, per_prompt, [1, 3], 1e-9, 5)
     assert "error" not in bound and bound["oracle_speedup_bound"] >= 1.0
+
+
+def test_cuda_probe_cost_builds_its_kv_on_the_device():
+    """measure_probe_cost (the oracle bound's probe term) had the same CPU-only K/V as the oracle replay."""
+    from adadecode_fx.evaluation import measure_probe_cost
+    model = _cuda_model("llama", torch.float32)
+    dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
+    assert measure_probe_cost(dec.program, dec.heads, repeats=3) > 0
