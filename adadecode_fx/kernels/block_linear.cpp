@@ -37,8 +37,9 @@ inline float lanes_sum(__m256 v) {
 // R rows against one weight row, in ATen's order, chunk by chunk: each weight element is loaded and
 // widened once (zero-extend from memory, shift into the high half: two uops per 8 values, one scratch
 // register) for R rows. R = 2 keeps 16 accumulators + 1 scratch, so at most one spills; from DRAM a
-// 2-row call then costs about one ATen row (docs/kernels.md). R = 1 is also ~15% faster than ATen's
-// GEMV, which converts x again for every weight row.
+// 2-row call then costs about one ATen row (docs/kernels.md). One-row calls use dots_two_weight_rows.
+// (The two-halves loop below is written out twice on purpose: a shared lambda-taking helper measured
+// 3-7% slower on two-row blocks, session 9.)
 constexpr int kRows = 2;
 // Bytes of weights (bf16) and of rows (fp32) per tile of a long block: two such tiles fit a 512 KB L2.
 constexpr int64_t kTileBytes = 96 * 1024;
