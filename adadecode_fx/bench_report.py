@@ -12,13 +12,12 @@ The report dict itself is built by `adadecode_fx.bench.run_bench`.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-from pathlib import Path
 
 from .bench_methods import Method
+from .report_files import write_report
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -198,12 +197,7 @@ def _plot_batching(ax, batching: dict) -> None:
 
 
 def write(rep: dict, json_path=None, png_path=None) -> None:
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rep, indent=1))
-    if png_path:
-        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        plot(rep, png_path)
+    write_report(rep, json_path, png_path, plot=plot)
 
 
 def summary_table(rep: dict) -> str:

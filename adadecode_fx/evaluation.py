@@ -8,11 +8,11 @@ exit rate and acceptance for each threshold.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from .report_files import write_report
 
 GAMMAS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
@@ -175,10 +175,7 @@ def plot(rep: dict, path) -> None:
 
 
 def write(rep: dict, json_path=None, png_path=None) -> None:
-    if json_path:
-        Path(json_path).write_text(json.dumps(rep, indent=2))
-    if png_path:
-        plot(rep, png_path)
+    write_report(rep, json_path, png_path, plot=plot)
 
 
 @torch.no_grad()

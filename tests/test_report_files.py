@@ -1,0 +1,30 @@
+import json
+
+from adadecode_fx import bench_report, evaluation, report_files
+
+
+def _never_plot(rep, path):
+    raise AssertionError("plot must not be called without matplotlib")
+
+
+def test_without_matplotlib_the_json_is_written_and_one_line_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report_files, "have_matplotlib", lambda: False)
+    rep = {"methods": [], "x": 1}
+    report_files.write_report(rep, tmp_path / "sub" / "r.json", tmp_path / "r.png", plot=_never_plot)
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == rep
+    assert not (tmp_path / "r.png").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0] and "adadecode-fx[bench]" in err[0]
+
+
+def test_bench_and_eval_reports_share_the_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_files, "have_matplotlib", lambda: False)
+    for mod in (bench_report, evaluation):
+        mod.write({"k": mod.__name__}, tmp_path / f"{mod.__name__}.json", tmp_path / "p.png")
+        assert json.loads((tmp_path / f"{mod.__name__}.json").read_text()) == {"k": mod.__name__}
+
+
+def test_with_matplotlib_the_plot_is_written(tmp_path):
+    seen = []
+    report_files.write_report({"a": 1}, None, tmp_path / "d" / "p.png", plot=lambda rep, path: seen.append(path))
+    assert seen == [tmp_path / "d" / "p.png"] and (tmp_path / "d").is_dir()
