@@ -19,7 +19,7 @@ import torch
 from .backend import compiled_options, is_compiled, parse_options
 from .config import AdaDecodeConfig
 from .errors import AdaDecodeError
-from .heads import ExitHeads, find_shipped_heads
+from .heads.format import ExitHeads, find_shipped_heads
 from .runtime.decoder import AdaDecoder
 from .runtime.sampling import SamplingConfig
 
@@ -43,8 +43,8 @@ def resolve_heads(model, spec) -> ExitHeads:
 def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     """The cached `AdaDecoder` for ``model`` (a model, or a module compiled with backend="adadecode").
 
-    ``config``: an `AdaDecodeConfig` (used as is) or a dict of its fields (the rest default to the
-    heads' calibrated exit layers and threshold); for a compiled module, its compile options."""
+    ``config``: an `AdaDecodeConfig` or a dict of its fields (exit layers and threshold left out come
+    from the heads' calibration, see `AdaDecodeConfig.resolve`); for a compiled module, its compile options."""
     if is_compiled(model):
         options, options_heads = parse_options(compiled_options(model))
         model = model._orig_mod
@@ -55,10 +55,9 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     per_model = _DECODERS.setdefault(model, {})
     key = (config_key, heads_key)
     if key not in per_model:
-        resolved = resolve_heads(model, heads)
         if not isinstance(config, AdaDecodeConfig):
-            config = AdaDecodeConfig(**{**resolved.recommended(), **(config or {})})
-        per_model[key] = AdaDecoder(model, resolved, config)
+            config = AdaDecodeConfig(**(config or {}))
+        per_model[key] = AdaDecoder(model, resolve_heads(model, heads), config)
     return per_model[key]
 
 

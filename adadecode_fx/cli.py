@@ -21,7 +21,7 @@ def _int_list(text, flag) -> tuple[int, ...]:
 def _generate(args) -> int:
     import torch
 
-    from . import models
+    from .zoo import models
     from .runtime import AdaDecoder
 
     if not args.prompt or not all(p.strip() for p in args.prompt):
@@ -44,17 +44,13 @@ def _heads_and_config(args, model, layers, **config_fields):
     from .config import AdaDecodeConfig
     from .heads import ExitHeads, shipped_heads
 
-    threshold = args.threshold
     heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
     if heads_dir:
         heads = ExitHeads.load(heads_dir, model)
-        recommended = heads.recommended()
-        threshold = recommended.get("threshold", 0.75) if threshold is None else threshold
-        layers = layers or recommended.get("exit_layers", ())
     else:
         heads = ExitHeads.identity(model, layers) if layers else None
-    config = AdaDecodeConfig(exit_layers=layers, threshold=0.75 if threshold is None else threshold,
-                             max_pending=args.max_pending, **config_fields)
+    config = AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending,
+                             **config_fields)
     return heads, config
 
 
@@ -84,13 +80,11 @@ def _run_batch(args, decoder, tokenizer, texts, rows) -> int:
 def _load_exported(args, layers):
     from pathlib import Path
 
-    from . import models
+    from .zoo import models
     from .config import AdaDecodeConfig
-    from .lower.onnxrt import load_exported, load_manifest
+    from .lower.onnxrt import load_exported
 
-    saved = load_manifest(args.exported).get("config") or {}
-    threshold = saved.get("threshold", 0.75) if args.threshold is None else args.threshold
-    config = AdaDecodeConfig(exit_layers=layers, threshold=threshold, max_pending=args.max_pending)
+    config = AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending)
     decoder = load_exported(args.exported, config=config)
     tok_dir = Path(args.exported) / "tokenizer"
     if tok_dir.is_dir():
@@ -103,7 +97,7 @@ def _load_exported(args, layers):
 
 
 def _run_generation(args, decoder, tokenizer) -> int:
-    from .data import chat_prompt
+    from .zoo.data import chat_prompt
 
     texts = [chat_prompt(tokenizer, p) if args.chat else p for p in args.prompt]
     rows = [tokenizer(t).input_ids for t in texts]
@@ -142,9 +136,9 @@ def auto_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def _train_heads(args) -> int:
-    from . import models
-    from .data import load_prompts
-    from .training import TrainConfig, train_heads
+    from .zoo import models
+    from .zoo.data import load_prompts
+    from .heads.training import TrainConfig, train_heads
 
     if args.epochs < 1 or args.max_prompts < 1:
         raise AdaDecodeError("--epochs and --max-prompts must be >= 1")
@@ -167,13 +161,13 @@ def _train_heads(args) -> int:
 
 
 def _eval_heads(args) -> int:
-    from . import models
-    from .data import load_prompts
-    from .evaluation import head_records, measure_probe_cost, report, write
-    from .heads import ExitHeads
+    from .zoo import models
+    from .zoo.data import load_prompts
+    from .heads.evaluation import head_records, measure_probe_cost, report, write
+    from .build import build_program
     from .config import AdaDecodeConfig
-    from .runtime import AdaDecoder
-    from .training import distillation_sequences
+    from .heads import ExitHeads
+    from .heads.training import distillation_sequences
 
     records = load_prompts(args.data, n=args.n, split="eval")
     model, tokenizer = models.load(args.model, dtype=args.dtype)
@@ -185,7 +179,7 @@ def _eval_heads(args) -> int:
     seqs = distillation_sequences(generator, tokenizer, prompts, args.max_new_tokens, 16)
     del generator
     lens = [len(tokenizer(p).input_ids) for p in prompts]
-    program = AdaDecoder(model, heads, AdaDecodeConfig()).program
+    program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
                  measure_probe_cost(program, heads), args.max_pending)
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
@@ -210,7 +204,7 @@ def _eval_heads(args) -> int:
 
 
 def _export(args) -> int:
-    from . import models
+    from .zoo import models
 
     fmt = args.format.lower()
     if fmt == "tensorrt":
@@ -218,7 +212,8 @@ def _export(args) -> int:
                              "the CUDA machine that runs them (AdaDecodeConfig(backend='tensorrt')); export --format onnx")
     if fmt != "onnx":
         raise AdaDecodeError(f"unknown --format {args.format!r}: the supported export format is onnx")
-    from .lower.onnxrt import check_dtype, export_onnx, require_onnx
+    from .export import export_onnx
+    from .lower.onnxrt import check_dtype, require_onnx
 
     require_onnx()
     dtype = check_dtype(canonical_dtype(args.dtype))
@@ -234,7 +229,7 @@ def _export(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import main as bench_main
+    from .bench.runner import main as bench_main
 
     return bench_main(args, ["adadecode", *sys.argv[1:]])
 
@@ -308,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="directory to write (manifest.json, *.onnx, heads/, tokenizer/)")
     x.set_defaults(func=_export)
 
-    from .bench import add_arguments as _bench_arguments
+    from .bench.runner import add_arguments as _bench_arguments
     b = sub.add_parser("bench", help="AdaDecode vs HF greedy / static+compile / prompt lookup / early exit; "
                                      "JSON + PNG report")
     _bench_arguments(b)

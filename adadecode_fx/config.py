@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from .errors import AdaDecodeError
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+DEFAULT_THRESHOLD = 0.75  # the paper's gamma, for heads that were never calibrated (eval-heads --set-threshold)
+DEFAULT_MAX_PENDING = 5   # the paper's limit on early tokens waiting for verification
+# the typed options that ``extra`` used to carry, accepted there still and moved to their fields
+_EXTRA_FIELDS = ("script_rows", "onnx_dir", "onnx_providers")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64", "fp64": "float64"}
 
@@ -28,6 +32,7 @@ class AdaDecodeConfig:
     exit_layers: decoder-layer indices (0-based) after which an exit probe runs; strictly increasing and
         below the last layer. Empty means "take them from the heads".
     threshold: gamma; a probe whose max probability is >= threshold emits its token early. In (0, 1].
+        None: the heads' calibrated value (``eval-heads --set-threshold``), else DEFAULT_THRESHOLD.
     max_pending: at most this many early tokens wait for verification; when full, the token runs full depth.
     dtype: compute dtype of the model and heads.
     backend: how segments are executed: "eager" (the default; token-exact with HF greedy in bf16 too),
@@ -36,17 +41,37 @@ class AdaDecodeConfig:
     kv_bucket: attention reads the KV buffers in slices rounded up to this many positions, so that
         shapes repeat for compiled segments. 1 (exact length) by default: in bf16 a padded, masked
         attention rounds differently from HF's and can flip a near-tie (seen on SmolLM2, HumanEval/10).
+    script_rows: backend "eager": run one-row layer steps as TorchScript traces of the same ATen calls
+        (bit-identical, less Python per call); False keeps the FX code.
+    onnx_dir: backend "onnxruntime": export the segments here (default: a temporary directory).
+    onnx_providers: backend "onnxruntime": ORT execution providers (default: CUDA if present, else CPU).
+    extra: the same three options as a dict (older spelling); any other key is an error.
     """
 
     exit_layers: tuple[int, ...] = ()
-    threshold: float = 0.75
-    max_pending: int = 5
+    threshold: float | None = None
+    max_pending: int = DEFAULT_MAX_PENDING
     dtype: str = "auto"
     backend: str = "eager"
     kv_bucket: int = 1
+    script_rows: bool = True
+    onnx_dir: str | None = None
+    onnx_providers: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = sorted(set(self.extra or {}) - set(_EXTRA_FIELDS))
+        if unknown:
+            raise AdaDecodeError(f"unknown option(s) {unknown} in extra; the typed options are "
+                                 f"{', '.join(_EXTRA_FIELDS)} (pass them as AdaDecodeConfig fields)")
+        for name in _EXTRA_FIELDS:
+            if name in (self.extra or {}):
+                setattr(self, name, self.extra[name])
+        self.extra = {}
+        if self.onnx_providers is not None:
+            self.onnx_providers = tuple(self.onnx_providers)
+        if self.onnx_dir is not None:
+            self.onnx_dir = str(self.onnx_dir)
         if isinstance(self.exit_layers, (str, bytes)) or any(
                 isinstance(x, bool) or not float(x).is_integer() for x in self.exit_layers):
             raise AdaDecodeError(f"exit_layers must be a sequence of integers, got {self.exit_layers!r}")
@@ -56,8 +81,10 @@ class AdaDecodeConfig:
 
     def validate(self, num_layers: int | None = None) -> "AdaDecodeConfig":
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0):
-            raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses 0.75")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0)):
+            raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses {DEFAULT_THRESHOLD}")
+        if not isinstance(self.script_rows, bool):
+            raise AdaDecodeError(f"script_rows must be True or False, got {self.script_rows!r}")
         if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 0:
             raise AdaDecodeError(f"max_pending must be an integer >= 0, got {self.max_pending!r}")
         if self.backend not in BACKENDS:
@@ -74,6 +101,15 @@ class AdaDecodeConfig:
                     f"exit layers {bad} out of range: this model has {num_layers} decoder layers, so exit "
                     f"layers must lie in 0..{num_layers - 2} (exiting after the last layer is plain decoding)")
         return self
+
+    def resolve(self, heads, num_layers: int) -> "AdaDecodeConfig":
+        """The settings a decoder runs with; the one place defaults are decided. Fields set here win; exit
+        layers left empty come from the heads' calibration, else every layer the heads cover; a threshold
+        left None from the calibration, else DEFAULT_THRESHOLD."""
+        calibrated = heads.recommended() if heads is not None else {}
+        layers = self.exit_layers or calibrated.get("exit_layers") or (heads.layers if heads is not None else ())
+        threshold = self.threshold if self.threshold is not None else calibrated.get("threshold", DEFAULT_THRESHOLD)
+        return dataclasses.replace(self, exit_layers=tuple(layers), threshold=float(threshold)).validate(num_layers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -55,7 +55,7 @@ def captured(family: str):
 
 @functools.cache
 def smollm2(dtype: str = "float32"):
-    from adadecode_fx import models
+    from adadecode_fx.zoo import models
 
     return models.load("smollm2-135m", dtype=dtype)
 

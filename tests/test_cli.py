@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from adadecode_fx import cli, models
+from adadecode_fx import cli
+from adadecode_fx.zoo import models
 from tests.conftest import hf_greedy, tiny_model
 
 VOCAB = 128  # tokenizer vocab == model vocab: every generated id decodes

@@ -3,7 +3,8 @@ import pytest
 import torch
 import transformers as tf
 
-from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads, models
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.zoo import models
 from adadecode_fx.errors import AdaDecodeError, UnsupportedModelError
 from tests.conftest import hf_greedy, tiny_model
 
@@ -204,12 +205,12 @@ def test_masked_lm_is_unsupported():
 
 
 def test_masked_lm_is_rejected_before_capture(monkeypatch):
-    import adadecode_fx.runtime.decoder as dec
+    import adadecode_fx.build as build
 
     def no_capture(model):
         raise AssertionError("tried to capture a masked LM")
 
-    monkeypatch.setattr(dec, "capture", no_capture)
+    monkeypatch.setattr(build, "capture", no_capture)
     with pytest.raises(UnsupportedModelError, match="causal"):
         AdaDecoder(tf.BertForMaskedLM(_bert_config()).eval())
 

@@ -1,6 +1,8 @@
 import json
 
-from adadecode_fx import bench_report, evaluation, report_files
+from adadecode_fx import report_files
+from adadecode_fx.bench import report as bench_report
+from adadecode_fx.heads import evaluation
 
 
 def _never_plot(rep, path):

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import fx
 
-from ..passes.row_exact_attention import ROW_EXACT, row_exact
+from ..ops.attention import ROW_EXACT, row_exact
 from .scripted_rows import script_decode_rows
 
 # custom op -> the plain function with the same signature and result
@@ -66,7 +66,8 @@ def _unrepeat_kv(graph: fx.Graph) -> None:
 
 
 def lower_eager(program, config):
-    for i, layer in enumerate(program.layer_fns):
+    layer_fns = list(program.layer_fns)
+    for i, layer in enumerate(layer_fns):
         if not isinstance(layer, fx.GraphModule) or not any(n.target in _PLAIN or n.target in _ASSERTS
                                                             for n in layer.graph.nodes):
             continue
@@ -78,6 +79,6 @@ def lower_eager(program, config):
                 layer.graph.erase_node(node)
         _unrepeat_kv(layer.graph)
         layer.recompile()
-        program.layer_fns[i] = layer
-    program.backend = "eager"
-    return script_decode_rows(program, config)
+        layer_fns[i] = layer
+    program = program.replace(layer_fns=layer_fns, backend="eager")
+    return script_decode_rows(program) if config.script_rows else program

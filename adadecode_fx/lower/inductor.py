@@ -120,28 +120,23 @@ def lower_inductor(program, config):
 def lower_with(program, config, compile_fn, name: str):
     """Lower every segment with ``compile_fn(module, config)``, sharing one template per layer kind."""
     templates: dict[tuple, object] = {}
+    layer_fns = []
     for i, layer in enumerate(program.layer_fns):
         key = structure_key(layer)
         template, targets = weights_as_inputs(layer)
         if key not in templates:
             templates[key] = compile_fn(template, config)
         kv = [j for j, item in enumerate(program.layer_recipes[i]) if item[0] == "kv"]
-        program.layer_fns[i] = _Compiled(templates[key], [fetch_attr(layer, t) for t in targets], kv)
+        layer_fns.append(_Compiled(templates[key], [fetch_attr(layer, t) for t in targets], kv))
     kv = [j for j, arg in enumerate(program.prologue_args) if arg.startswith("kv_")]
-    program.prologue_fn = _Compiled(compile_fn(private_copy(program.prologue_fn), config), keep=kv)
-    program.epilogue_fn = _Compiled(compile_fn(private_copy(program.epilogue_fn), config))
-    probes = {}
+    probes, probe_fns = {}, {}
     for layer, probe in program.probe_fns.items():
         key = (id(probe.epilogue), id(probe.vocab))
         if key not in probes:  # exit layers share the probe head and differ only in their adapter
             probes[key] = compile_fn(_SharedProbe(private_copy(probe.epilogue), probe.vocab), config)
-        program.probe_fns[layer] = _Compiled(probes[key], [probe.adapter])
-    program.backend = name
-    program.compiled_templates = len(templates) + len(probes) + 2
-    return program
-
-
-def compile_counters() -> dict:
-    """Dynamo's compile counters, for "no recompilation after warm-up" checks."""
-    from torch._dynamo.utils import counters
-    return {"unique_graphs": counters["stats"]["unique_graphs"], "frames_ok": counters["frames"]["ok"]}
+        probe_fns[layer] = _Compiled(probes[key], [probe.adapter])
+    return program.replace(
+        layer_fns=layer_fns, probe_fns=probe_fns, backend=name, needs_warm_up=True,
+        prologue_fn=_Compiled(compile_fn(private_copy(program.prologue_fn), config), keep=kv),
+        epilogue_fn=_Compiled(compile_fn(private_copy(program.epilogue_fn), config)),
+        lowering={"compiled_templates": len(templates) + len(probes) + 2})

@@ -23,7 +23,6 @@ so a directory with a manifest is a complete export; reading it back is `adadeco
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -318,40 +317,4 @@ def _listify(x):
     return [_listify(y) for y in x] if isinstance(x, (list, tuple)) else x
 
 
-def export_onnx(model, heads=None, config=None, out_dir=None, log=None) -> Path:
-    """Export ``model`` (+ exit ``heads``) as an AdaDecode program to ONNX in ``out_dir``; see module doc.
-
-    ``config`` (an `AdaDecodeConfig`) fixes the exit layers, threshold and max_pending stored in the
-    manifest (the defaults `load_exported` decodes with). Returns the directory.
-    """
-    from ..config import AdaDecodeConfig
-    from ..heads import model_fingerprint
-    from ..runtime.decoder import AdaDecoder
-
-    require_onnx()
-    if out_dir is None:
-        raise AdaDecodeError("export_onnx needs out_dir: the directory to write the ONNX files to")
-    check_dtype(model.get_input_embeddings().weight.dtype)
-    config = config or AdaDecodeConfig()
-    eager = AdaDecodeConfig(**{**config.__dict__, "backend": "eager"})
-    decoder = AdaDecoder(model, heads, eager)
-    cfg = decoder.config
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = [int(eos)] if isinstance(eos, int) else (None if eos is None else [int(e) for e in eos])
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise AdaDecodeError(f"{out} exists and is not an adadecode ONNX export: choose an empty or new --out directory")
-    meta = {"fingerprint": model_fingerprint(model), "eos_token_id": eos,
-            "config": {"exit_layers": list(cfg.exit_layers), "threshold": cfg.threshold,
-                       "max_pending": cfg.max_pending, "kv_bucket": cfg.kv_bucket, "dtype": cfg.dtype},
-            "heads": None}
-    if heads is not None:
-        if (out / "heads").exists():
-            shutil.rmtree(out / "heads")
-        heads.save(out / "heads")
-        meta["heads"] = "heads"
-    write_program(decoder.program, out, meta, log=log)
-    return out
-
-
-__all__ = ["export_onnx", "write_program", "FORMAT", "FORMAT_VERSION", "MANIFEST"]
+__all__ = ["write_program", "FORMAT", "FORMAT_VERSION", "MANIFEST"]

@@ -25,8 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
-from ..passes.block_linear import plain_linear
-from ..passes.row_exact_attention import plain_attention
+from ..ops import plain_attention, plain_linear
 
 aten = torch.ops.aten
 

@@ -11,8 +11,8 @@ This module is the runtime half and the public face of the backend:
 
 Writing an export (directory layout, manifest, cloning identical layers) is
 `adadecode_fx.lower.onnx_export`; the session setup both halves share is `adadecode_fx.lower.onnx_session`.
-The names they define that callers use (`export_onnx`, `write_program`, `present_kv_layer`,
-`require_onnx`, ...) are importable from here as well.
+The names they define that callers use (`write_program`, `present_kv_layer`, `require_onnx`, ...) are
+importable from here as well. Exporting a model (building its program first) is `adadecode_fx.export`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaDecodeError
-from .onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, export_onnx, write_program
+from .onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, write_program
 from .onnx_rewrite import present_kv_layer, slim_prologue
 from .onnx_session import (OrtSession, check_dtype, default_providers, default_session_options,
                            require_onnx)
@@ -166,10 +166,10 @@ def load_program(path, providers=None, session_options=None):
         layer_recipes=manifest["layer_recipes"], embedding_index=manifest["embedding_index"],
         epilogue_fn=OrtSegment(session("epilogue")),
         probe_fns={l: OrtSegment(session(f"exit_probe_{l}")) for l in manifest["exit_layers"]})
-    program.manifest = manifest
-    program.providers = providers
-    program.export_dir = d
-    return program
+    device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+    return program.replace(backend="onnxruntime", device=device, dtype=getattr(torch, manifest["dtype"]),
+                           vocab_size=manifest["vocab_size"], eos_token_id=manifest.get("eos_token_id"),
+                           lowering={"manifest": manifest, "providers": providers, "export_dir": d})
 
 
 def load_exported(path, providers=None, config=None, session_options=None):
@@ -178,48 +178,48 @@ def load_exported(path, providers=None, config=None, session_options=None):
     ``config``: an `AdaDecodeConfig` overriding the manifest's threshold / max_pending / kv_bucket (its
     exit layers must be the exported ones, or empty). Token ids in, token ids out: tokenizing is yours.
     """
-    from ..config import AdaDecodeConfig
-    from ..heads import ExitHeads
+    from ..config import DEFAULT_MAX_PENDING, DEFAULT_THRESHOLD, AdaDecodeConfig
+    from ..heads.format import ExitHeads
     from ..runtime.decoder import AdaDecoder
 
     program = load_program(path, providers, session_options)
-    m = program.manifest
+    m = program.lowering["manifest"]
     saved = dict(m.get("config") or {})
-    cfg = dict(exit_layers=tuple(m["exit_layers"]), threshold=saved.get("threshold", 0.75),
-               max_pending=saved.get("max_pending", 5), kv_bucket=saved.get("kv_bucket", 1))
+    cfg = dict(exit_layers=tuple(m["exit_layers"]), threshold=saved.get("threshold", DEFAULT_THRESHOLD),
+               max_pending=saved.get("max_pending", DEFAULT_MAX_PENDING), kv_bucket=saved.get("kv_bucket", 1))
     if config is not None:
         if config.exit_layers and tuple(config.exit_layers) != tuple(m["exit_layers"]):
             raise AdaDecodeError(f"this export has exit probes after layers {m['exit_layers']}, not "
                                  f"{list(config.exit_layers)}: re-export with --exit-layers to change them")
-        cfg.update(threshold=config.threshold, max_pending=config.max_pending, kv_bucket=config.kv_bucket)
+        cfg.update(max_pending=config.max_pending, kv_bucket=config.kv_bucket)
+        if config.threshold is not None:
+            cfg["threshold"] = config.threshold
     config = AdaDecodeConfig(**cfg, dtype=m["dtype"], backend="onnxruntime").validate(m["num_layers"])
     heads = None
     if m.get("heads") and (Path(path) / m["heads"]).exists():
         heads = ExitHeads.load(Path(path) / m["heads"])
-    device = torch.device("cuda" if program.providers[0] == "CUDAExecutionProvider" else "cpu")
-    return AdaDecoder.from_program(program, heads, config, vocab_size=m["vocab_size"],
-                                   eos_token_id=m.get("eos_token_id"), device=device,
-                                   dtype=getattr(torch, m["dtype"]))
+    return AdaDecoder(program.replace(config=config, heads=heads))
 
 
 def lower_onnxruntime(program, config):
     """Backend ``onnxruntime`` for `AdaDecoder(model, heads, AdaDecodeConfig(backend="onnxruntime"))`:
-    export the program's segments (to ``config.extra["onnx_dir"]`` if given, else a temporary directory
-    removed with the program) and return the ORT-backed program."""
+    export the program's segments (to ``config.onnx_dir`` if given, else a temporary directory removed
+    with the program) and return the ORT-backed program."""
     require_onnx()
     check_dtype(config.dtype)
-    target = (config.extra or {}).get("onnx_dir")
+    target = config.onnx_dir
     out = Path(target) if target else Path(tempfile.mkdtemp(prefix="adadecode-onnx-"))
     meta = {"config": {"exit_layers": list(config.exit_layers), "threshold": config.threshold,
                        "max_pending": config.max_pending, "kv_bucket": config.kv_bucket, "dtype": config.dtype}}
     write_program(program, out, meta)
-    lowered = load_program(out, providers=(config.extra or {}).get("onnx_providers"))
-    lowered.gm = program.gm
-    lowered.probe_modules = program.probe_modules  # eager heads' logits, for sampling
+    ort_program = load_program(out, providers=config.onnx_providers)
+    # the eager heads' logits stay, for sampling
+    lowered = ort_program.replace(gm=program.gm, probe_modules=program.probe_modules, needs_warm_up=True,
+                                  **{name: getattr(program, name) for name in program.MODEL_FIELDS})
     if not target:
         weakref.finalize(lowered, shutil.rmtree, str(out), True)
     return lowered
 
 
-__all__ = ["export_onnx", "load_exported", "load_program", "load_manifest", "lower_onnxruntime",
+__all__ = ["load_exported", "load_program", "load_manifest", "lower_onnxruntime",
            "present_kv_layer", "slim_prologue", "write_program", "require_onnx", "FORMAT", "FORMAT_VERSION"]

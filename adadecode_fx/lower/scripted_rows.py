@@ -90,15 +90,14 @@ def sizes_fixed_by_rows(gm: torch.fx.GraphModule, residual: int) -> bool:
     return True
 
 
-def script_decode_rows(program, config=None):
-    """Wrap every FX layer segment of ``program`` in `ScriptedRows` (``config.extra["script_rows"] = False``
-    turns this off)."""
-    if config is not None and not (config.extra or {}).get("script_rows", True):
-        return program
-    for i, layer in enumerate(program.layer_fns):
+def script_decode_rows(program):
+    """``program`` with every FX layer segment whose sizes depend on its rows alone wrapped in
+    `ScriptedRows` (a new program; ``AdaDecodeConfig(script_rows=False)`` skips this)."""
+    layer_fns = list(program.layer_fns)
+    for i, layer in enumerate(layer_fns):
         if not isinstance(layer, torch.fx.GraphModule):
             continue
         residual = next(k for k, item in enumerate(program.layer_recipes[i]) if item[0] == "residual")
         if sizes_fixed_by_rows(layer, residual):
-            program.layer_fns[i] = ScriptedRows(layer, residual)
-    return program
+            layer_fns[i] = ScriptedRows(layer, residual)
+    return program.replace(layer_fns=layer_fns)

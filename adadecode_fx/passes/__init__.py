@@ -1,6 +1,6 @@
 """Graph passes that turn a captured decoder into an AdaDecode program.
 
-Each pass has the signature ``(gm, settings) -> gm``; `PASSES` is the order they run in. They are
+Each pass has the signature ``(gm: GraphModule, settings: PassSettings) -> GraphModule``; `PASSES` is the order they run in. They are
 importable on their own for use in another FX pipeline::
 
     from adadecode_fx.capture import capture
@@ -9,9 +9,6 @@ importable on their own for use in another FX pipeline::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from torch import fx
 
 from .block_linear import block_linear
@@ -19,15 +16,10 @@ from .deferred_batching import deferred_batching
 from .explicit_kv import explicit_kv
 from .insert_exit_probes import ExitProbe, insert_exit_probes
 from .row_exact_attention import row_exact_attention
+from .settings import PassSettings
 from .split_layers import split_layers
 
 PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, block_linear, insert_exit_probes)
-
-
-@dataclass
-class PassSettings:
-    exit_layers: tuple[int, ...] = ()
-    heads: Any = None  # adadecode_fx.heads.ExitHeads
 
 
 def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.GraphModule:

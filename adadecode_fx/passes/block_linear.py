@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..ops.linear import LINEAR, block_linear_kernel
+from .settings import PassSettings
 from .split_layers import fetch_attr, segment_calls
-
-LINEAR = torch.ops.aten.linear.default
 
 
 def _weight(sub: fx.GraphModule, node: fx.Node):
@@ -39,16 +39,15 @@ def _eligible(sub: fx.GraphModule, node: fx.Node) -> bool:
             and w.dim() == 2 and w.shape[1] % 64 == 0 and w.is_contiguous())
 
 
-def block_linear(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+def block_linear(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     segments = [name for name in segment_calls(gm) if name.startswith("layer_") or name == "epilogue"]
     nodes = [(getattr(gm, s), n) for s in segments for n in getattr(gm, s).graph.nodes if _eligible(getattr(gm, s), n)]
     if not nodes:
         gm.meta["block_linear"] = "no bf16 CPU linears"
         return gm
-    from ..kernels import block_linear_op, block_linear_status
-    op = block_linear_op()
+    op, status = block_linear_kernel()
     if op is None:
-        gm.meta["block_linear"] = f"kept ATen: {block_linear_status()}"
+        gm.meta["block_linear"] = f"kept ATen: {status}"
         return gm
     for sub, node in nodes:
         node.target = op
@@ -58,10 +57,3 @@ def block_linear(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     gm.meta["block_linear"] = f"{len(nodes)} linears"
     return gm
 
-
-def plain_linear(graph: fx.Graph) -> fx.Graph:
-    """Undo the rewrite in ``graph`` (for exporters that do not know the op)."""
-    for node in graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith("adadecode_kernels.block_linear"):
-            node.target = LINEAR
-    return graph

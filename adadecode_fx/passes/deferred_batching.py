@@ -22,6 +22,7 @@ from torch import fx
 
 from ..errors import UnsupportedModelError
 from .split_layers import segment_calls
+from .settings import PassSettings
 
 
 def _expr(v):
@@ -76,7 +77,7 @@ def _is_stream(arg: fx.Node, calls: dict, layer_out) -> bool:
     return same and not any(arg in c.args for c in others)
 
 
-def deferred_batching(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+def deferred_batching(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     calls = segment_calls(gm)
     num_layers = gm.meta["num_layers"]
     for name, call in calls.items():

@@ -18,11 +18,12 @@ from torch import fx
 from ..capture import KV_NAME
 from ..errors import UnsupportedModelError
 from .split_layers import segment_calls
+from .settings import PassSettings
 
 WRITES = {torch.ops.aten.index_copy_.default, torch.ops.aten.index_put_.default, torch.ops.aten.copy_.default}
 
 
-def explicit_kv(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     calls = segment_calls(gm)
     writes = {}
     for name, call in calls.items():

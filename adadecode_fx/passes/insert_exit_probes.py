@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from ..errors import UnsupportedModelError
 from .split_layers import segment_calls
+from .settings import PassSettings
 
 
 class ExitProbe(nn.Module):
@@ -79,7 +80,7 @@ def shortlist_epilogue(epilogue: fx.GraphModule, vocab: torch.Tensor, vocab_size
     return fx.GraphModule(root, graph)
 
 
-def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
+def insert_exit_probes(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     layers = tuple(settings.exit_layers)
     if not layers:
         gm.meta["exit_layers"] = ()
@@ -99,7 +100,7 @@ def insert_exit_probes(gm: fx.GraphModule, settings) -> fx.GraphModule:
         vocab = vocab.to(device)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     probe_head = epilogue
-    if vocab is not None and getattr(settings, "shortlist", True):
+    if vocab is not None:
         probe_head = shortlist_epilogue(epilogue, vocab, gm.meta["vocab_size"])
     extra = []
     for layer in layers:

@@ -21,67 +21,11 @@ at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.on
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
-import torch
 from torch import fx
 
+from ..ops.attention import ROW_EXACT, SDPA
+from .settings import PassSettings
 from .split_layers import segment_calls
-
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_STATE = threading.local()
-
-
-@contextlib.contextmanager
-def prefill_block():
-    """Within this context, attention runs blocks as one call (a prompt's prefill)."""
-    old = getattr(_STATE, "prefill", False)
-    _STATE.prefill = True
-    try:
-        yield
-    finally:
-        _STATE.prefill = old
-
-
-def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> torch.Tensor:
-    """The op's body as a plain function: eager segments call it directly (`adadecode_fx.lower.eager`),
-    skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
-    layer and step)."""
-    T, S = q.shape[-2], k.shape[-2]
-    if T == 1 or getattr(_STATE, "prefill", False) or (attn_mask is None and not is_causal):
-        # contiguous: the fake kernel below promises that layout to compilers
-        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
-    rows = []
-    for i in range(T):
-        n = S - T + i + 1  # row i's position is the (n-1)-th slot: it sees keys [0, n) when alone
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask[..., i:i + 1, :n] if attn_mask.shape[-2] > 1 else attn_mask[..., :n]
-        rows.append(_sdpa(q[..., i:i + 1, :], k[..., :n, :], v[..., :n, :], mask, dropout_p, False, scale,
-                          enable_gqa))
-    return torch.cat(rows, dim=-2)
-
-
-@torch.library.custom_op("adadecode::row_exact_sdpa", mutates_args=())
-def row_exact_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                   enable_gqa: bool = False) -> torch.Tensor:
-    return row_exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-@row_exact_sdpa.register_fake
-def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
-
-
-ROW_EXACT = torch.ops.adadecode.row_exact_sdpa.default
 
 
 def _call_args(node: fx.Node) -> tuple:
@@ -92,7 +36,7 @@ def _call_args(node: fx.Node) -> tuple:
     return tuple(args[:6])
 
 
-def row_exact_attention(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     for name in segment_calls(gm):
         if not name.startswith("layer_"):
             continue
@@ -107,12 +51,3 @@ def row_exact_attention(gm: fx.GraphModule, config=None) -> fx.GraphModule:
         if changed:
             sub.recompile()
     return gm
-
-
-def plain_attention(graph: fx.Graph) -> fx.Graph:
-    """Undo the rewrite in ``graph`` (for exporters that do not know the custom op), also where an eager
-    lowering calls the op's body `row_exact` directly."""
-    for node in graph.nodes:
-        if node.op == "call_function" and (node.target is ROW_EXACT or node.target is row_exact):
-            node.target = SDPA
-    return graph

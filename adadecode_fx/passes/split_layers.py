@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
+from .settings import PassSettings
 
 NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -94,7 +95,7 @@ def assign_partitions(graph: fx.Graph, prefix: str, num_layers: int) -> dict[fx.
     return part
 
 
-def split_layers(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+def split_layers(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     prefix, num_layers = find_layer_prefix(gm.graph)
     part = assign_partitions(gm.graph, prefix, num_layers)
     names = ["prologue"] + [f"layer_{i}" for i in range(num_layers)] + ["epilogue"]

@@ -13,20 +13,13 @@ speculative-sampling rule, so the output is distributed as plain sampling.
 """
 from __future__ import annotations
 
-import copy
 import time
-import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import capture, check_supported
-from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
-from ..heads import ExitHeads
-from ..lower import lower, warm_up
-from ..passes import PASSES, PassSettings, insert_exit_probes, run_passes
-from ..passes.row_exact_attention import prefill_block
+from ..ops.attention import prefill_block
 from .kv_state import KVState
 from .program import DecodeProgram
 from .prompts import prompt_batch
@@ -34,26 +27,14 @@ from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
 from .verify import verify_greedy, verify_sampling
 
+_BUILDER: list = []
 
-_STRUCTURAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-
-def structural_graph(model) -> torch.fx.GraphModule:
-    """Capture + the heads-independent passes, cached per model (capturing a real model takes ~20 s).
-
-    Returns a fresh top-level module over shared segments, so probes can be inserted without touching
-    the cached one. The cache is invalidated if the model's weights were replaced (e.g. by ``.to()``).
-    """
-    key = (model.get_input_embeddings().weight.data_ptr(), model.get_output_embeddings().weight.data_ptr(),
-           model.get_input_embeddings().weight.dtype)
-    hit = _STRUCTURAL.get(model)
-    if hit is None or hit[0] != key:
-        gm = run_passes(capture(model), PassSettings(), passes=[p for p in PASSES if p is not insert_exit_probes])
-        _STRUCTURAL[model] = hit = (key, gm)
-    gm = hit[1]
-    fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    fresh.meta.update(gm.meta)
-    return fresh
+def register_program_builder(build) -> None:
+    """``build(model, heads, config) -> DecodeProgram``, used when an `AdaDecoder` is given a model.
+    `adadecode_fx.build` registers `build_program` when the package is imported; the runtime sits below
+    capture, passes and lowering and never imports them."""
+    _BUILDER[:] = [build]
 
 
 @dataclass
@@ -89,46 +70,34 @@ def _eos_set(eos) -> frozenset:
 
 
 class AdaDecoder:
-    def __init__(self, model, heads: ExitHeads | None = None, config: AdaDecodeConfig | None = None):
-        check_supported(model)
-        config = config or AdaDecodeConfig()
-        n = model.config.num_hidden_layers
-        if heads is not None:
-            heads.check(model)
-        layers = config.exit_layers or (heads.layers if heads is not None else ())
-        config = AdaDecodeConfig(**{**config.__dict__, "exit_layers": tuple(layers)}).validate(n)
-        if layers and heads is None:
-            raise AdaDecodeError("exit layers were given but no heads: pass ExitHeads (or ExitHeads.identity)")
-        missing = [l for l in layers if heads is not None and l not in heads.layers]
-        if missing:
-            raise AdaDecodeError(f"no head for exit layers {missing}; the heads cover {list(heads.layers)}")
-        model_dtype = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
-        if config.dtype == "auto":
-            config.dtype = model_dtype
-        if config.dtype != model_dtype:
-            raise AdaDecodeError(
-                f"the model is {model_dtype} but config.dtype is {config.dtype}: load the model in that dtype "
-                f"(adadecode_fx.models.load(..., dtype={config.dtype!r})) or set config.dtype={model_dtype!r}")
-        self.model, self.heads, self.config = model, heads, config
-        settings = PassSettings(config.exit_layers, heads)
-        self.gm = run_passes(structural_graph(model), settings, passes=(insert_exit_probes,))
-        self.program = lower(DecodeProgram(self.gm), config)
-        self.kv_shapes = self.gm.meta["kv_shapes"]
-        self.device = model.get_input_embeddings().weight.device
-        self.dtype = model.get_input_embeddings().weight.dtype
-        self.default_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.vocab_size = model.config.vocab_size
-        if config.backend != "eager":
-            self.warm_up()
+    """Early exits, deferred layers and verification over a `DecodeProgram`.
+
+    ``AdaDecoder(model, heads, config)`` builds the program (`adadecode_fx.build.build_program`: capture,
+    passes, lowering, warm-up); ``AdaDecoder(program)`` decodes a ready one (e.g. an ONNX export's).
+    """
+
+    def __init__(self, model_or_program, heads=None, config=None):
+        if isinstance(model_or_program, DecodeProgram):
+            if heads is not None or config is not None:
+                raise AdaDecodeError("a ready DecodeProgram carries its heads and config; pass the program alone")
+            program = model_or_program
+        else:
+            if not _BUILDER:
+                raise AdaDecodeError("no program builder is registered: import adadecode_fx first")
+            program = _BUILDER[0](model_or_program, heads, config)
+        self.program = program
+        self.model, self.heads, self.config, self.gm = program.model, program.heads, program.config, program.gm
+        self.kv_shapes, self.vocab_size, self.default_eos = program.kv_shapes, program.vocab_size, program.eos_token_id
+        self.device, self.dtype = program.device, program.dtype
+        self._warmed = {1} if program.needs_warm_up else set()
 
     def warm_up(self, batch: int = 1) -> None:
         """Run every segment once per shape class, so compiled backends compile now, not mid-generation.
         Batches (``batch > 1``) have their own classes, warmed on the first batched generation."""
         key = min(batch, 2)  # dynamo specialises a batch of 1; every larger batch shares one graph
-        warmed = self.__dict__.setdefault("_warmed", set())
-        if key not in warmed:
-            warm_up(self.program, self.kv_shapes, self.dtype, self.device, batch=key)
-            warmed.add(key)
+        if key not in self._warmed:
+            self.program.warm_up(batch=key)
+            self._warmed.add(key)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -165,7 +134,7 @@ class AdaDecoder:
         if batch.size > 1 and self.config.backend in ("onnxruntime", "tensorrt"):
             raise AdaDecodeError(f"the {self.config.backend} engines are built for one sequence; decode a batch with "
                                  "backend='eager' or 'inductor', or one prompt at a time")
-        if batch.size > 1 and self.config.backend != "eager":
+        if batch.size > 1 and self.program.needs_warm_up:
             self.warm_up(batch=batch.size)
         start = time.perf_counter()
         P, B = batch.length, batch.size
@@ -373,11 +342,6 @@ class AdaDecoder:
         return tokens, confs
 
     @classmethod
-    def from_program(cls, program, heads, config: AdaDecodeConfig, *, vocab_size: int, eos_token_id=None,
-                     device="cpu", dtype=torch.float32) -> "AdaDecoder":
-        """A decoder over a ready program (e.g. `adadecode_fx.lower.onnxrt.load_exported`): no torch model."""
-        self = cls.__new__(cls)
-        self.model, self.heads, self.config, self.program, self.gm = None, heads, config, program, program.gm
-        self.kv_shapes, self.vocab_size, self.default_eos = program.kv_shapes, vocab_size, eos_token_id
-        self.device, self.dtype = torch.device(device), dtype
-        return self
+    def from_program(cls, program: DecodeProgram) -> "AdaDecoder":
+        """A decoder over a ready program (the same as ``AdaDecoder(program)``)."""
+        return cls(program)

@@ -5,12 +5,14 @@ calls `prologue`, `layer`, `probe` and `epilogue` and never looks at graphs.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from ..errors import AdaDecodeError
 from ..passes.split_layers import segment_calls
 
 
@@ -26,7 +28,16 @@ def _narrow_last(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
 
 
 class DecodeProgram:
+    """Segments + recipes, plus what a decoder needs to know about the model they came from.
+
+    Lowerings never edit a program: they return `replace(...)` with their own segment callables.
+    """
+
+    # what a program knows of the model it was built from (set by `adadecode_fx.build.build_program`)
+    MODEL_FIELDS = ("config", "heads", "model", "vocab_size", "eos_token_id", "dtype")
+
     def __init__(self, gm: fx.GraphModule):
+        self._declare()
         self.gm = gm
         self.num_layers = gm.meta["num_layers"]
         self.exit_layers = tuple(gm.meta.get("exit_layers", ()))
@@ -58,6 +69,7 @@ class DecodeProgram:
             return tuple(tup(y) for y in x) if isinstance(x, (list, tuple)) else x
 
         self = cls.__new__(cls)
+        self._declare()
         self.gm = gm
         self.num_layers = int(num_layers)
         self.exit_layers = tuple(int(l) for l in exit_layers)
@@ -72,6 +84,60 @@ class DecodeProgram:
         if len(self.layer_fns) != self.num_layers or len(self.layer_recipes) != self.num_layers:
             raise AssertionError("one segment and one recipe per layer expected")
         return self
+
+    def _declare(self) -> None:
+        """Every attribute besides the segments and recipes, with its default."""
+        self.backend = "fx"         # the lowering that made the segment callables
+        self.lowering: dict = {}    # what that lowering reports (compiled templates, export directory...)
+        self.needs_warm_up = False  # compiled segments: run every shape class once before decoding
+        self.config = None          # the resolved AdaDecodeConfig it was built for
+        self.heads = None           # the ExitHeads its probes apply (None: no probes, or not kept)
+        self.model = None           # the torch model, when built from one
+        self.vocab_size: int | None = None
+        self.eos_token_id = None    # the model's default EOS id(s)
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def replace(self, **changes) -> "DecodeProgram":
+        """A copy with ``changes`` (declared attributes only); segment lists and dicts are copied, so the
+        copy's segments can be swapped without touching this program's."""
+        new = copy.copy(self)
+        new.layer_fns, new.probe_fns = list(self.layer_fns), dict(self.probe_fns)
+        new.probe_modules, new.lowering = dict(self.probe_modules), dict(self.lowering)
+        for name, value in changes.items():
+            if not hasattr(self, name) or name.startswith("_"):
+                raise TypeError(f"DecodeProgram has no attribute {name!r}")
+            setattr(new, name, value)
+        return new
+
+    @torch.no_grad()
+    def warm_up(self, batch: int = 1) -> None:
+        """Run every segment on each shape class a generation meets, so compiled backends compile here:
+        (T=1, S=1) a one-token prefill, (T=1, S>1) a decode step, (T>1, S>1) a prefill or a deferred block.
+        Without duck sizing, a prefill (T == S) shares the graph of a deferred block (T < S).
+        ``batch > 1``: the same classes for a batch, and a prompt prefilled alone in row 1 of it (K/V views
+        that start inside the buffers, see `KVState.row`)."""
+        import torch.fx.experimental._config as fx_config
+
+        from .kv_state import KVState
+
+        state = KVState(self.kv_shapes, 8, self.dtype, self.device, 1, pad=[0] * batch)
+        with fx_config.patch(use_duck_shape=False):
+            self._run_shape_classes(state)
+            if batch > 1:
+                self._run_shape_classes(state.row(1))
+
+    def _run_shape_classes(self, state) -> None:
+        for ids, start in (([0], 0), ([0], 1), ([0, 0], 2)):
+            kv = state.views(start + len(ids))
+            top = self.top_inputs([ids] * state.batch, start, kv, state.mask(start + len(ids)))
+            pro = self.prologue(top)
+            hidden = self.embeddings(pro, len(ids))
+            for i in range(self.num_layers):
+                hidden = self.layer(i, hidden, pro, top, kv)
+                if i in self.probe_fns and len(ids) == 1:
+                    self.probe(i, hidden[:, -1:])
+            self.epilogue(hidden)
 
     @staticmethod
     def _top_name(arg):
@@ -147,7 +213,6 @@ class DecodeProgram:
         """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""
         module = self.probe_modules.get(layer)
         if module is None:
-            from ..errors import AdaDecodeError
             raise AdaDecodeError("sampling needs the exit heads' logits, which this program does not keep (an "
                                  "ONNX export's probes return only token and confidence); decode greedily, "
                                  "or build the decoder from the model")

@@ -2,7 +2,7 @@
 import torch
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.passes.row_exact_attention import ROW_EXACT, SDPA, plain_attention, row_exact
+from adadecode_fx.ops.attention import ROW_EXACT, SDPA, plain_attention, row_exact
 from adadecode_fx.runtime import DecodeProgram
 
 from tests.conftest import tiny_model

@@ -11,6 +11,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from adadecode_fx import AdaDecodeConfig, AdaDecodeError, AdaDecoder, ExitHeads, MissingPackageError  # noqa: E402
+from adadecode_fx.export import export_onnx  # noqa: E402
 from adadecode_fx.lower import onnxrt  # noqa: E402
 from adadecode_fx.runtime.kv_state import KVState  # noqa: E402
 from tests.conftest import hf_greedy, tiny_model  # noqa: E402
@@ -37,7 +38,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny, tiny_heads, tiny_config, tmp_path_factory):
-    return onnxrt.export_onnx(tiny, tiny_heads, tiny_config, tmp_path_factory.mktemp("onnx") / "tiny")
+    return export_onnx(tiny, tiny_heads, tiny_config, tmp_path_factory.mktemp("onnx") / "tiny")
 
 
 # ---- (a) structure: the exported layer returns its present K/V ----------------------------------------
@@ -125,14 +126,14 @@ def test_tiny_parity_backend_onnxruntime(tiny, tiny_heads):
 
 @pytest.mark.slow
 def test_smollm2_parity_shipped_heads(smol, tmp_path):
-    from adadecode_fx.data import load_prompts
+    from adadecode_fx.zoo.data import load_prompts
     from adadecode_fx.heads import shipped_heads
 
     model, tokenizer = smol
     heads = ExitHeads.load(shipped_heads("smollm2-135m"), model)
     config = AdaDecodeConfig(threshold=heads.metadata.get("recommended_threshold", 0.75), max_pending=4)
     eager = AdaDecoder(model, heads, config)
-    exported = onnxrt.load_exported(onnxrt.export_onnx(model, heads, config, tmp_path / "smol"))
+    exported = onnxrt.load_exported(export_onnx(model, heads, config, tmp_path / "smol"))
     early = 0
     for record in load_prompts("humaneval", n=1) + load_prompts("gsm8k", n=1):
         ids = tokenizer(record["prompt"][-300:]).input_ids
@@ -177,7 +178,7 @@ def test_bad_exports_raise_clear_errors(tiny_export, tmp_path):
 def test_bf16_is_refused_with_advice(tmp_path):
     model = tiny_model("llama", dtype=torch.bfloat16)
     with pytest.raises(AdaDecodeError, match="fp32"):
-        onnxrt.export_onnx(model, None, AdaDecodeConfig(), tmp_path / "x")
+        export_onnx(model, None, AdaDecodeConfig(), tmp_path / "x")
     with pytest.raises(AdaDecodeError, match="fp32"):
         AdaDecoder(model, None, AdaDecodeConfig(backend="onnxruntime"))
 
@@ -205,7 +206,8 @@ def model_dir(tmp_path_factory):
 
 
 def test_cli_export_then_generate(model_dir, tmp_path, capsys):
-    from adadecode_fx import cli, models
+    from adadecode_fx import cli
+from adadecode_fx.zoo import models
 
     out = tmp_path / "exp"
     rc = cli.main(["export", "--model", str(model_dir), "--exit-layers", "1,2", "--threshold", "0.01",

@@ -10,10 +10,10 @@ from adadecode_fx.lower.scripted_rows import ScriptedRows
 from tests.conftest import hf_greedy, tiny_model
 
 
-def _decoder(family, dtype, **extra):
+def _decoder(family, dtype, **options):
     model = tiny_model(family, dtype=dtype)
     heads = ExitHeads.random(model, (1, 3), scale=0.5, seed=0)
-    return model, AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.02, max_pending=3, extra=extra))
+    return model, AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.02, max_pending=3, **options))
 
 
 def _clone(args):

@@ -8,18 +8,18 @@ import operator
 import pytest
 import torch
 
-from adadecode_fx.passes import deferred_batching, explicit_kv, split_layers
+from adadecode_fx.passes import PassSettings, deferred_batching, explicit_kv, split_layers
 from adadecode_fx.passes.split_layers import segment_calls
 from adadecode_fx.runtime import DecodeProgram, KVState
 from tests.conftest import captured, tiny_model
 
+S = PassSettings()  # every pass takes its settings; these tests need the defaults
+
 FAMILIES = ["llama", "gpt_neox"]
 
 
-
-
 def batched(family):
-    return deferred_batching(explicit_kv(split_layers(captured(family))))
+    return deferred_batching(explicit_kv(split_layers(captured(family), S), S), S)
 
 
 def placeholders(sub):
@@ -28,12 +28,12 @@ def placeholders(sub):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_segments_take_no_symint(family):
-    gm = split_layers(captured(family))
+    gm = split_layers(captured(family), S)
     L = gm.meta["num_layers"]
     before = sum(isinstance(p.meta.get("val"), torch.SymInt) for i in range(L)
                  for p in placeholders(getattr(gm, f"layer_{i}")))
     assert before > 0  # the plain split does hand sizes from the prologue to the layers
-    gm = deferred_batching(explicit_kv(gm))
+    gm = deferred_batching(explicit_kv(gm, S), S)
     calls = segment_calls(gm)
     for name in [f"layer_{i}" for i in range(L)] + ["epilogue"]:
         phs = placeholders(getattr(gm, name))

@@ -5,17 +5,17 @@ import torch
 
 from adadecode_fx.capture import KV_NAME
 from adadecode_fx.errors import UnsupportedModelError
-from adadecode_fx.passes import explicit_kv, split_layers
+from adadecode_fx.passes import PassSettings, explicit_kv, split_layers
 from adadecode_fx.passes.split_layers import segment_calls
 from tests.conftest import captured, tiny_model
+
+S = PassSettings()  # every pass takes its settings; these tests need the defaults
 
 FAMILIES = ["llama", "gpt_neox"]
 
 
-
-
 def labelled(family):
-    return explicit_kv(split_layers(captured(family)))
+    return explicit_kv(split_layers(captured(family), S), S)
 
 
 def kv_placeholders(gm, name):
@@ -66,18 +66,18 @@ def test_kv_writes_cover_all_layers(family):
 
 
 def test_rejects_layer_reading_another_layers_kv():
-    gm = split_layers(captured("llama"))
+    gm = split_layers(captured("llama"), S)
     top = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     call = segment_calls(gm)["layer_1"]
     call.args = tuple(top["kv_0_0"] if getattr(a, "name", "") == "kv_1_0" else a for a in call.args)
     with pytest.raises(UnsupportedModelError, match="layer_1 reads the K/V of layer 0"):
-        explicit_kv(gm)
+        explicit_kv(gm, S)
 
 
 def test_rejects_layer_that_never_writes_its_kv():
-    gm = split_layers(captured("llama"))
+    gm = split_layers(captured("llama"), S)
     for node in gm.layer_2.graph.nodes:  # make layer 2 write a copy instead of its buffer
         if node.target is torch.ops.aten.index_copy_.default:
             node.target = torch.ops.aten.index_copy.default
     with pytest.raises(UnsupportedModelError, match="layer 2 never writes"):
-        explicit_kv(gm)
+        explicit_kv(gm, S)

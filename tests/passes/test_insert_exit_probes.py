@@ -5,7 +5,7 @@ import torch
 from adadecode_fx import ExitHeads
 from adadecode_fx.errors import UnsupportedModelError
 from adadecode_fx.passes import ExitProbe, PassSettings, insert_exit_probes
-from adadecode_fx.runtime.decoder import structural_graph
+from adadecode_fx.build import structural_graph
 from tests.conftest import tiny_model
 
 LAYERS = (1, 3)

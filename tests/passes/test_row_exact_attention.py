@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adadecode_fx.passes import PassSettings, run_passes
-from adadecode_fx.passes.row_exact_attention import (
+from adadecode_fx.ops.attention import (
     ROW_EXACT,
     SDPA,
     plain_attention,

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from adadecode_fx.errors import UnsupportedModelError
+from adadecode_fx.passes import PassSettings
 from adadecode_fx.passes.split_layers import find_layer_prefix, segment_calls, split_layers
 from tests.conftest import captured, tiny_model
 
+S = PassSettings()  # every pass takes its settings; these tests need the defaults
+
 SPLIT_FAMILIES = ["llama", "gpt_neox"]
 COMPUTE = ("call_function", "call_method", "call_module")
-
-
 
 
 def kv_buffers(gm, seq, dtype=torch.float64):
@@ -34,7 +35,7 @@ def module_paths(node):
 
 @pytest.mark.parametrize("family", SPLIT_FAMILIES)
 def test_segments_in_call_order(family):
-    gm = split_layers(captured(family))
+    gm = split_layers(captured(family), S)
     L = tiny_model(family).config.num_hidden_layers
     expected = ["prologue"] + [f"layer_{i}" for i in range(L)] + ["epilogue"]
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
@@ -49,7 +50,7 @@ def test_segments_in_call_order(family):
 
 @pytest.mark.parametrize("family", SPLIT_FAMILIES)
 def test_layer_nodes_come_from_their_layer(family):
-    gm = split_layers(captured(family))
+    gm = split_layers(captured(family), S)
     prefix = gm.meta["layer_prefix"]
     assert re.search(r"(^|\.)layers$", prefix), prefix
     L = gm.meta["num_layers"]
@@ -79,7 +80,7 @@ def test_layer_nodes_come_from_their_layer(family):
 @pytest.mark.parametrize("T,S", [(7, 7), (5, 12)])
 def test_split_module_matches_model(family, T, S):
     model = tiny_model(family)
-    gm = split_layers(captured(family))
+    gm = split_layers(captured(family), S)
     g = torch.Generator().manual_seed(T * 100 + S)
     ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
     kv = kv_buffers(gm, S)
@@ -100,7 +101,7 @@ def test_split_module_matches_model(family, T, S):
 def test_split_does_not_touch_input_graph(family):
     gm = captured(family)
     before = [(n.op, n.name, n.target) for n in gm.graph.nodes]
-    split = split_layers(gm)
+    split = split_layers(gm, S)
     assert [(n.op, n.name, n.target) for n in gm.graph.nodes] == before
     # segments share the model's weights rather than copying them
     model = tiny_model(family)
@@ -137,7 +138,7 @@ def test_find_layer_prefix_rejects_graph_without_layer_list():
     with pytest.raises(UnsupportedModelError, match="numbered module list"):
         find_layer_prefix(ep.graph_module.graph)
     with pytest.raises(UnsupportedModelError):
-        split_layers(ep.graph_module)
+        split_layers(ep.graph_module, S)
 
 
 def test_find_layer_prefix_rejects_graph_without_module_stack():
@@ -153,7 +154,7 @@ def test_find_layer_prefix_rejects_graph_without_module_stack():
 def test_find_layer_prefix_finds_custom_module_list():
     ep = torch.export.export(_Stack(4), (torch.randn(2, 4),))
     assert find_layer_prefix(ep.graph_module.graph) == ("blocks", 4)
-    split = split_layers(ep.graph_module)
+    split = split_layers(ep.graph_module, S)
     assert list(segment_calls(split)) == ["prologue", "layer_0", "layer_1", "layer_2", "layer_3", "epilogue"]
 
 

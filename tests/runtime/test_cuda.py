@@ -47,7 +47,7 @@ def test_cuda_inductor_parity():
 def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
     """The bench's oracle bound replays the reference through the program; its K/V must live with the weights
     (the H100 Qwen bench of session 8 failed here with 'index is on cpu')."""
-    from adadecode_fx.bench_report import oracle_bound
+    from adadecode_fx.bench.report import oracle_bound
     model = _cuda_model("llama", torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
     prompt = list(range(5, 15))
@@ -59,7 +59,7 @@ def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
 
 def test_cuda_probe_cost_builds_its_kv_on_the_device():
     """measure_probe_cost (the oracle bound's probe term) had the same CPU-only K/V as the oracle replay."""
-    from adadecode_fx.evaluation import measure_probe_cost
+    from adadecode_fx.heads.evaluation import measure_probe_cost
     model = _cuda_model("llama", torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
     assert measure_probe_cost(dec.program, dec.heads, repeats=3) > 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.data import load_prompts
+from adadecode_fx.zoo.data import load_prompts
 from adadecode_fx.heads import shipped_heads
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads, model_fingerprint
 from adadecode_fx.errors import AdaDecodeError, HeadsMismatchError
-from adadecode_fx.heads import FORMAT, WEIGHTS_FILE
+from adadecode_fx.heads.format import FORMAT, WEIGHTS_FILE
 from tests.conftest import tiny_model
 
 

@@ -68,8 +68,8 @@ def static_compile_method(model, max_new_tokens: int, device: str) -> Method:
 
 def adadecode_method(model, heads, backend: str, threshold: float, exit_layers, max_pending: int,
                      max_new_tokens: int) -> tuple[Method, object]:
-    from .config import AdaDecodeConfig
-    from .runtime import AdaDecoder
+    from ..config import AdaDecodeConfig
+    from ..runtime import AdaDecoder
 
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
                           backend=backend)

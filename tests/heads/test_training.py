@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from adadecode_fx import ExitHeads
-from adadecode_fx.runtime.decoder import structural_graph
+from adadecode_fx.build import structural_graph
 from adadecode_fx.runtime.program import DecodeProgram
-from adadecode_fx.training import TrainConfig, agreement, collect_hidden, distillation_sequences, train_heads
+from adadecode_fx.heads.readout import agreement, collect_hidden
+from adadecode_fx.heads.training import TrainConfig, distillation_sequences, train_heads
 from tests.conftest import tiny_model
 
 

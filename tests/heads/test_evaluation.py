@@ -2,7 +2,7 @@
 import pytest
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.evaluation import head_records, oracle_layers_per_token, report, simulate
+from adadecode_fx.heads.evaluation import head_records, oracle_layers_per_token, report, simulate
 from tests.conftest import hf_greedy, tiny_model
 
 

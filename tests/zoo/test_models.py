@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from adadecode_fx import models
+from adadecode_fx.zoo import models
 from adadecode_fx.errors import AdaDecodeError, MissingPackageError
 
 

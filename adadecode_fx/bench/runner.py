@@ -27,8 +27,8 @@ divergence is reproducible in that process or came from state that changed betwe
 
 Code: this module runs the benchmark (`run_bench`: builds the methods, warms them up, interleaves them,
 compares token ids) and holds the command line shared by ``adadecode bench`` and
-``bench/run_bench.py``; the methods and their timing are `adadecode_fx.bench_methods`, the summaries,
-oracle bound, JSON, table and plot are `adadecode_fx.bench_report`.
+``bench/run_bench.py``; the methods and their timing are `adadecode_fx.bench.methods`, the summaries,
+oracle bound, JSON, table and plot are `adadecode_fx.bench.report`.
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
-from .bench_methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
-from .bench_report import aggregate, machine_info, oracle_bound, plot, summary_table, write
-from .errors import AdaDecodeError
+from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
+from .report import aggregate, machine_info, oracle_bound, plot, summary_table, write
+from ..config import AdaDecodeConfig
+from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
 TASKS = ("humaneval", "gsm8k", "xsum", "mbpp")
@@ -52,7 +53,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     methods: tuple[str, ...] = HF_METHODS      # HF methods to run (hf_greedy is always run)
     backends: tuple[str, ...] = ("eager", "inductor")
-    threshold: float | None = None             # None: the heads' calibrated value, else 0.75
+    threshold: float | None = None             # None: the heads' calibrated value, else DEFAULT_THRESHOLD
     exit_layers: tuple[int, ...] = ()          # (): the heads' recommended layers, else all of them
     max_pending: int = 5
     prompt_lookup_num_tokens: int = 10
@@ -64,12 +65,10 @@ class BenchConfig:
     recheck_divergence: bool = True            # rerun (untimed) a method and the reference where they differ
 
 
-def resolve_heads_settings(heads, cfg: BenchConfig) -> tuple[tuple[int, ...], float]:
-    meta = heads.metadata if heads is not None else {}
-    layers = tuple(cfg.exit_layers) or tuple(meta.get("recommended_exit_layers", ())) or \
-        (tuple(heads.layers) if heads is not None else ())
-    threshold = cfg.threshold if cfg.threshold is not None else meta.get("recommended_threshold", 0.75)
-    return layers, float(threshold)
+def resolve_heads_settings(heads, cfg: BenchConfig, num_layers: int) -> tuple[tuple[int, ...], float]:
+    """Exit layers and threshold the bench runs AdaDecode with (`AdaDecodeConfig.resolve` decides)."""
+    resolved = AdaDecodeConfig(exit_layers=cfg.exit_layers, threshold=cfg.threshold).resolve(heads, num_layers)
+    return resolved.exit_layers, resolved.threshold
 
 
 def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: str = "cpu",
@@ -87,7 +86,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         raise AdaDecodeError("--max-new-tokens must be >= 1")
     T = cfg.max_new_tokens
     L = model.config.num_hidden_layers
-    layers, threshold = resolve_heads_settings(heads, cfg)
+    layers, threshold = resolve_heads_settings(heads, cfg, model.config.num_hidden_layers)
     unknown = [m for m in cfg.methods if m not in HF_METHODS]
     if unknown:
         raise AdaDecodeError(f"unknown methods {unknown}: choose from {', '.join(HF_METHODS)}")
@@ -201,7 +200,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
             oracle = {"error": _reason(exc)}
     batching = None
     if cfg.batch_sizes:
-        from .bench_batch import run_batch_bench
+        from .batch import run_batch_bench
         batching = run_batch_bench(model, {n: d for n, d in decoders.items() if n in names},
                                    [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log)
     return {"config": {**asdict(cfg), "exit_layers": list(layers), "threshold": threshold, "num_layers": L,
@@ -300,9 +299,9 @@ def add_arguments(p) -> None:
 def main(args, argv=None) -> int:
     import torch
 
-    from . import models
-    from .data import chat_prompt, load_prompts
-    from .heads import ExitHeads, shipped_heads
+    from ..zoo import models
+    from ..zoo.data import chat_prompt, load_prompts
+    from ..heads import ExitHeads, shipped_heads
 
     def names(text):
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
@@ -338,7 +337,7 @@ def main(args, argv=None) -> int:
     write(rep, args.json, args.plot)
     print(summary_table(rep))
     if rep.get("batching"):
-        from .bench_batch import batch_table
+        from .batch import batch_table
         print(batch_table(rep["batching"]))
     ob = rep.get("oracle_bound") or {}
     if ob.get("oracle_speedup_bound"):

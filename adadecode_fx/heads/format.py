@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdaDecodeError, HeadsMismatchError
+from ..errors import AdaDecodeError, HeadsMismatchError
 
 WEIGHTS_FILE = "heads.safetensors"
-SHIPPED = Path(__file__).parent / "heads_data"  # trained heads for zoo models, one folder per zoo name
+SHIPPED = Path(__file__).parent / "shipped"  # trained heads for zoo models, one folder per zoo name
 
 
 def shipped_heads(name: str) -> Path | None:
@@ -103,9 +103,6 @@ class ExitHeads:
             heads.weights[l] = heads.weights[l] + scale * torch.randn(d, d, generator=g) / d ** 0.5
         heads.metadata["random"] = {"scale": scale, "seed": seed}
         return heads
-
-    def without_shortlist(self) -> "ExitHeads":
-        return ExitHeads(self.weights, self.fingerprint, self.hidden_size, self.num_layers, self.metadata, None)
 
     def check(self, model) -> "ExitHeads":
         cfg = model.config

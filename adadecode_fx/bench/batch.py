@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from .bench_methods import _gen_config
-from .errors import AdaDecodeError
+from .methods import _gen_config
+from ..errors import AdaDecodeError
 
 
 def _hf_batch(model, max_new_tokens: int):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from adadecode_fx import data
+from adadecode_fx.zoo import data
 from adadecode_fx.errors import AdaDecodeError, MissingPackageError
 
 SIZES = {"humaneval": 164, "mbpp": 500, "gsm8k": 1319, "xsum": 1000}

@@ -16,8 +16,8 @@ import os
 import platform
 import statistics
 
-from .bench_methods import Method
-from .report_files import write_report
+from .methods import Method
+from ..report_files import write_report
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -40,7 +40,7 @@ def machine_info(device: str = "cpu") -> dict:
     except (ImportError, OSError):
         pass
     try:
-        from . import __version__
+        from .. import __version__
         info["adadecode_fx"] = __version__
     except ImportError:
         pass
@@ -95,7 +95,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
     both from `adadecode_fx.evaluation`."""
-    from .evaluation import head_records, measure_probe_cost, report, simulate
+    from ..heads.evaluation import head_records, measure_probe_cost, report, simulate
 
     seqs, lens = [], []
     for p in per_prompt:

@@ -1,0 +1,234 @@
+"""Calibration of exit heads and the speed-up they can buy (``adadecode eval-heads``).
+
+On held-out prompts we record, for every position of the model's own greedy continuation, each
+head's (token, confidence) and whether it matches the final layer. Because the runtime's corrected
+tokens are exactly those greedy tokens, replaying its schedule on these records (`simulate`) gives
+the critical path it will really take, without running it: layers per token on the critical path,
+exit rate and acceptance for each threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..report_files import write_report
+
+GAMMAS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+@dataclass
+class Schedule:
+    tokens: int
+    critical_layers: int
+    early: int
+    accepted: int
+    rejected: int
+    probes: int
+
+    @property
+    def layers_per_token(self) -> float:
+        return self.critical_layers / max(1, self.tokens)
+
+
+def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pending: int = 5) -> Schedule:
+    """Replay the runtime on one sequence. ``conf[l][t]``/``agree[l][t]``: head l's confidence and
+    correctness when predicting generated token t. Mirrors AdaDecoder step for step: token 0 comes from
+    the prefill; then exit at the first confident head while fewer than ``max_pending`` early tokens
+    wait; a full-depth step verifies them and restarts after the first wrong one; at the end a flush
+    runs the deferred layers of the last early tokens.
+
+    Exact when every step sees the records' context, which holds for ``max_pending=1`` or right early
+    tokens. After a wrong early token the runtime keeps stepping on the wrong context until it
+    verifies; the replay uses the right-context confidences for those steps, an approximation of how
+    much work the rollback throws away."""
+    layers = sorted(conf)
+    n = len(next(iter(conf.values()))) if conf else 0
+    t, pending, cost, probes = 1, [], 0, 0  # pending: (token index, exit layer, correct)
+    early = accepted = rejected = 0
+
+    def verify():
+        nonlocal accepted, rejected, pending
+        wrong = next((i for i, _, ok in pending if not ok), None)
+        accepted += sum(1 for i, _, _ in pending if wrong is None or i < wrong)
+        rejected += wrong is not None
+        pending = []
+        return wrong
+
+    while True:
+        if t >= n:
+            if not pending:
+                break
+            cost += num_layers - (min(e for _, e, _ in pending) + 1)
+            wrong = verify()
+            if wrong is None:
+                break
+            t = wrong + 1
+            continue
+        exit_layer = None
+        if len(pending) < max_pending:
+            for l in layers:
+                probes += 1
+                if conf[l][t] >= threshold:
+                    exit_layer = l
+                    break
+        if exit_layer is not None:
+            cost += exit_layer + 1
+            early += 1
+            pending.append((t, exit_layer, bool(agree[exit_layer][t])))
+            t += 1
+            continue
+        cost += num_layers
+        wrong = verify()
+        t = t + 1 if wrong is None else wrong + 1
+    return Schedule(n, cost, early, accepted, rejected, probes)
+
+
+def oracle_layers_per_token(agree: dict, num_layers: int) -> float:
+    """Every token exits at the first layer whose head already agrees (no pending limit, no misses)."""
+    layers = sorted(agree)
+    n = len(next(iter(agree.values())))
+    cost = 0
+    for t in range(n):
+        first = next((l for l in layers if agree[l][t]), None)
+        cost += num_layers if first is None else first + 1
+    return cost / max(1, n)
+
+
+def report(records: list[dict], num_layers: int, probe_cost: float, max_pending: int = 5) -> dict:
+    """``records``: per sequence {"conf": {l: list}, "agree": {l: list}}. ``probe_cost``: one probe in
+    units of one decoder layer (measured). Returns per-layer calibration and per-threshold bounds."""
+    layers = sorted(records[0]["conf"])
+    flat_conf = {l: torch.tensor([c for r in records for c in r["conf"][l]]) for l in layers}
+    flat_agree = {l: torch.tensor([a for r in records for a in r["agree"][l]]) for l in layers}
+    per_layer = {}
+    for l in layers:
+        c, a = flat_conf[l], flat_agree[l].float()
+        rows = []
+        for g in GAMMAS:
+            m = c >= g
+            rows.append({"gamma": g, "coverage": m.float().mean().item(),
+                         "precision": a[m].mean().item() if m.any() else None})
+        per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
+    per_gamma = _sweep(records, layers, num_layers, probe_cost, max_pending)
+    subsets = []  # a weak early head can cost more than it saves: try every subset of the heads
+    for mask in range(1, 1 << len(layers)):
+        sub = [l for i, l in enumerate(layers) if mask >> i & 1]
+        best_row = max(_sweep(records, sub, num_layers, probe_cost, max_pending), key=lambda r: r["speedup_bound"])
+        subsets.append({"layers": sub, **best_row})
+    chosen = max(subsets, key=lambda r: r["speedup_bound"])
+    best = max(per_gamma, key=lambda r: r["speedup_bound"])
+    oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
+    oracle /= sum(len(r["agree"][layers[0]]) for r in records)
+    return {"layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
+            "probe_cost_layers": probe_cost, "max_pending": max_pending, "per_layer": per_layer,
+            "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
+            "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
+                            "speedup_bound": chosen["speedup_bound"]},
+            "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
+
+
+def _sweep(records, layers, num_layers, probe_cost, max_pending) -> list[dict]:
+    per_gamma = []
+    for g in GAMMAS:
+        runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
+                         num_layers, g, max_pending) for r in records]
+        tok = sum(s.tokens for s in runs)
+        crit = sum(s.critical_layers for s in runs)
+        probes = sum(s.probes for s in runs)
+        early = sum(s.early for s in runs)
+        acc = sum(s.accepted for s in runs)
+        rej = sum(s.rejected for s in runs)
+        lpt = crit / tok
+        per_gamma.append({"gamma": g, "layers_per_token": lpt, "early_exit_rate": acc / tok,
+                          "acceptance": acc / early if early else None, "rejections": rej,
+                          "probes_per_token": probes / tok,
+                          "speedup_bound": num_layers / (lpt + probe_cost * probes / tok)})
+    return per_gamma
+
+
+def plot(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for l, d in rep["per_layer"].items():
+        xs = [r["coverage"] for r in d["curve"]]
+        ys = [r["precision"] if r["precision"] is not None else float("nan") for r in d["curve"]]
+        a.plot(xs, ys, marker="o", label=f"layer {l} (agree {d['agreement']:.0%})")
+    a.set_xlabel("coverage (share of tokens with confidence >= gamma)")
+    a.set_ylabel("precision (head == final)")
+    a.set_title("exit heads: coverage vs precision, gamma 0.5..0.95")
+    a.legend()
+    g = [r["gamma"] for r in rep["per_gamma"]]
+    b.plot(g, [r["speedup_bound"] for r in rep["per_gamma"]], marker="o", label="speed-up bound (probe cost incl.)")
+    b.plot(g, [r["early_exit_rate"] for r in rep["per_gamma"]], marker="s", label="early-exit rate")
+    b.axhline(rep["oracle_speedup_bound"], ls="--", c="gray", label=f"oracle bound {rep['oracle_speedup_bound']:.2f}x")
+    b.set_xlabel("gamma")
+    b.set_title(f"replayed schedule (recommended gamma {rep['recommended_gamma']})")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rep: dict, json_path=None, png_path=None) -> None:
+    write_report(rep, json_path, png_path, plot=plot)
+
+
+@torch.no_grad()
+def measure_probe_cost(program, heads, repeats: int = 30) -> float:
+    """Median time of one exit probe over the median time of one decoder layer, both on one row.
+    ``program`` must carry the probes (``AdaDecoder(...).program``)."""
+    import statistics
+    import time
+
+    from ..runtime.kv_state import KVState
+    from .readout import segment_device
+
+    device = segment_device(program)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time the kernels, not the launches
+    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
+    keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
+    h = keep[heads.layers[0]][:, -1:]
+    kv = state.views(65)
+    top = program.top_inputs([1], 64, kv)
+    pro = program.prologue(top)
+    layer_t, probe_t = [], []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        program.layer(program.num_layers // 2, h, pro, top, kv)
+        sync()
+        t1 = time.perf_counter()
+        program.probe(heads.layers[0], h)
+        sync()
+        t2 = time.perf_counter()
+        layer_t.append(t1 - t0)
+        probe_t.append(t2 - t1)
+    return statistics.median(probe_t) / statistics.median(layer_t)
+
+
+def heads_dtype(program):
+    from .readout import epilogue_weight
+
+    return epilogue_weight(program).dtype
+
+
+@torch.no_grad()
+def head_records(program, heads, seqs: list[list[int]], prompt_lens: list[int]) -> list[dict]:
+    """Per sequence: each head's confidence and agreement with the final argmax at every position that
+    predicts a generated token."""
+    from .readout import agreement, collect_hidden
+
+    out = []
+    dtype = heads_dtype(program)
+    for ids, p in zip(seqs, prompt_lens):
+        hidden, final = collect_hidden(program, [ids], heads.layers, program.gm.meta["kv_shapes"], dtype)
+        res, _ = agreement(program, heads, hidden, final)
+        sl = slice(p - 1, len(ids) - 1)
+        out.append({"conf": {l: r["conf"][sl].tolist() for l, r in res.items()},
+                    "agree": {l: r["agree"][sl].tolist() for l, r in res.items()}})
+    return out

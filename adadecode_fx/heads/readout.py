@@ -1,0 +1,62 @@
+"""What the exit probes see: hidden states read from a decoding program, and how often a head agrees
+with the final layer. Shared by training (the targets) and evaluation (the records)."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..passes.insert_exit_probes import ExitProbe, shortlist_epilogue
+from ..runtime.kv_state import KVState
+from ..runtime.program import DecodeProgram
+from .format import ExitHeads
+
+
+def epilogue_weight(program: DecodeProgram) -> torch.Tensor | None:
+    """A weight of the program's epilogue: its device and dtype are the program's."""
+    return next(itertools.chain(program.epilogue_fn.parameters(), program.epilogue_fn.buffers()), None)
+
+
+def segment_device(program: DecodeProgram) -> torch.device:
+    """Where the program's weights live (its K/V and inputs must be there too); CPU if it holds none."""
+    weight = epilogue_weight(program)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_shapes, dtype):
+    """Stack exit-layer and final-layer hidden states of all sequences: ({l: [N, d]}, [N, d])."""
+    per_layer = {l: [] for l in layers}
+    final = []
+    device = segment_device(program)
+    for ids in seqs:
+        state = KVState(kv_shapes, len(ids), dtype, device, 64)
+        keep, last = program.hidden_states(ids, set(layers), state)
+        for l in layers:
+            per_layer[l].append(keep[l][0])
+        final.append(last[0])
+    return {l: torch.cat(v) for l, v in per_layer.items()}, torch.cat(final)
+
+
+@torch.no_grad()
+def final_argmax(program: DecodeProgram, final: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([program.epilogue(final[i:i + chunk][None])[0].argmax(-1) for i in range(0, len(final), chunk)])
+
+
+@torch.no_grad()
+def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: torch.Tensor, chunk: int = 256):
+    """Per layer: the probe's token and confidence (shortlist included, as at decode time) and whether it
+    equals the final argmax, for every token."""
+    head = program.epilogue_fn
+    if heads.vocab is not None:
+        head = shortlist_epilogue(head, heads.vocab, program.gm.meta["vocab_size"])
+    result = {}
+    target = final_argmax(program, final, chunk)
+    for l in heads.layers:
+        dev = hidden[l].device
+        vocab = None if heads.vocab is None else heads.vocab.to(dev)
+        probe = ExitProbe(heads.weight(l).to(device=dev, dtype=hidden[l].dtype), head, vocab)
+        toks, confs = zip(*(probe(hidden[l][i:i + chunk][None]) for i in range(0, len(final), chunk)))
+        tok = torch.cat([t[0] for t in toks])
+        result[l] = {"token": tok, "conf": torch.cat([c[0] for c in confs]), "agree": tok == target}
+    return result, target

@@ -1,0 +1,16 @@
+"""What the passes are told: one dataclass, defaults in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..heads.format import ExitHeads
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """exit_layers: decoder layers after which `insert_exit_probes` adds a probe (empty: none).
+    heads: the `ExitHeads` whose adapters those probes apply (needed when exit_layers is not empty)."""
+    exit_layers: tuple[int, ...] = ()
+    heads: "ExitHeads | None" = None

@@ -1,0 +1,1 @@
+"""Real models and prompt sets that ship inside PyPI wheels, usable offline: `models`, `data`."""
