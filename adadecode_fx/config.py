@@ -10,7 +10,7 @@ from .errors import AdaDecodeError
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 DEFAULT_THRESHOLD = 0.75  # the paper's gamma, for heads that were never calibrated (eval-heads --set-threshold)
 DEFAULT_MAX_PENDING = 5   # the paper's limit on early tokens waiting for verification
-# the typed options that ``extra`` used to carry, accepted there still and moved to their fields
+# options that may also come through ``extra`` (an older spelling), moved to their typed fields
 _EXTRA_FIELDS = ("script_rows", "onnx_dir", "onnx_providers")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64", "fp64": "float64"}

@@ -39,13 +39,13 @@ inline float lanes_sum(__m256 v) {
 // register) for R rows. R = 2 keeps 16 accumulators + 1 scratch, so at most one spills; from DRAM a
 // 2-row call then costs about one ATen row (docs/kernels.md). One-row calls use dots_two_weight_rows.
 // (The two-halves loop below is written out twice on purpose: a shared lambda-taking helper measured
-// 3-7% slower on two-row blocks, session 9.)
+// 3-7% slower on two-row blocks; docs/kernels.md.)
 constexpr int kRows = 2;
 // Bytes of weights (bf16) and of rows (fp32) per tile of a long block: two such tiles fit a 512 KB L2.
 constexpr int64_t kTileBytes = 96 * 1024;
 
 // Elements (bf16) a streaming pass prefetches ahead of the row it reads: 2 KB, measured best with two
-// streams per thread (docs/kernels.md, session 9). The long-block tiles read from L2 and do not prefetch.
+// streams per thread (docs/kernels.md). The long-block tiles read from L2 and do not prefetch.
 constexpr int kPrefetch = 1024;
 
 inline __m256 widen(const uint16_t* p) {

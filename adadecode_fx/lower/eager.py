@@ -3,7 +3,7 @@ one-row layer steps run as TorchScript traces of the same ATen calls (`adadecode
 
 Why: `adadecode::row_exact_sdpa` is a custom op so that dynamo and exporters treat it as one opaque call.
 Eager segments do not need that, and every call through the dispatcher into a Python kernel costs
-~0.1 ms on a 2-core CPU (measured quiet, session 5), once per layer and step. Eager layers get
+~0.1 ms on a 2-core CPU (docs/lowering.md), once per layer and step. Eager layers get
 private copies that call the op's body directly; the shared segments keep the op for other lowerings.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why: a decode step through one layer at T = 1 is ~55 small ATen calls besides the linears. Issued from
 the FX module's Python code, each costs 10-25 us of interpreter and dispatch on a 2-core CPU, ~0.4 ms
-per layer and step (Qwen2.5-Coder-0.5B bf16, session 8: 3.2 ms -> 2.7 ms per layer call). A trace of
+per layer and step (Qwen2.5-Coder-0.5B bf16: 3.2 ms -> 2.7 ms per layer call, docs/lowering.md). A trace of
 the segment on a one-row input records the same ATen calls with the same arguments, in the same order,
 and TorchScript's interpreter issues them from C++: the same kernels, so the same bits.
 

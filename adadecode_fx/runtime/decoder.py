@@ -14,18 +14,18 @@ speculative-sampling rule, so the output is distributed as plain sampling.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AdaDecodeError
 from ..ops.attention import prefill_block
 from .kv_state import KVState
+from .policy import GreedyDecisions, Probe, SamplingDecisions
 from .program import DecodeProgram
 from .prompts import prompt_batch
 from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
-from .verify import verify_greedy, verify_sampling
 
 _BUILDER: list = []
 
@@ -46,6 +46,7 @@ class _Run:
     kv: KVState
     stats: DecodeStats
     origin: list[int] = field(default_factory=list)  # per output slot: the layer that predicted it
+    decisions: object = None                           # `Decisions`: greedy or sampling (runtime/policy.py)
     sampler: Sampler | None = None                     # None: greedy
     drafts: list = field(default_factory=list)         # sampling, per row: q of each pending early token
     ends: list = field(default_factory=list)           # per row: its length once finished (EOS/stop), else None
@@ -74,9 +75,11 @@ class AdaDecoder:
 
     ``AdaDecoder(model, heads, config)`` builds the program (`adadecode_fx.build.build_program`: capture,
     passes, lowering, warm-up); ``AdaDecoder(program)`` decodes a ready one (e.g. an ONNX export's).
+    ``probe``: a `Probe` callable ``(layer, hidden_last, rows) -> (tokens, confidences)`` that replaces the
+    heads' greedy exit decision (tests plug oracle and adversarial probes in here).
     """
 
-    def __init__(self, model_or_program, heads=None, config=None):
+    def __init__(self, model_or_program, heads=None, config=None, *, probe: Probe | None = None):
         if isinstance(model_or_program, DecodeProgram):
             if heads is not None or config is not None:
                 raise AdaDecodeError("a ready DecodeProgram carries its heads and config; pass the program alone")
@@ -89,6 +92,7 @@ class AdaDecoder:
         self.model, self.heads, self.config, self.gm = program.model, program.heads, program.config, program.gm
         self.kv_shapes, self.vocab_size, self.default_eos = program.kv_shapes, program.vocab_size, program.eos_token_id
         self.device, self.dtype = program.device, program.dtype
+        self.probe = probe or self.exit_probe
         self._warmed = {1} if program.needs_warm_up else set()
 
     def warm_up(self, batch: int = 1) -> None:
@@ -138,11 +142,13 @@ class AdaDecoder:
             self.warm_up(batch=batch.size)
         start = time.perf_counter()
         P, B = batch.length, batch.size
-        run = _Run(rows=batch.rows, n_verified=P, prompt_len=P,
+        sampler = None if sampling is None else Sampler(sampling, self.device)
+        decisions = (GreedyDecisions(self.probe, self.config.threshold) if sampler is None
+                     else SamplingDecisions(self.exit_logits, sampler, self.config.threshold))
+        run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
                    kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket,
                               pad=batch.pad),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
-                   sampler=None if sampling is None else Sampler(sampling, self.device),
                    drafts=[[] for _ in range(B)], ends=[None] * B)
         self._prefill(run)
         published = P
@@ -224,7 +230,7 @@ class AdaDecoder:
         P = run.prompt_len
         for b, row in enumerate(run.rows):
             alone = _Run(rows=[row], n_verified=P, prompt_len=P, kv=run.kv.row(b), stats=run.stats,
-                         sampler=run.sampler, drafts=[[]], ends=[None])
+                         decisions=run.decisions, sampler=run.sampler, drafts=[[]], ends=[None])
             with prefill_block():  # one attention call over the prompt, as plain decoding prefills
                 self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)
@@ -258,19 +264,14 @@ class AdaDecoder:
         self._verify(run, first, prog.epilogue(hidden[:, first - a:]))
 
     def _exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor) -> bool:
-        """The exit decision (batch-wide): emit one early token per row if every unfinished row's probe
-        is confident enough."""
-        active = run.active()
-        if run.sampler is None:
-            tokens, confs = self.exit_probe(layer, hidden_last, run.rows)
-        else:
-            tokens, confs = self._sample_exit(run, layer, hidden_last, active)
-        if min(confs[b] for b in active) < self.config.threshold:
+        """The exit decision (batch-wide, `Decisions.draft`): one early token per row, or go on."""
+        tokens = run.decisions.draft(run, layer, hidden_last)
+        if tokens is None:
             return False
         for b, row in enumerate(run.rows):
             row.append(tokens[b] if tokens[b] >= 0 else row[-1])  # finished rows: any valid id
         run.origin.append(layer)
-        run.stats.early_emitted += len(active)
+        run.stats.early_emitted += len(run.active())
         return True
 
     def _verify(self, run: "_Run", first: int, logits: torch.Tensor) -> None:
@@ -278,18 +279,7 @@ class AdaDecoder:
         ``logits [B, T, V]`` (row ``k`` predicts slot ``first + k + 1``); roll all rows back to the
         earliest wrong slot and give each row its final token there."""
         L, P = self.program.num_layers, run.prompt_len
-        verdicts = {}
-        preds = logits.argmax(dim=-1).tolist() if run.sampler is None else None  # one call for all rows
-        for b in run.active():
-            row = run.rows[b]
-            if preds is not None:
-                verdicts[b] = verify_greedy(row, first, preds[b])
-            else:
-                pad = run.kv.pad[b]
-                probs = run.sampler.distributions(logits[b], row[pad:], first - pad)
-                v = verify_sampling(row[pad:], first - pad, probs, run.drafts[b], run.sampler.generator)
-                verdicts[b] = v if v.rejected_at is None else replace(v, rejected_at=v.rejected_at + pad)
-            run.drafts[b].clear()  # every pending token is now accepted or rolled back
+        verdicts = run.decisions.judge(run, first, logits)
         run.stats.accepted += sum(v.accepted for v in verdicts.values())
         cut = min((v.rejected_at for v in verdicts.values() if v.rejected_at is not None), default=None)
         if cut is not None:
@@ -323,23 +313,6 @@ class AdaDecoder:
         shortlist). The logits processors are applied to them as to the final layer's. Tests override
         this (like `exit_probe`) to force particular early-token distributions."""
         return self.program.probe_logits(layer, hidden_last, self.vocab_size).reshape(hidden_last.shape[0], -1)
-
-    def _sample_exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor, active) -> tuple[list, list]:
-        """Per row (token drawn from q, max q); if every active row is confident, each q is recorded for
-        verification. Finished rows get token -1 and confidence 1."""
-        logits = self.exit_logits(layer, hidden_last, run.rows)
-        tokens, confs, qs = [-1] * len(run.rows), [1.0] * len(run.rows), {}
-        for b in active:
-            pad = run.kv.pad[b]
-            q = run.sampler.distribution(logits[b], run.rows[b][pad:])
-            confs[b] = 0.0 if q is None else float(q.max())
-            if confs[b] < self.config.threshold:
-                return tokens, confs
-            qs[b] = q
-        for b, q in qs.items():
-            run.drafts[b].append(q)
-            tokens[b] = int(torch.multinomial(q, 1, generator=run.sampler.generator))
-        return tokens, confs
 
     @classmethod
     def from_program(cls, program: DecodeProgram) -> "AdaDecoder":

@@ -207,7 +207,7 @@ def model_dir(tmp_path_factory):
 
 def test_cli_export_then_generate(model_dir, tmp_path, capsys):
     from adadecode_fx import cli
-from adadecode_fx.zoo import models
+    from adadecode_fx.zoo import models
 
     out = tmp_path / "exp"
     rc = cli.main(["export", "--model", str(model_dir), "--exit-layers", "1,2", "--threshold", "0.01",

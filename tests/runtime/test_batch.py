@@ -41,18 +41,15 @@ def test_every_row_equals_its_own_greedy(family, data):
     assert out.stats.batch_size == len(prompts) and out.stats.new_tokens == len(prompts) * new
 
 
-class ScriptedRows(AdaDecoder):
+def scripted_rows(model, references, wrong):
     """Every probe is confident; row b's guess for a slot is the reference token unless ``wrong(b, slot)``."""
+    vocab = model.config.vocab_size
 
-    def __init__(self, model, references, wrong):
-        super().__init__(model, ExitHeads.identity(model, [1]), AdaDecodeConfig(threshold=0.5, max_pending=3))
-        self.references, self.wrong = references, wrong
-
-    def exit_probe(self, layer, hidden_last, rows):
+    def probe(layer, hidden_last, rows):
         slot = len(rows[0])
-        vocab = self.model.config.vocab_size
-        return ([(ref[slot] + self.wrong(b, slot)) % vocab for b, ref in enumerate(self.references)],
-                [1.0] * len(rows))
+        return [(ref[slot] + wrong(b, slot)) % vocab for b, ref in enumerate(references)], [1.0] * len(rows)
+
+    return AdaDecoder(model, ExitHeads.identity(model, [1]), AdaDecodeConfig(threshold=0.5, max_pending=3), probe=probe)
 
 
 def scripted_run(wrong, new=15):
@@ -61,7 +58,7 @@ def scripted_run(wrong, new=15):
     refs = [hf_greedy(model, p, new) for p in prompts]
     width = max(map(len, prompts))
     padded = [[0] * (width - len(p)) + p + r + [0] for p, r in zip(prompts, refs)]
-    return ScriptedRows(model, padded, wrong).generate(prompts, max_new_tokens=new), refs
+    return scripted_rows(model, padded, wrong).generate(prompts, max_new_tokens=new), refs
 
 
 def test_one_wrong_row_rolls_back_all_rows_and_loses_nothing():

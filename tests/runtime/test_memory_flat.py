@@ -3,7 +3,7 @@ parked (deferred) rows never exceed the pending-token bound."""
 
 from adadecode_fx.runtime import kv_state
 from tests.conftest import hf_greedy, tiny_model
-from tests.runtime.test_oracle_adversarial import ScriptedDecoder
+from tests.runtime.test_oracle_adversarial import scripted_decoder
 
 
 def test_rollbacks_do_not_grow_state(monkeypatch):
@@ -25,7 +25,7 @@ def test_rollbacks_do_not_grow_state(monkeypatch):
 
     monkeypatch.setattr(kv_state.KVState, "__init__", init)
     monkeypatch.setattr(kv_state.KVState, "park", park)
-    dec = ScriptedDecoder(model, [0, 2], prompt + ref, wrong=True, threshold=0.75, max_pending=max_pending)
+    dec = scripted_decoder(model, [0, 2], prompt + ref, wrong=True, threshold=0.75, max_pending=max_pending)
     out = dec.generate(prompt, max_new_tokens=n)
     assert out.new_tokens == ref
     assert out.stats.rejected == n - 1  # a rollback for every token

@@ -5,16 +5,16 @@ from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from tests.conftest import hf_greedy, tiny_model
 
 
-class ScriptedDecoder(AdaDecoder):
-    """Replaces the heads' guess with the reference token (oracle) or a wrong one (adversary)."""
+def scripted_decoder(model, layers, reference, wrong, **cfg):
+    """A decoder whose exit probe guesses the reference token (oracle) or a wrong one (adversary),
+    always confident: plugged in through the probe seam."""
+    vocab = model.config.vocab_size
 
-    def __init__(self, model, layers, reference, wrong, **cfg):
-        super().__init__(model, ExitHeads.identity(model, layers), AdaDecodeConfig(**cfg))
-        self.reference, self.wrong = reference, wrong
+    def probe(layer, hidden_last, rows):
+        right = reference[len(rows[0])]
+        return [(right + 1) % vocab if wrong else right], [1.0]
 
-    def exit_probe(self, layer, hidden_last, rows):
-        right = self.reference[len(rows[0])]
-        return [(right + 1) % self.model.config.vocab_size if self.wrong else right], [1.0]
+    return AdaDecoder(model, ExitHeads.identity(model, layers), AdaDecodeConfig(**cfg), probe=probe)
 
 
 def expected_schedule(new_tokens: int, max_pending: int):
@@ -37,7 +37,7 @@ def test_oracle_heads(family, max_pending):
     model = tiny_model(family)
     prompt, n = list(range(5, 25)), 33
     ref = hf_greedy(model, prompt, n)
-    dec = ScriptedDecoder(model, [1, 3], prompt + ref, wrong=False, threshold=0.75, max_pending=max_pending)
+    dec = scripted_decoder(model, [1, 3], prompt + ref, wrong=False, threshold=0.75, max_pending=max_pending)
     out = dec.generate(prompt, max_new_tokens=n)
     assert out.new_tokens == ref
     early, final, flush = expected_schedule(n, max_pending)
@@ -56,7 +56,7 @@ def test_adversarial_heads(family, max_pending):
     model = tiny_model(family)
     prompt, n = list(range(7, 19)), 21
     ref = hf_greedy(model, prompt, n)
-    dec = ScriptedDecoder(model, [0, 2], prompt + ref, wrong=True, threshold=0.75, max_pending=max_pending)
+    dec = scripted_decoder(model, [0, 2], prompt + ref, wrong=True, threshold=0.75, max_pending=max_pending)
     out = dec.generate(prompt, max_new_tokens=n)
     assert out.new_tokens == ref
     s = out.stats

@@ -1,0 +1,79 @@
+"""The seam between drafting and verifying: what an exit probe proposes, and what the last layer decides.
+
+A generation holds one `Decisions` object. The decode loop asks it two things and nothing else:
+
+- ``draft(run, layer, hidden_last)``: at an exit probe, the early token of every row if the exit is
+  taken (every unfinished row confident enough), else ``None``;
+- ``judge(run, first, logits)``: at the last layer, a `Verdict` per unfinished row on its pending tokens.
+
+`GreedyDecisions` drafts argmax tokens and judges by argmax equality; `SamplingDecisions` drafts from the
+head's processed distribution ``q`` and judges by the speculative-sampling rule. Both take a *probe*
+callable, which tests replace with oracle or adversarial ones.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from .verify import Verdict, verify_greedy, verify_sampling
+
+# (layer, hidden_last [B, 1, d], rows so far) -> per row (token, confidence); the prediction is for slot len(rows[b])
+Probe = Callable[[int, torch.Tensor, list], tuple[list, list]]
+# (layer, hidden_last [B, 1, d], rows so far) -> the head's logits [B, V]
+ProbeLogits = Callable[[int, torch.Tensor, list], torch.Tensor]
+
+
+class Decisions(Protocol):
+    def draft(self, run, layer: int, hidden_last: torch.Tensor) -> list[int] | None: ...
+
+    def judge(self, run, first: int, logits: torch.Tensor) -> dict[int, Verdict]: ...
+
+
+class GreedyDecisions:
+    def __init__(self, probe: Probe, threshold: float):
+        self.probe, self.threshold = probe, threshold
+
+    def draft(self, run, layer, hidden_last):
+        tokens, confs = self.probe(layer, hidden_last, run.rows)
+        if min(confs[b] for b in run.active()) < self.threshold:
+            return None
+        return tokens
+
+    def judge(self, run, first, logits):
+        """``logits [B, T, V]``: row ``k`` predicts slot ``first + k + 1``."""
+        preds = logits.argmax(dim=-1).tolist()  # one call for all rows
+        return {b: verify_greedy(run.rows[b], first, preds[b]) for b in run.active()}
+
+
+class SamplingDecisions:
+    def __init__(self, probe_logits: ProbeLogits, sampler, threshold: float):
+        self.probe_logits, self.sampler, self.threshold = probe_logits, sampler, threshold
+
+    def draft(self, run, layer, hidden_last):
+        """Per row, ``q`` = the processed head distribution; the exit is taken only if every unfinished row's
+        max q reaches the threshold, and then each row's token is drawn from its q (kept for `judge`).
+        Finished rows get token -1."""
+        logits = self.probe_logits(layer, hidden_last, run.rows)
+        qs = {}
+        for b in run.active():
+            pad = run.kv.pad[b]
+            q = self.sampler.distribution(logits[b], run.rows[b][pad:])
+            if q is None or float(q.max()) < self.threshold:
+                return None
+            qs[b] = q
+        tokens = [-1] * len(run.rows)
+        for b, q in qs.items():
+            run.drafts[b].append(q)
+            tokens[b] = int(torch.multinomial(q, 1, generator=self.sampler.generator))
+        return tokens
+
+    def judge(self, run, first, logits):
+        verdicts = {}
+        for b in run.active():
+            pad, row = run.kv.pad[b], run.rows[b]
+            probs = self.sampler.distributions(logits[b], row[pad:], first - pad)
+            v = verify_sampling(row[pad:], first - pad, probs, run.drafts[b], self.sampler.generator)
+            verdicts[b] = v if v.rejected_at is None else Verdict(v.accepted, v.rejected_at + pad, v.next_token)
+            run.drafts[b].clear()  # every pending token is now accepted or rolled back
+        return verdicts
