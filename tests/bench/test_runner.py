@@ -5,7 +5,9 @@ import json
 import pytest
 
 from adadecode_fx import ExitHeads
-from adadecode_fx.bench import BenchConfig, Method, run_bench, summary_table, write
+from adadecode_fx.bench import BenchConfig, run_bench
+from adadecode_fx.bench.methods import Method
+from adadecode_fx.bench.report import summary_table, write
 from tests.conftest import hf_greedy, tiny_model
 
 T = 10
