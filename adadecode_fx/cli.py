@@ -185,7 +185,8 @@ def _eval_heads(args) -> int:
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
-    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x)")
+    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x "
+          "over the same program at full depth)")
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
@@ -200,6 +201,7 @@ def _eval_heads(args) -> int:
               f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, bound {r['speedup_bound']:.2f}x")
     print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
           f"probe = {rep['probe_cost_layers']:.2f} layers")
+    print("bounds are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain")
     return 0
 
 
