@@ -224,7 +224,7 @@ def _plot_heads_gain(ax, gain: dict, ob) -> None:
     med = [gain[b]["median"] for b in backends]
     lo = [max(0.0, gain[b]["median"] - gain[b]["p25"]) for b in backends]
     hi = [max(0.0, gain[b]["p75"] - gain[b]["median"]) for b in backends]
-    bars = ax.bar(range(len(backends)), med, yerr=[lo, hi], capsize=4, color="tab:blue")
+    bars = ax.bar(range(len(backends)), med, yerr=[lo, hi], capsize=4, color="tab:blue", width=0.5)
     for bar_, g in zip(bars, med):
         ax.text(bar_.get_x() + bar_.get_width() / 2, bar_.get_height() + 0.02, f"{g:.2f}x", ha="center",
                 va="bottom", fontsize=8)
@@ -236,8 +236,9 @@ def _plot_heads_gain(ax, gain: dict, ob) -> None:
         ax.legend(fontsize=8, loc="upper left")
         top = max(top, replayed)
     ax.set_xticks(range(len(backends)), backends, fontsize=8)
+    ax.set_xlim(-0.75, len(backends) - 0.25)
     ax.set_ylim(0, top * 1.35)
-    ax.set_ylabel("AdaDecode tok/s / full-depth tok/s (median, bars p25-p75)")
+    ax.set_ylabel("tok/s over full-depth tok/s (median, p25-p75)")
     ax.set_title("heads gain over the same program at full depth", fontsize=9)
 
 
