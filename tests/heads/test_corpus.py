@@ -48,7 +48,7 @@ def test_windows_are_fixed_length_and_recorded(tmp_path, tok):
     assert len(r["ids_sha256"]) == 64 and r["specs"] == [str(tmp_path)]
     # the same seed reads the same windows; the text is tokenized, not taken as bytes
     assert read([tmp_path], tok, budget=41, window=8).windows == c.windows
-    assert set(sum(c.windows, [])) <= set(range(V - 1))
+    assert {i for w in c.windows for i in w} <= set(range(V - 1))
 
 
 def test_python_sources_of_this_interpreter(tok):
