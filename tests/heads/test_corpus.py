@@ -191,3 +191,16 @@ def test_cli_trains_on_prompts_and_corpus_then_eval_heads_reports_over_full_dept
     assert rc == 0, err
     assert "over the same program at full depth" in out
     assert "full depth" in json.loads((tmp_path / "eval.json").read_text())["bound_over"]
+
+
+def test_a_budget_beyond_free_memory_is_refused_up_front(tmp_path, monkeypatch):
+    import psutil
+
+    model = tiny_model("llama", seed=3, dtype=torch.float32)
+    corpus = jsonl(tmp_path / "ids.jsonl", [{"input_ids": list(range(100))}])
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 10_000})())
+    out = tmp_path / "heads"
+    cfg = TrainConfig(layers=(1, 2), corpus=(str(corpus),), corpus_tokens=96, corpus_window=16)
+    with pytest.raises(AdaDecodeError, match=r"~96 tokens keeps ~0.0 GiB of hidden states \(3 layers x 32"):
+        train_heads(model, None, [], cfg, out, progress=False)
+    assert not out.exists()
