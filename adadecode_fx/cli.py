@@ -138,11 +138,19 @@ def auto_layers(num_layers: int) -> tuple[int, ...]:
 def _train_heads(args) -> int:
     from .zoo import models
     from .zoo.data import load_prompts
+    from .heads.corpus import corpus_files
     from .heads.training import TrainConfig, train_heads
 
     if args.epochs < 1 or args.max_prompts < 1:
         raise AdaDecodeError("--epochs and --max-prompts must be >= 1")
-    records = load_prompts(args.data, n=None, split="train")[: args.max_prompts]
+    if not args.data and not args.corpus:
+        raise AdaDecodeError("give training text: --data (prompts the model continues), --corpus (text read "
+                             "teacher-forced), or both")
+    if args.corpus:
+        corpus_files(args.corpus)  # a path or glob that names nothing fails before the model loads
+        if args.corpus_tokens < 1 or args.corpus_window < 2:
+            raise AdaDecodeError("--corpus-tokens must be >= 1 and --corpus-window >= 2")
+    records = load_prompts(args.data, n=None, split="train")[: args.max_prompts] if args.data else []
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     n = model.config.num_hidden_layers
     layers = auto_layers(n) if args.layers == "auto" else _int_list(args.layers, "--layers")
@@ -151,12 +159,16 @@ def _train_heads(args) -> int:
     if gen_dtype != str(model.dtype).replace("torch.", ""):
         generator, _ = models.load(args.model, dtype=gen_dtype)
     cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
-                      batch_tokens=args.batch_tokens, data=args.data, record_ids=[r["id"] for r in records],
-                      loss_vocab=args.loss_vocab,
-                      gen_dtype=gen_dtype)
+                      batch_tokens=args.batch_tokens, data=args.data or "", record_ids=[r["id"] for r in records],
+                      loss_vocab=args.loss_vocab, gen_dtype=gen_dtype, corpus=tuple(args.corpus or ()),
+                      corpus_tokens=args.corpus_tokens, corpus_window=args.corpus_window)
     heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out, generator=generator)
+    data = heads.metadata["training_data"]
+    corpus = data["corpus"]
     print(f"[adadecode] heads for layers {list(heads.layers)} written to {args.out} "
-          f"(final loss {heads.metadata['loss_curve'][-1][1]:.3f})")
+          f"(final loss {heads.metadata['loss_curve'][-1][1]:.3f}; {heads.metadata['tokens']:,} tokens: "
+          f"{data['continuations']['tokens']:,} from continuations"
+          + (f", {corpus['tokens']:,} from the corpus" if corpus else "") + ")")
     return 0
 
 
@@ -185,7 +197,8 @@ def _eval_heads(args) -> int:
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
-    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x)")
+    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x "
+          "over the same program at full depth)")
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
@@ -200,6 +213,7 @@ def _eval_heads(args) -> int:
               f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, bound {r['speedup_bound']:.2f}x")
     print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
           f"probe = {rep['probe_cost_layers']:.2f} layers")
+    print("bounds are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain")
     return 0
 
 
@@ -258,9 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(no PyTorch weights; tokenizer from DIR/tokenizer, else from --model)")
     g.set_defaults(func=_generate)
 
+    from .heads.corpus import HELP as corpus_help
     t = sub.add_parser("train-heads", help="train exit heads by self-distillation")
     t.add_argument("--model", default="smollm2-135m")
-    t.add_argument("--data", required=True, help="mbpp | gsm8k | xsum | PATH.jsonl (uses the train slice)")
+    t.add_argument("--data", help="prompts the model continues greedily: mbpp | gsm8k | xsum | PATH.jsonl with a "
+                                   "'prompt' field (uses the train slice); optional with --corpus")
+    t.add_argument("--corpus", action="append", metavar="PATH|GLOB|FILE.jsonl|python-stdlib|python-packages",
+                   help=corpus_help)
+    t.add_argument("--corpus-tokens", type=int, default=100_000,
+                   help="corpus tokens to train on (rounded up to whole windows; an error if the corpus has fewer)")
+    t.add_argument("--corpus-window", type=int, default=256, help="tokens per teacher-forced corpus window")
     t.add_argument("--layers", default="auto", help="auto (1/4, 1/2, 3/4 depth) or L1,L2,...")
     t.add_argument("--max-prompts", type=int, default=128)
     t.add_argument("--epochs", type=int, default=3)

@@ -36,6 +36,25 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
     return model
 
 
+def save_tiny_model_dir(d, family: str = "llama"):
+    """``tiny_model(family)`` saved as an HF folder with a word-level tokenizer: ``w<i>`` is token i, so
+    every id the model makes decodes and ``"w5 w17"`` encodes to ``[5, 17]``; anything else is [UNK], the
+    last id."""
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model(family)
+    vocab_size = model.config.vocab_size
+    model.save_pretrained(d)
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["[UNK]"] = vocab_size - 1
+    tok = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # [UNK] pads too: batched generation (train-heads, eval-heads) needs a pad token
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(d)
+    return d
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
     ids = torch.tensor([prompt])
     kwargs = {} if eos_token_id is None else {"eos_token_id": eos_token_id}

@@ -6,26 +6,15 @@ import pytest
 
 from adadecode_fx import cli
 from adadecode_fx.zoo import models
-from tests.conftest import hf_greedy, tiny_model
+from tests.conftest import hf_greedy, save_tiny_model_dir, tiny_model
 
 VOCAB = 128  # tokenizer vocab == model vocab: every generated id decodes
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama")
-    assert model.config.vocab_size == VOCAB
-    model.save_pretrained(d)
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
-    vocab["[UNK]"] = VOCAB - 1
-    tok = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    return d
+    assert tiny_model("llama").config.vocab_size == VOCAB
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def run(capsys, *argv):

@@ -67,10 +67,16 @@ def static_compile_method(model, max_new_tokens: int, device: str) -> Method:
 
 
 def adadecode_method(model, heads, backend: str, threshold: float, exit_layers, max_pending: int,
-                     max_new_tokens: int) -> tuple[Method, object]:
+                     max_new_tokens: int, full_depth: bool = False) -> tuple[Method, object]:
+    """``adadecode_<backend>``, or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
+    capture, passes and lowering without exit heads (``exit_layers=()``), so every token runs all
+    layers. Their tok/s ratio is what the heads buy (`adadecode_fx.bench.report.heads_gain`), apart
+    from everything the lowering itself gains over HF."""
     from ..config import AdaDecodeConfig
     from ..runtime import AdaDecoder
 
+    if full_depth:
+        heads, exit_layers = None, ()  # no heads: resolve() would otherwise take the heads' layers
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
                           backend=backend)
     dec = AdaDecoder(model, heads, cfg)
@@ -79,7 +85,10 @@ def adadecode_method(model, heads, backend: str, threshold: float, exit_layers, 
         res = dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=None)
         return list(res.new_tokens), res.stats.to_dict()
 
-    return Method(f"adadecode_{backend}", run, {"config": json.loads(dec.config.to_json())}), dec
+    info = {"config": json.loads(dec.config.to_json())}
+    if full_depth:
+        info["note"] = "same program and lowering as adadecode_" + backend + " without exit heads"
+    return Method(f"adadecode_{backend}" + ("_full_depth" if full_depth else ""), run, info), dec
 
 
 def run_timed(method: Method, ids, device: str, mem_interval: float) -> dict:

@@ -3,8 +3,11 @@
 - `aggregate`: one method's per-prompt rows summarized (tok/s, speed-up quantiles against
   ``hf_greedy``, parity, peak memory and, for AdaDecode methods, exit / acceptance rates and
   critical-path layers per token);
+- `heads_gain`: per backend, AdaDecode tok/s over the same program's at full depth, prompt by prompt
+  (median, p25, p75): what the exit heads buy, apart from what the lowering gains over HF;
 - `oracle_bound`: what exits could gain at best on the reference sequences, and the replayed schedule
-  of the benchmarked configuration (both from `adadecode_fx.evaluation`);
+  of the benchmarked configuration (both from `adadecode_fx.evaluation`); both are bounds over the same
+  program at full depth, i.e. on `heads_gain`;
 - `machine_info`: the machine and library versions, recorded with every report;
 - `write` (JSON + PNG via `plot`) and `summary_table` (the Markdown table ``adadecode bench`` prints).
 
@@ -91,6 +94,39 @@ def aggregate(name: str, per_prompt: list, L: int, method: Method) -> dict:
     return out
 
 
+def heads_gain(per_prompt: list, names: list) -> dict:
+    """Per backend: ``adadecode_<b>`` tok/s / ``adadecode_<b>_full_depth`` tok/s on each prompt (both ran
+    interleaved on it), summarized by median, p25, p75, min and max. Backends without both are left out."""
+    out = {}
+    for name in names:
+        base = f"{name}_full_depth"
+        if not name.startswith("adadecode_") or base not in names:
+            continue
+        ratios = [p["methods"][name]["heads_gain"] for p in per_prompt if "heads_gain" in p["methods"][name]]
+        if not ratios:
+            continue
+        out[name[len("adadecode_"):]] = {
+            "method": name, "full_depth": base, "n": len(ratios), "median": statistics.median(ratios),
+            "p25": _quantile(ratios, 0.25), "p75": _quantile(ratios, 0.75), "min": min(ratios),
+            "max": max(ratios), "over": "the same program and lowering at full depth (no exit heads)"}
+    return out
+
+
+def heads_gain_lines(rep: dict) -> list[str]:
+    """What the heads bought per backend, next to what the replayed schedule bounds it by (printed by
+    ``adadecode bench`` under its table)."""
+    lines = []
+    for backend, g in (rep.get("heads_gain") or {}).items():
+        lines.append(f"heads gain {backend}: {g['median']:.2f}x [p25 {g['p25']:.2f}, p75 {g['p75']:.2f}] over the "
+                     f"same program at full depth ({g['method']} / {g['full_depth']}, n={g['n']})")
+    ob = rep.get("oracle_bound") or {}
+    if ob.get("oracle_speedup_bound"):
+        lines.append(f"bounds over the same program at full depth: replayed schedule of this config "
+                     f"{ob['replayed']['speedup_bound']:.2f}x, oracle {ob['oracle_speedup_bound']:.2f}x "
+                     f"({ob['oracle_layers_per_token']:.1f} layers/token)")
+    return lines
+
+
 def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max_pending: int) -> dict:
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
@@ -114,7 +150,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     tok = sum(s.tokens for s in runs)
     crit = sum(s.critical_layers for s in runs)
     probes = sum(s.probes for s in runs)
-    return {"oracle_layers_per_token": rep["oracle_layers_per_token"],
+    return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
             "oracle_speedup_bound": rep["oracle_speedup_bound"],
             "probe_cost_layers": probe_cost, "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
@@ -131,14 +167,17 @@ def plot(rep: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     batching = rep.get("batching")
-    fig, axes = plt.subplots(1, 3 if batching else 2, figsize=(18 if batching else 12, 4.5))
+    gain = rep.get("heads_gain")
+    panels = 2 + bool(batching) + bool(gain)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     a, b = axes[0], axes[1]
     names = rep["methods"]
     pm = rep["per_method"]
     med = [pm[n]["speedup_median"] or 0.0 for n in names]
     lo = [max(0.0, (pm[n]["speedup_median"] or 0) - (pm[n]["speedup_p25"] or 0)) for n in names]
     hi = [max(0.0, (pm[n]["speedup_p75"] or 0) - (pm[n]["speedup_median"] or 0)) for n in names]
-    colors = ["tab:gray" if n.startswith("hf_") else "tab:blue" for n in names]
+    colors = ["tab:gray" if n.startswith("hf_") else "tab:cyan" if n.endswith("_full_depth") else "tab:blue"
+              for n in names]
     bars = a.bar(range(len(names)), med, yerr=[lo, hi], capsize=4, color=colors)
     for bar_, n in zip(bars, names):
         top = max(bar_.get_height(), pm[n]["speedup_p75"] or 0.0)
@@ -157,7 +196,7 @@ def plot(rep: dict, path) -> None:
     a.set_ylim(0, max(med + [ob or 0, 1.0]) * 1.35)
 
     L = cfg["num_layers"]
-    ada = [n for n in names if pm[n].get("exit_rate_per_layer")]
+    ada = [n for n in names if pm[n].get("exit_rate_per_layer") and not n.endswith("_full_depth")]
     all_layers = sorted({int(k) for n in ada for k in pm[n]["exit_rate_per_layer"]})
     width = 0.8 / max(1, len(ada))
     for j, n in enumerate(ada):
@@ -171,11 +210,36 @@ def plot(rep: dict, path) -> None:
     b.set_title("AdaDecode exit layers" if ada else "no AdaDecode method ran", fontsize=9)
     if ada:
         b.legend(fontsize=8)
+    if gain:
+        _plot_heads_gain(axes[2], gain, rep.get("oracle_bound"))
     if batching:
-        _plot_batching(axes[2], batching)
+        _plot_batching(axes[-1], batching)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_heads_gain(ax, gain: dict, ob) -> None:
+    backends = list(gain)
+    med = [gain[b]["median"] for b in backends]
+    lo = [max(0.0, gain[b]["median"] - gain[b]["p25"]) for b in backends]
+    hi = [max(0.0, gain[b]["p75"] - gain[b]["median"]) for b in backends]
+    bars = ax.bar(range(len(backends)), med, yerr=[lo, hi], capsize=4, color="tab:blue", width=0.5)
+    for bar_, g in zip(bars, med):
+        ax.text(bar_.get_x() + bar_.get_width() / 2, bar_.get_height() + 0.02, f"{g:.2f}x", ha="center",
+                va="bottom", fontsize=8)
+    ax.axhline(1.0, ls="--", c="k", lw=0.8)
+    top = max(med + [1.0])
+    replayed = ((ob or {}).get("replayed") or {}).get("speedup_bound")
+    if replayed:
+        ax.axhline(replayed, ls=":", c="tab:red", lw=1, label=f"replayed bound {replayed:.2f}x")
+        ax.legend(fontsize=8, loc="upper left")
+        top = max(top, replayed)
+    ax.set_xticks(range(len(backends)), backends, fontsize=8)
+    ax.set_xlim(-0.75, len(backends) - 0.25)
+    ax.set_ylim(0, top * 1.35)
+    ax.set_ylabel("tok/s over full-depth tok/s (median, p25-p75)")
+    ax.set_title("heads gain over the same program at full depth", fontsize=9)
 
 
 def _plot_batching(ax, batching: dict) -> None:
@@ -201,21 +265,25 @@ def write(rep: dict, json_path=None, png_path=None) -> None:
 
 
 def summary_table(rep: dict) -> str:
-    lines = ["| method | tok/s (median) | speed-up median [p25, p75] | parity | early-exit | acceptance | "
-             "critical-path layers/token | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | tok/s (median) | speed-up median [p25, p75] | heads gain over full depth [p25, p75] | "
+             "parity | early-exit | acceptance | critical-path layers/token | peak mem MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    gains = {g["method"]: g for g in (rep.get("heads_gain") or {}).values()}
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
     for n in rep["methods"]:
         m = rep["per_method"][n]
+        g = gains.get(n)
+        gain = f"{g['median']:.2f}x [{g['p25']:.2f}, {g['p75']:.2f}]" if g else "-"
         lines.append(f"| {n} | {m['tok_s_median']:.2f} | {f(m['speedup_median'], '.2f')}x "
-                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {m['parity']:.0%} "
+                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {gain} | {m['parity']:.0%} "
                      f"({round(m['parity'] * m['n'])}/{m['n']}) | {f(m['early_exit_rate'], '.1%')} | "
                      f"{f(m['acceptance_rate'], '.1%')} | {f(m['critical_path_per_token'], '.1f')} | "
                      f"{f(m['peak_mem_mb'], '.0f')} |")
     for n, why in rep.get("skipped", {}).items():
-        lines.append(f"| {n} | skipped: {why} | | | | | | |")
+        lines.append(f"| {n} | skipped: {why} | | | | | | | |")
     return "\n".join(lines)
 
 
-__all__ = ["aggregate", "machine_info", "oracle_bound", "plot", "summary_table", "write"]
+__all__ = ["aggregate", "heads_gain", "heads_gain_lines", "machine_info", "oracle_bound", "plot", "summary_table", "write"]

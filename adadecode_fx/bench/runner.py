@@ -12,6 +12,11 @@ hits all of them alike):
   E = our first exit layer + 1 (our exit layer index l means "after layer l", i.e. l + 1 layers).
 - ``adadecode_<backend>``: `AdaDecoder` with the given lowering (``--backends eager,inductor``); a
   backend whose construction raises `AdaDecodeError`/ImportError is skipped with the reason recorded.
+- ``adadecode_<backend>_full_depth`` (method ``full_depth``): the same program and lowering without exit
+  heads, every token through all layers. ``heads_gain`` in the report is, per backend, the median over
+  prompts of ``adadecode_<backend>`` tok/s / ``adadecode_<backend>_full_depth`` tok/s (with p25/p75):
+  what the heads buy over the same program at full depth, which is what ``eval-heads`` bounds. The
+  speed-up over ``hf_greedy`` mixes that with what the lowering gains on its own.
 
 Honest length: every method generates exactly ``max_new_tokens`` tokens of pure greedy argmax. End of
 sequence is disabled the same way for all of them (HF: an empty ``eos_token_id`` list in the generation
@@ -40,18 +45,20 @@ import traceback
 from dataclasses import asdict, dataclass
 
 from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
-from .report import aggregate, machine_info, oracle_bound, plot, summary_table, write
+from .report import aggregate, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot, summary_table, write
 from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
+FULL_DEPTH = "full_depth"           # per backend: the same lowering without exit heads
+METHODS = HF_METHODS + (FULL_DEPTH,)
 TASKS = ("humaneval", "gsm8k", "xsum", "mbpp")
 
 
 @dataclass
 class BenchConfig:
     max_new_tokens: int = 64
-    methods: tuple[str, ...] = HF_METHODS      # HF methods to run (hf_greedy is always run)
+    methods: tuple[str, ...] = METHODS         # HF baselines and full_depth to run (hf_greedy always runs)
     backends: tuple[str, ...] = ("eager", "inductor")
     threshold: float | None = None             # None: the heads' calibrated value, else DEFAULT_THRESHOLD
     exit_layers: tuple[int, ...] = ()          # (): the heads' recommended layers, else all of them
@@ -87,9 +94,9 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     T = cfg.max_new_tokens
     L = model.config.num_hidden_layers
     layers, threshold = resolve_heads_settings(heads, cfg, model.config.num_hidden_layers)
-    unknown = [m for m in cfg.methods if m not in HF_METHODS]
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise AdaDecodeError(f"unknown methods {unknown}: choose from {', '.join(HF_METHODS)}")
+        raise AdaDecodeError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     skipped: dict[str, str] = {}
     methods: list[Method] = [hf_method("hf_greedy", model, T)]
     if "hf_static_compile" in cfg.methods:
@@ -105,20 +112,23 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     eager_decoder = None
     decoders = {}
     for backend in cfg.backends:
-        name = f"adadecode_{backend}"
-        if heads is None:
-            skipped[name] = "no exit heads"
-            continue
-        try:
-            m, dec = adadecode_method(model, heads, backend, threshold, layers, cfg.max_pending, T)
-        except (AdaDecodeError, ImportError, NotImplementedError) as exc:
-            skipped[name] = f"construction failed: {_reason(exc)}"
-            log(f"skipping {name}: {skipped[name]}")
-            continue
-        methods.append(m)
-        decoders[name] = dec
-        if backend == "eager" or eager_decoder is None:  # the oracle replay reads the eager program if any
-            eager_decoder = dec
+        for full in (False, True) if FULL_DEPTH in cfg.methods else (False,):
+            name = f"adadecode_{backend}" + ("_full_depth" if full else "")
+            if heads is None and not full:
+                skipped[name] = "no exit heads"
+                continue
+            try:
+                m, dec = adadecode_method(model, heads, backend, threshold, layers, cfg.max_pending, T, full_depth=full)
+            except (AdaDecodeError, ImportError, NotImplementedError) as exc:
+                skipped[name] = f"construction failed: {_reason(exc)}"
+                log(f"skipping {name}: {skipped[name]}")
+                continue
+            methods.append(m)
+            if full:
+                continue  # batching and the oracle replay are about the decoders with heads
+            decoders[name] = dec
+            if backend == "eager" or eager_decoder is None:  # the oracle replay reads the eager program if any
+                eager_decoder = dec
     methods.extend(extra_methods)
 
     inputs = [torch.tensor([list(p["input_ids"])], dtype=torch.long, device=device) for p in prompts]
@@ -187,6 +197,10 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                                                     "critical_path_layers", "layer_rows", "early_exit_rate",
                                                     "acceptance_rate", "critical_path_per_token", "exit_histogram")}
             row["methods"][name] = entry
+        for name, entry in row["methods"].items():
+            base = row["methods"].get(f"{name}_full_depth")
+            if base is not None and base["tok_s"]:
+                entry["heads_gain"] = entry["tok_s"] / base["tok_s"]
         per_prompt.append(row)
     bar.close()
 
@@ -209,7 +223,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                                         "disabled everywhere (HF: eos_token_id=[], AdaDecode: None), no logits "
                                         "processors"},
             "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
-            "oracle_bound": oracle, "per_prompt": per_prompt, "batching": batching}
+            "heads_gain": heads_gain(per_prompt, names), "oracle_bound": oracle, "per_prompt": per_prompt,
+            "batching": batching}
 
 
 def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method, ref_again: list) -> dict:
@@ -224,7 +239,8 @@ def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method, re
 
 
 def _compiles(name: str) -> bool:
-    return name == "hf_static_compile" or (name.startswith("adadecode_") and name != "adadecode_eager")
+    return name == "hf_static_compile" or (name.startswith("adadecode_") and
+                                           name not in ("adadecode_eager", "adadecode_eager_full_depth"))
 
 
 def _eos_ids(model) -> set:
@@ -274,8 +290,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="every method generates exactly this many")
     p.add_argument("--dtype", default="bf16", help="bf16 | fp32")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--methods", default=",".join(HF_METHODS),
-                   help="HF baselines to run (hf_greedy always runs): " + ",".join(HF_METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="HF baselines to run (hf_greedy always runs), and full_depth: each backend's program "
+                        "without exit heads (adadecode_<backend>_full_depth), which heads_gain divides by; "
+                        "choose from " + ",".join(METHODS))
     p.add_argument("--backends", default="eager,inductor", help="AdaDecode lowerings to run, comma-separated")
     p.add_argument("--threshold", type=float, default=None, help="default: the heads' calibrated gamma")
     p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")
@@ -339,10 +357,8 @@ def main(args, argv=None) -> int:
     if rep.get("batching"):
         from .batch import batch_table
         print(batch_table(rep["batching"]))
-    ob = rep.get("oracle_bound") or {}
-    if ob.get("oracle_speedup_bound"):
-        print(f"oracle bound {ob['oracle_speedup_bound']:.2f}x ({ob['oracle_layers_per_token']:.1f} layers/token); "
-              f"replayed schedule of this config {ob['replayed']['speedup_bound']:.2f}x")
+    for line in heads_gain_lines(rep):
+        print(line)
     return 0
 
 
@@ -366,6 +382,7 @@ def cli_main(argv=None) -> int:
         return 2
 
 
-__all__ = ["BenchConfig", "HF_METHODS", "Method", "PeakMemory", "TASKS", "adadecode_method", "add_arguments",
-           "cli_main", "hf_method", "machine_info", "main", "oracle_bound", "plot", "resolve_heads_settings",
-           "run_bench", "static_compile_method", "summary_table", "write"]
+__all__ = ["BenchConfig", "FULL_DEPTH", "HF_METHODS", "METHODS", "Method", "PeakMemory", "TASKS",
+           "adadecode_method", "add_arguments", "cli_main", "heads_gain", "hf_method", "machine_info", "main",
+           "oracle_bound", "plot", "resolve_heads_settings", "run_bench", "static_compile_method",
+           "summary_table", "write"]

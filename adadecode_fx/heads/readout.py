@@ -24,18 +24,24 @@ def segment_device(program: DecodeProgram) -> torch.device:
 
 
 @torch.no_grad()
-def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_shapes, dtype):
+def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_shapes, dtype, progress: bool = False):
     """Stack exit-layer and final-layer hidden states of all sequences: ({l: [N, d]}, [N, d])."""
+    from tqdm.auto import tqdm
+
     per_layer = {l: [] for l in layers}
     final = []
     device = segment_device(program)
+    bar = tqdm(total=sum(map(len, seqs)), desc="hidden states", unit="tok", unit_scale=True, disable=not progress)
     for ids in seqs:
         state = KVState(kv_shapes, len(ids), dtype, device, 64)
         keep, last = program.hidden_states(ids, set(layers), state)
         for l in layers:
             per_layer[l].append(keep[l][0])
         final.append(last[0])
-    return {l: torch.cat(v) for l, v in per_layer.items()}, torch.cat(final)
+        bar.update(len(ids))
+    bar.close()
+    # one layer at a time, dropping its pieces: the peak is the result plus one layer, not twice it
+    return {l: torch.cat(per_layer.pop(l)) for l in list(layers)}, torch.cat(final)
 
 
 @torch.no_grad()

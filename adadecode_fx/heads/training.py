@@ -1,6 +1,8 @@
 """Self-distillation of exit heads (AdaDecode section 3): the base model is frozen, the teacher is its
 own final-layer distribution on its own greedy continuations of the training prompts (and on the
-prompt tokens), the loss is KL(teacher || head), adapters start at identity.
+prompt tokens), the loss is KL(teacher || head), adapters start at identity. With a corpus
+(`adadecode_fx.heads.corpus`) the same teacher is read teacher-forced on windows of text the model did
+not write; both kinds of sequence are mixed into one pool of token positions.
 
 Hidden states come from the captured program itself (`DecodeProgram.hidden_states`), so the heads
 are trained on exactly what the exit probes see at decode time. Logits are only ever materialised
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,11 +46,23 @@ class TrainConfig:
     #                                scores at decode time; ~50x cheaper on SmolLM2's 49k vocab); "full": all tokens
     data: str = ""
     record_ids: list = field(default_factory=list)
+    corpus: tuple[str, ...] = ()  # `corpus.read_corpus` specs: paths, globs, .jsonl files, python-stdlib...
+    corpus_tokens: int = 100_000  # budget, rounded up to whole windows
+    corpus_window: int = 256      # tokens per teacher-forced window
 
 
-def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, batch: int) -> list[list[int]]:
+def _corpus_key(cfg: dict) -> tuple:
+    """What makes a saved run's corpus windows this run's too (resume must not mix two corpora)."""
+    specs = tuple(cfg.get("corpus") or ())
+    return (specs, cfg.get("corpus_tokens"), cfg.get("corpus_window")) if specs else ()
+
+
+def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, batch: int,
+                           progress: bool = False) -> list[list[int]]:
     """prompt + the model's own greedy continuation, per prompt (batched, left-padded generation).
     Prompts are strings, or token-id lists (then ``tokenizer`` may be None)."""
+    from tqdm.auto import tqdm
+
     if prompts and not isinstance(prompts[0], str):
         seqs = []
         for ids in prompts:
@@ -62,7 +77,7 @@ def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, bat
     tokenizer.padding_side = "left"
     seqs = []
     try:
-        for i in range(0, len(prompts), batch):
+        for i in tqdm(range(0, len(prompts), batch), desc="continuations", unit="batch", disable=not progress):
             enc = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True)
             with torch.no_grad():
                 out = model.generate(**enc, do_sample=False, max_new_tokens=gen_tokens, pad_token_id=pad)
@@ -107,39 +122,55 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
 
     ``generator`` (default: ``model``) writes the greedy continuations: the same weights in a dtype whose
     batched generation is fast here (HF bf16 batch-8 generate runs no faster per row than batch 1 on this
-    CPU, fp32 runs ~2.5x faster). The teacher is always ``model`` itself, on those sequences."""
+    CPU, fp32 runs ~2.5x faster). The teacher is always ``model`` itself, on those sequences and on the
+    windows of ``cfg.corpus`` (read, with its errors, before anything is written to ``out_dir``)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n_layers = model.config.num_hidden_layers
     if not cfg.layers or any(not 0 <= l < n_layers - 1 for l in cfg.layers):
         raise AdaDecodeError(f"training layers must lie in 0..{n_layers - 2}, got {list(cfg.layers)}")
-    if not prompts:
-        raise AdaDecodeError("no training prompts")
+    if not prompts and not cfg.corpus:
+        raise AdaDecodeError("no training data: give prompts (--data) or a corpus (--corpus), or both")
+    if cfg.loss_vocab not in ("shortlist", "full"):
+        raise AdaDecodeError(f"loss_vocab must be 'shortlist' or 'full', got {cfg.loss_vocab!r}")
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
-        raise AdaDecodeError(f"{state_path} belongs to another run (layers or model differ); use a new --out")
+    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)
+                   or _corpus_key(resume["config"]) != _corpus_key(asdict(cfg))):
+        raise AdaDecodeError(f"{state_path} belongs to another run (layers, corpus or model differ); use a new --out")
+    dtype = model.get_input_embeddings().weight.dtype
+    corpus = None
+    if not resume and cfg.corpus:  # read before anything is written or generated: its errors come first
+        from .corpus import read_corpus
+
+        corpus = read_corpus(cfg.corpus, tokenizer, model.config.vocab_size, cfg.corpus_tokens, cfg.corpus_window,
+                             cfg.seed, progress, log=lambda m: print(f"[train-heads] {m}", file=sys.stderr))
+    if not resume:
+        _check_memory(_token_estimate(tokenizer, prompts, cfg) + (corpus.record["tokens"] if corpus else 0),
+                      model, cfg, dtype)
+    out.mkdir(parents=True, exist_ok=True)
     seqs_path = out / SEQS_FILE  # the slow part: kept as soon as it exists, so a rerun skips it
     if resume:
-        seqs = resume["seqs"]
+        seqs, corpus_record = resume["seqs"], resume.get("corpus")
+        n_generated = resume.get("generated", len(seqs))  # states from before corpora hold continuations only
     else:
+        seqs, corpus_record = [], corpus.record if corpus else None
         recipe = {"prompts": list(prompts), "gen_tokens": cfg.gen_tokens, "fingerprint": model_fingerprint(model)}
         saved = torch.load(seqs_path, weights_only=False) if seqs_path.exists() else None
         if saved is not None and saved["recipe"] == recipe:
             seqs = saved["seqs"]
-        else:
-            seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
+        elif prompts:
+            seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch,
+                                          progress)
             torch.save({"recipe": recipe, "seqs": seqs}, seqs_path)
+        n_generated = len(seqs)
+        seqs = seqs + (corpus.windows if corpus else [])
 
     program = DecodeProgram(structural_graph(model))
-    dtype = model.get_input_embeddings().weight.dtype
-    hidden, final = collect_hidden(program, seqs, cfg.layers, program.gm.meta["kv_shapes"], dtype)
+    hidden, final = collect_hidden(program, seqs, cfg.layers, program.gm.meta["kv_shapes"], dtype, progress=progress)
     n_tok, d = final.shape
-    if cfg.loss_vocab not in ("shortlist", "full"):
-        raise AdaDecodeError(f"loss_vocab must be 'shortlist' or 'full', got {cfg.loss_vocab!r}")
     vocab = shortlist(final_argmax(program, final), cfg.shortlist) if cfg.shortlist else None
     loss_vocab = vocab if cfg.loss_vocab == "shortlist" else None
     head = loss_head(program, loss_vocab)
@@ -156,8 +187,9 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
 
     def save_state():
         torch.save({"config": asdict(cfg), "fingerprint": model_fingerprint(model), "seqs": seqs, "step": step,
-                    "curve": curve, "adapters": {l: a.detach() for l, a in adapters.items()},
-                    "optimizer": opt.state_dict()}, state_path)
+                    "generated": n_generated, "corpus": corpus_record, "curve": curve,
+                    "adapters": {l: a.detach() for l, a in adapters.items()}, "optimizer": opt.state_dict()},
+                   state_path)
 
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
@@ -200,12 +232,39 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
                                  + ("full vocabulary" if loss_vocab is None else f"{len(loss_vocab)}-token shortlist"),
                        "train": asdict(cfg),
                        "dtype": str(dtype).replace("torch.", ""), "tokens": n_tok, "sequences": len(seqs),
+                       "training_data": {
+                           "continuations": {"data": cfg.data, "sequences": n_generated,
+                                             "tokens": sum(map(len, seqs[:n_generated]))},
+                           "corpus": corpus_record},
                        "steps": step, "complete": step >= total, "loss_curve": curve[:: max(1, len(curve) // 200)]},
                       vocab)
     heads.save(out)
     if interrupted:
         raise KeyboardInterrupt(f"training interrupted at step {step}/{total}; rerun the same command to resume")
     return heads
+
+
+def _token_estimate(tokenizer, prompts, cfg: TrainConfig) -> int:
+    """Upper bound on the tokens the continuations bring: prompt tokens + gen_tokens each."""
+    lens = [len(p) if not isinstance(p, str) else len(tokenizer(p).input_ids) for p in prompts]
+    return sum(lens) + cfg.gen_tokens * len(prompts)
+
+
+def _check_memory(tokens: int, model, cfg: TrainConfig, dtype) -> None:
+    """Hidden states of every training token stay in memory (each exit layer and the final one); say so
+    before an hour of forward passes ends in the OOM killer."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    rows = len(cfg.layers) + 1
+    need = tokens * rows * model.config.hidden_size * torch.empty((), dtype=dtype).element_size()
+    need += need // rows  # collect_hidden concatenates one layer at a time next to the pieces
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise AdaDecodeError(f"training on ~{tokens:,} tokens keeps ~{need / 2 ** 30:.1f} GiB of hidden states "
+                             f"({rows} layers x {model.config.hidden_size} x {dtype}), but {free / 2 ** 30:.1f} GiB "
+                             "is free: lower --corpus-tokens or --max-prompts, or train fewer --layers")
 
 
 def shortlist(targets: torch.Tensor, size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ def report():
     model = tiny_model("llama")
     heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
     prompts = [{"id": "a", "input_ids": list(range(3, 15))}, {"id": "b", "input_ids": list(range(40, 49))}]
-    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit"),
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit", "full_depth"),
                       backends=("eager", "no_such_backend"), threshold=0.02, max_pending=3, batch_sizes=(2,))
     return model, run_bench(model, heads, prompts, cfg, extra_methods=(corrupted(model),), progress=False,
                             log=lambda m: None)
@@ -36,8 +36,10 @@ def report():
 def test_report_fields_and_parity(report, tmp_path):
     model, rep = report
     assert rep["methods"][0] == "hf_greedy"
-    assert {"hf_prompt_lookup", "hf_early_exit", "adadecode_eager", "corrupted_greedy"} <= set(rep["methods"])
+    assert {"hf_prompt_lookup", "hf_early_exit", "adadecode_eager", "adadecode_eager_full_depth",
+            "corrupted_greedy"} <= set(rep["methods"])
     assert "adadecode_no_such_backend" in rep["skipped"]  # a backend that cannot be built is recorded
+    assert "adadecode_no_such_backend_full_depth" in rep["skipped"]
     pm = rep["per_method"]
     for name in rep["methods"]:
         m = pm[name]
@@ -53,7 +55,7 @@ def test_report_fields_and_parity(report, tmp_path):
     assert row["recheck"] == {"method_repeats": True, "reference_repeats": True, "first_diff_again": T - 1}
     assert "recheck" not in rep["per_prompt"][0]["methods"]["adadecode_eager"]  # identical: nothing to recheck
     # fp64 tiny model: AdaDecode and the HF baselines are exact greedy
-    for name in ("adadecode_eager", "hf_prompt_lookup", "hf_early_exit"):
+    for name in ("adadecode_eager", "adadecode_eager_full_depth", "hf_prompt_lookup", "hf_early_exit"):
         assert pm[name]["parity"] == 1.0, name
     ada = pm["adadecode_eager"]
     assert ada["early_emitted"] > 0 and 0 <= ada["acceptance_rate"] <= 1
@@ -61,6 +63,25 @@ def test_report_fields_and_parity(report, tmp_path):
     assert set(ada["exit_rate_per_layer"]) <= {"1", "2", str(model.config.num_hidden_layers - 1)}
     assert ada["critical_path_per_token"] > 0  # random heads: rollbacks can push it above the depth
     assert pm["hf_greedy"]["critical_path_per_token"] == model.config.num_hidden_layers
+
+    # the same program without heads: no exits, every token through all layers
+    full = pm["adadecode_eager_full_depth"]
+    L = model.config.num_hidden_layers
+    assert full["early_emitted"] == 0
+    assert full["critical_path_per_token"] == pytest.approx((T - 1) * L / T)  # token 0 comes from the prefill
+    assert full["exit_rate_per_layer"] == {str(L - 1): 1.0}
+    assert full["info"]["config"]["exit_layers"] == [] and full["info"]["config"]["backend"] == "eager"
+    gain = rep["heads_gain"]
+    assert set(gain) == {"eager"}  # the backend that was skipped has no gain
+    g = gain["eager"]
+    assert g["method"] == "adadecode_eager" and g["full_depth"] == "adadecode_eager_full_depth" and g["n"] == 2
+    ratios = [p["methods"]["adadecode_eager"]["tok_s"] / p["methods"]["adadecode_eager_full_depth"]["tok_s"]
+              for p in rep["per_prompt"]]
+    assert [p["methods"]["adadecode_eager"]["heads_gain"] for p in rep["per_prompt"]] == pytest.approx(ratios)
+    assert g["median"] == pytest.approx(sum(ratios) / 2) and g["p25"] <= g["median"] <= g["p75"]
+    # interleaved: the full-depth run takes a different slot in each prompt's rotated order
+    slots = [p["order"].index("adadecode_eager_full_depth") for p in rep["per_prompt"]]
+    assert slots[0] != slots[1]
     # reference ids are HF greedy's own
     assert rep["per_prompt"][1]["reference_ids"] == hf_greedy(model, list(range(40, 49)), T)
     ob = rep["oracle_bound"]
@@ -81,7 +102,12 @@ def test_report_fields_and_parity(report, tmp_path):
     write(rep, j, png)
     assert json.loads(j.read_text())["per_method"]["corrupted_greedy"]["parity"] == 0.0
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert "corrupted_greedy" in summary_table(rep)
+    table = summary_table(rep)
+    assert "corrupted_greedy" in table and "heads gain over full depth" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("| adadecode_eager |"))
+    assert f"{g['median']:.2f}x [{g['p25']:.2f}, {g['p75']:.2f}]" in row
+    assert all(ln.count("|") == table.splitlines()[0].count("|") for ln in table.splitlines())
+    assert json.loads(j.read_text())["heads_gain"]["eager"]["median"] == pytest.approx(g["median"])
 
 
 def test_cli_bench_parser():
@@ -90,6 +116,7 @@ def test_cli_bench_parser():
     args = cli.build_parser().parse_args(["bench", "--model", "x", "--task", "gsm8k", "--n", "3",
                                           "--backends", "eager", "--json", "o.json", "--plot", "o.png"])
     assert args.func.__name__ == "_bench" and args.backends == "eager" and args.n == 3
+    assert "full_depth" in args.methods.split(",")  # measured by default: heads_gain needs it
 
 
 def test_honest_length_past_the_models_eos():
