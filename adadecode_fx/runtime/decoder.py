@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import AdaDecodeError
+from ..notices import notice
 from ..ops.attention import prefill_block
 from .kv_state import KVState
 from .program import DecodeProgram
@@ -96,6 +97,9 @@ class AdaDecoder:
         Batches (``batch > 1``) have their own classes, warmed on the first batched generation."""
         key = min(batch, 2)  # dynamo specialises a batch of 1; every larger batch shares one graph
         if key not in self._warmed:
+            if key > 1:
+                notice(f"compiling the {self.program.backend} segments for batches (about as long as the first "
+                       "warm-up; once per decoder, every later batch size reuses it)")
             self.program.warm_up(batch=key)
             self._warmed.add(key)
 

