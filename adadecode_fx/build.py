@@ -91,7 +91,8 @@ def build_program(model, heads: ExitHeads | None = None, config: AdaDecodeConfig
     program = DecodeProgram(gm).replace(
         config=config, heads=heads, model=model, vocab_size=model.config.vocab_size,
         eos_token_id=getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        device=embeddings.device, dtype=embeddings.dtype)
+        device=embeddings.device, dtype=embeddings.dtype,
+        max_positions=getattr(model.config, "max_position_embeddings", None))
     if config.backend in _LOWERING_NOTICES:
         notice(_LOWERING_NOTICES[config.backend])
     program = lower(program, config)

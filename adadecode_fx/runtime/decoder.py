@@ -23,7 +23,7 @@ from ..notices import notice
 from ..ops.attention import prefill_block
 from .kv_state import KVState
 from .program import DecodeProgram
-from .prompts import prompt_batch
+from .prompts import check_positions, prompt_batch
 from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
 from .verify import verify_greedy, verify_sampling
@@ -131,6 +131,7 @@ class AdaDecoder:
         sampling = self._sampling(do_sample, sampling, sampling_options)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_positions(batch.length - min(batch.pad), max_new_tokens, self.program.max_positions)
         if streamer is not None and batch.size > 1:
             raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
                                  "drop the streamer for a batch")
@@ -142,9 +143,7 @@ class AdaDecoder:
             self.warm_up(batch=batch.size)
         start = time.perf_counter()
         P, B = batch.length, batch.size
-        run = _Run(rows=batch.rows, n_verified=P, prompt_len=P,
-                   kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket,
-                              pad=batch.pad),
+        run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, kv=self._kv_state(batch, max_new_tokens),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
                    sampler=None if sampling is None else Sampler(sampling, self.device),
                    drafts=[[] for _ in range(B)], ends=[None] * B)
@@ -165,6 +164,16 @@ class AdaDecoder:
         if streamer is not None:
             streamer.end()
         return self._result(run, batch, start, pad_token_id, eos)
+
+    def _kv_state(self, batch, max_new_tokens: int) -> KVState:
+        capacity = batch.length + max_new_tokens + 1
+        try:
+            return KVState(self.kv_shapes, capacity, self.dtype, self.device, self.config.kv_bucket, pad=batch.pad)
+        except RuntimeError as e:  # out of memory: models without a position limit accept any length
+            per_slot = sum(k[1] * k[3] + v[1] * v[3] for k, v in self.kv_shapes) * batch.size
+            gb = per_slot * capacity * torch.empty((), dtype=self.dtype).element_size() / 2 ** 30
+            raise AdaDecodeError(f"cannot allocate the K/V cache for {capacity:,} positions ({gb:,.1f} GiB on "
+                                 f"{self.device}): lower max_new_tokens ({str(e).splitlines()[0][:120]})") from None
 
     @staticmethod
     def _sampling(do_sample, sampling, options) -> SamplingConfig | None:
