@@ -242,6 +242,7 @@ class AdaDecoder:
                 self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)
         run.origin.append(self.program.num_layers - 1)
+        run.stats.critical_path_layers += self.program.num_layers  # the first token ran the whole stack
         run.n_verified = P + 1
 
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
