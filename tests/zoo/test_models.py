@@ -166,3 +166,13 @@ def test_conversion_is_announced(tmp_path, monkeypatch, tmp_cache, capsys):
     err = capsys.readouterr().err
     assert "converting the packaged GGUF of fake" in err and "about 40 s" in err and "done once" in err
 
+
+def test_model_dir_checks_name_the_problem(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig
+
+    GPTNeoXConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32).save_pretrained(tmp_path)  # config only
+    with pytest.raises(AdaDecodeError, match="has a config.json but no weights"):
+        models.check_model_dir(tmp_path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    models.check_model_dir(tmp_path)  # a causal LM whose class ends in LMHeadModel passes
