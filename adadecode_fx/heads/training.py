@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaDecodeError
-from .format import ExitHeads, model_fingerprint
+from .format import ExitHeads, model_fingerprint, model_fingerprints
 from ..build import structural_graph
 from .readout import collect_hidden, final_argmax
 from ..runtime.program import DecodeProgram
@@ -120,7 +120,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)):
+    fingerprints = model_fingerprints(model)
+    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] not in fingerprints):
         raise AdaDecodeError(f"{state_path} belongs to another run (layers or model differ); use a new --out")
     seqs_path = out / SEQS_FILE  # the slow part: kept as soon as it exists, so a rerun skips it
     if resume:
@@ -128,7 +129,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     else:
         recipe = {"prompts": list(prompts), "gen_tokens": cfg.gen_tokens, "fingerprint": model_fingerprint(model)}
         saved = torch.load(seqs_path, weights_only=False) if seqs_path.exists() else None
-        if saved is not None and saved["recipe"] == recipe:
+        if saved is not None and saved["recipe"]["fingerprint"] in fingerprints and (
+                {**saved["recipe"], "fingerprint": recipe["fingerprint"]} == recipe):
             seqs = saved["seqs"]
         else:
             seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch)
