@@ -22,11 +22,22 @@ from .config import AdaDecodeConfig
 from .errors import AdaDecodeError
 from .heads.format import ExitHeads
 from .lower import lower
+from .notices import notice, roughly
 from .passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .runtime.decoder import register_program_builder
 from .runtime.program import DecodeProgram
 
 _STRUCTURAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CAPTURE_S_PER_LAYER = 0.7  # SmolLM2-135M (30 layers) captures in about 20 s on 2 CPU cores
+# what lowering + warm-up cost the first time, per backend (2 CPU cores; docs/lowering.md)
+_LOWERING_NOTICES = {
+    "inductor": "compiling the segments with inductor (one shared layer template, prologue, epilogue and probe, "
+                "three shape classes each): 1-2 min on 2 CPU cores the first time; inductor caches the kernels "
+                "on disk, so later runs compile in about 10-30 s",
+    "onnxruntime": "exporting every segment to ONNX for ONNX Runtime (about 15-20 s for a small model; every "
+                   "time, unless onnx_dir keeps the export: `adadecode export` writes one to reuse)",
+    "tensorrt": "building TensorRT engines for the segments (minutes; once per decoder)",
+}
 
 
 def structural_graph(model) -> torch.fx.GraphModule:
@@ -39,6 +50,10 @@ def structural_graph(model) -> torch.fx.GraphModule:
            model.get_input_embeddings().weight.dtype)
     hit = _STRUCTURAL.get(model)
     if hit is None or hit[0] != key:
+        layers = model.config.num_hidden_layers
+        notice(f"capturing {type(model).__name__} with torch.export and cutting it into {layers} layer segments "
+               f"({roughly(_CAPTURE_S_PER_LAYER * layers)} on 2 CPU cores); kept for this model object while "
+               "the process runs")
         gm = run_passes(capture(model), PassSettings(), passes=[p for p in PASSES if p is not insert_exit_probes])
         _STRUCTURAL[model] = hit = (key, gm)
     gm = hit[1]
@@ -76,7 +91,10 @@ def build_program(model, heads: ExitHeads | None = None, config: AdaDecodeConfig
     program = DecodeProgram(gm).replace(
         config=config, heads=heads, model=model, vocab_size=model.config.vocab_size,
         eos_token_id=getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        device=embeddings.device, dtype=embeddings.dtype)
+        device=embeddings.device, dtype=embeddings.dtype,
+        max_positions=getattr(model.config, "max_position_embeddings", None))
+    if config.backend in _LOWERING_NOTICES:
+        notice(_LOWERING_NOTICES[config.backend])
     program = lower(program, config)
     if program.needs_warm_up:
         program.warm_up()

@@ -23,18 +23,70 @@ def _generate(args) -> int:
 
     from .zoo import models
     from .runtime import AdaDecoder
+    from .runtime.prompts import check_positions
 
-    if not args.prompt or not all(p.strip() for p in args.prompt):
-        raise AdaDecodeError("--prompt is empty: give the text to continue")
-    layers = _int_list(args.exit_layers, "--exit-layers")
+    layers, sampling = _check_generate_args(args)  # cheap checks first: loading and capturing take a while
     torch.manual_seed(0)
     if args.exported:
         decoder, tokenizer = _load_exported(args, layers)
-        return _run_generation(args, decoder, tokenizer)
+        return _run_generation(args, decoder, tokenizer, *_tokenize(args, tokenizer), sampling)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
+    if args.device:
+        model = model.to(args.device)
+    texts, rows = _tokenize(args, tokenizer)
+    check_positions(max(len(r) for r in rows), args.max_new_tokens,
+                    getattr(model.config, "max_position_embeddings", None))
     heads, config = _heads_and_config(args, model, layers, backend=args.backend)
     decoder = AdaDecoder(model, heads, config)
-    return _run_generation(args, decoder, tokenizer)
+    return _run_generation(args, decoder, tokenizer, texts, rows, sampling)
+
+
+def _check_generate_args(args) -> tuple[tuple[int, ...], dict]:
+    """Everything that can be checked without the model: (exit layers, sampling keywords)."""
+    from .config import AdaDecodeConfig, check_device
+
+    if not args.prompt or not all(p.strip() for p in args.prompt):
+        raise AdaDecodeError("--prompt is empty: give the text to continue")
+    _at_least(args, max_new_tokens=1)
+    if args.stream and len(args.prompt) > 1:
+        raise AdaDecodeError("--stream prints one sequence; give one --prompt, or drop --stream for a batch")
+    if args.stream and args.json:
+        raise AdaDecodeError("--stream prints text as it is verified; it cannot be combined with --json")
+    layers = _int_list(args.exit_layers, "--exit-layers")
+    AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending,
+                    backend=args.backend, dtype=args.dtype)
+    if args.heads:
+        from .heads import ExitHeads
+        ExitHeads.load(args.heads)  # a missing or broken heads folder fails before the model loads
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+    if given and not args.do_sample:
+        raise AdaDecodeError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: sampling options, used only "
+                             "with --do-sample; add it, or drop them for greedy decoding")
+    sampling = {}
+    if args.do_sample:
+        from .runtime.sampling import SamplingConfig
+        sampling = dict(do_sample=True, **{**given, "seed": given.get("seed", 0)})
+        SamplingConfig(**{k: v for k, v in sampling.items() if k != "do_sample"})
+    if args.exported:
+        if args.device:
+            raise AdaDecodeError("--device does not apply to --exported: ONNX Runtime runs on CUDA when "
+                                 "onnxruntime-gpu is installed, else on the CPU")
+        return layers, sampling
+    args.device = check_device(args.device) if args.device else None
+    if args.backend == "tensorrt":
+        from .lower.tensorrt import check_available
+        check_available(args.device or "cpu")
+    elif args.backend == "onnxruntime":
+        from .lower.onnxrt import check_dtype, require_onnx
+        require_onnx()
+        check_dtype(canonical_dtype(args.dtype))
+    return layers, sampling
+
+
+def _at_least(args, **minimums) -> None:
+    for name, low in minimums.items():
+        if getattr(args, name) < low:
+            raise AdaDecodeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def _heads_and_config(args, model, layers, **config_fields):
@@ -60,10 +112,8 @@ def torch_ids(ids):
     return torch.tensor([ids], dtype=torch.long)
 
 
-def _run_batch(args, decoder, tokenizer, texts, rows) -> int:
-    if args.stream:
-        raise AdaDecodeError("--stream prints one sequence; give one --prompt, or drop --stream for a batch")
-    result = decoder.generate(rows, max_new_tokens=args.max_new_tokens)
+def _run_batch(args, decoder, tokenizer, texts, rows, sampling) -> int:
+    result = decoder.generate(rows, max_new_tokens=args.max_new_tokens, **sampling)
     outs = [tokenizer.decode(new, skip_special_tokens=True) for new in result.new_tokens]
     if args.json:
         print(json.dumps({"model": args.exported or args.model, "prompts": texts, "prompt_ids": rows,
@@ -96,28 +146,30 @@ def _load_exported(args, layers):
     return decoder, tokenizer
 
 
-def _run_generation(args, decoder, tokenizer) -> int:
+def _tokenize(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     from .zoo.data import chat_prompt
 
     texts = [chat_prompt(tokenizer, p) if args.chat else p for p in args.prompt]
     rows = [tokenizer(t).input_ids for t in texts]
     if not all(rows):
         raise AdaDecodeError("a prompt tokenizes to nothing: give some text")
+    return texts, rows
+
+
+def _run_generation(args, decoder, tokenizer, texts, rows, sampling) -> int:
     if len(rows) > 1:
-        return _run_batch(args, decoder, tokenizer, texts, rows)
+        return _run_batch(args, decoder, tokenizer, texts, rows, sampling)
     text, ids = texts[0], torch_ids(rows[0])
     if args.stream:
-        if args.json:
-            raise AdaDecodeError("--stream prints text as it is verified; it cannot be combined with --json")
         from transformers import TextStreamer
 
         # verified tokens only: an early token is printed once the last layer has confirmed it
         streamer = TextStreamer(tokenizer, skip_special_tokens=True)
         streamer.put(ids)
-        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
         print(f"[adadecode] {result.stats.summary()}", file=sys.stderr)
         return 0
-    result = decoder.generate(ids, max_new_tokens=args.max_new_tokens)
+    result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
     out_text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"model": args.exported or args.model, "prompt": text, "prompt_ids": ids[0].tolist(),
@@ -141,8 +193,7 @@ def _train_heads(args) -> int:
     from .heads.corpus import corpus_files
     from .heads.training import TrainConfig, train_heads
 
-    if args.epochs < 1 or args.max_prompts < 1:
-        raise AdaDecodeError("--epochs and --max-prompts must be >= 1")
+    _at_least(args, epochs=1, max_prompts=1, gen_tokens=1, batch_tokens=1)
     if not args.data and not args.corpus:
         raise AdaDecodeError("give training text: --data (prompts the model continues), --corpus (text read "
                              "teacher-forced), or both")
@@ -150,11 +201,12 @@ def _train_heads(args) -> int:
         corpus_files(args.corpus)  # a path or glob that names nothing fails before the model loads
         if args.corpus_tokens < 1 or args.corpus_window < 2:
             raise AdaDecodeError("--corpus-tokens must be >= 1 and --corpus-window >= 2")
+    given_layers = None if args.layers == "auto" else _int_list(args.layers, "--layers")
+    gen_dtype = canonical_dtype(args.gen_dtype)
+    canonical_dtype(args.dtype)
     records = load_prompts(args.data, n=None, split="train")[: args.max_prompts] if args.data else []
     model, tokenizer = models.load(args.model, dtype=args.dtype)
-    n = model.config.num_hidden_layers
-    layers = auto_layers(n) if args.layers == "auto" else _int_list(args.layers, "--layers")
-    gen_dtype = canonical_dtype(args.gen_dtype)
+    layers = given_layers or auto_layers(model.config.num_hidden_layers)
     generator = None
     if gen_dtype != str(model.dtype).replace("torch.", ""):
         generator, _ = models.load(args.model, dtype=gen_dtype)
@@ -181,9 +233,13 @@ def _eval_heads(args) -> int:
     from .heads import ExitHeads
     from .heads.training import distillation_sequences
 
+    _at_least(args, n=1, max_new_tokens=1, max_pending=0)
+    canonical_dtype(args.dtype)
+    canonical_dtype(args.gen_dtype)
+    heads = ExitHeads.load(args.heads)  # a broken heads folder fails before the model loads
     records = load_prompts(args.data, n=args.n, split="eval")
     model, tokenizer = models.load(args.model, dtype=args.dtype)
-    heads = ExitHeads.load(args.heads, model)
+    heads.check(model)
     prompts = [r["prompt"] for r in records]
     generator = model
     if canonical_dtype(args.gen_dtype) != str(model.dtype).replace("torch.", ""):
@@ -226,12 +282,14 @@ def _export(args) -> int:
                              "the CUDA machine that runs them (AdaDecodeConfig(backend='tensorrt')); export --format onnx")
     if fmt != "onnx":
         raise AdaDecodeError(f"unknown --format {args.format!r}: the supported export format is onnx")
+    from .config import AdaDecodeConfig
     from .export import export_onnx
     from .lower.onnxrt import check_dtype, require_onnx
 
     require_onnx()
     dtype = check_dtype(canonical_dtype(args.dtype))
     layers = _int_list(args.exit_layers, "--exit-layers")
+    AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending)
     model, tokenizer = models.load(args.model, dtype=dtype)
     heads, config = _heads_and_config(args, model, layers)
     out = export_onnx(model, heads, config, args.out, log=lambda m: print(f"[adadecode] {m}", file=sys.stderr))
@@ -249,18 +307,39 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adadecode", description="AdaDecode for Hugging Face decoders")
+    from .argparse_help import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="adadecode", description="AdaDecode for Hugging Face decoders",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="greedy AdaDecode generation for one prompt")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+
+    g = command("generate", "AdaDecode generation (greedy, or sampled with --do-sample) for one prompt, or for a "
+                            "batch when --prompt is repeated")
     g.add_argument("--model", default="smollm2-135m", help="zoo name (smollm2-135m, qwen2.5-coder-0.5b) or HF dir")
     g.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
     g.add_argument("--no-heads", action="store_true", help="plain full-depth decoding through the captured program")
-    g.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
+    g.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads "
+                                         "(default: the heads' calibrated layers)")
     g.add_argument("--threshold", type=float, default=None,
                    help="exit when head confidence >= this, in (0, 1] (default: the heads' calibrated value, else 0.75)")
-    g.add_argument("--max-pending", type=int, default=5, help="early tokens awaiting verification at most")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16")
+    g.add_argument("--max-pending", type=int, default=5,
+                   help="at most this many early tokens wait for verification; when that many wait, the next "
+                        "token runs at full depth (0: no early exits)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt (fewer if EOS comes first); prompt + this must fit the "
+                        "model's max_position_embeddings")
+    g.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 | fp64")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
+    g.add_argument("--do-sample", action="store_true",
+                   help="sample instead of greedy decoding; early exits keep the output distributed as plain sampling")
+    g.add_argument("--temperature", type=float, default=None, help="with --do-sample (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus sampling, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="with --do-sample: keep the k most likely tokens")
+    g.add_argument("--seed", type=int, default=None,
+                   help="with --do-sample: the same seed gives the same text (default: 0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")
@@ -273,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     from .heads.corpus import HELP as corpus_help
-    t = sub.add_parser("train-heads", help="train exit heads by self-distillation")
-    t.add_argument("--model", default="smollm2-135m")
+    t = command("train-heads", "train exit heads by self-distillation")
+    t.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
     t.add_argument("--data", help="prompts the model continues greedily: mbpp | gsm8k | xsum | PATH.jsonl with a "
                                    "'prompt' field (uses the train slice); optional with --corpus")
     t.add_argument("--corpus", action="append", metavar="PATH|GLOB|FILE.jsonl|python-stdlib|python-packages",
@@ -283,27 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus tokens to train on (rounded up to whole windows; an error if the corpus has fewer)")
     t.add_argument("--corpus-window", type=int, default=256, help="tokens per teacher-forced corpus window")
     t.add_argument("--layers", default="auto", help="auto (1/4, 1/2, 3/4 depth) or L1,L2,...")
-    t.add_argument("--max-prompts", type=int, default=128)
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--max-prompts", type=int, default=128, help="train prompts to use, at most")
+    t.add_argument("--epochs", type=int, default=3, help="passes over the distillation tokens")
     t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
-    t.add_argument("--batch-tokens", type=int, default=256)
+    t.add_argument("--batch-tokens", type=int, default=256, help="tokens per optimiser step")
     t.add_argument("--loss-vocab", choices=("shortlist", "full"), default="shortlist",
                    help="distil over the probe's shortlist (what it scores when decoding; fast) or the full vocabulary")
-    t.add_argument("--dtype", default="float32")
+    t.add_argument("--dtype", default="float32", help="dtype of the model the heads are trained on")
     t.add_argument("--gen-dtype", default="float32",
                    help="dtype of the copy that writes the greedy continuations (fp32 batches well on CPU)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the heads' training")
     t.add_argument("--out", required=True, help="directory for heads.safetensors (+ resumable train state)")
     t.set_defaults(func=_train_heads)
 
-    e = sub.add_parser("eval-heads", help="calibrate exit heads on held-out prompts; JSON + PNG report")
-    e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--heads", required=True)
+    e = command("eval-heads", "calibrate exit heads on held-out prompts; JSON + PNG report")
+    e.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
+    e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
     e.add_argument("--data", required=True, help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice)")
     e.add_argument("--n", type=int, default=16, help="number of held-out prompts")
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--max-pending", type=int, default=5)
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="greedy continuation length scored per prompt")
+    e.add_argument("--max-pending", type=int, default=5,
+                   help="the runtime's limit on early tokens awaiting verification, for the replayed schedule")
+    e.add_argument("--dtype", default="float32", help="dtype of the model the heads are scored on")
     e.add_argument("--gen-dtype", default="float32",
                    help="dtype of the copy that writes the greedy continuations scored teacher-forced")
     e.add_argument("--json", help="write the report here")
@@ -312,21 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the recommended exit layers and gamma in the heads (generate's defaults)")
     e.set_defaults(func=_eval_heads)
 
-    x = sub.add_parser("export", help="export the AdaDecode program (segments, probes, heads) to run without PyTorch")
+    x = command("export", "export the AdaDecode program (segments, probes, heads) to run without PyTorch")
     x.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
     x.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
     x.add_argument("--no-heads", action="store_true", help="export without exit probes (plain decoding)")
     x.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
     x.add_argument("--threshold", type=float, default=None, help="default gamma stored in the export")
-    x.add_argument("--max-pending", type=int, default=5)
+    x.add_argument("--max-pending", type=int, default=5, help="default max_pending stored in the export")
     x.add_argument("--format", default="onnx", help="onnx (ONNX Runtime: CPU, or CUDA with onnxruntime-gpu)")
     x.add_argument("--dtype", default="float32", help="fp32 (the only dtype ONNX Runtime runs well on CPU)")
     x.add_argument("--out", required=True, help="directory to write (manifest.json, *.onnx, heads/, tokenizer/)")
     x.set_defaults(func=_export)
 
     from .bench.runner import add_arguments as _bench_arguments
-    b = sub.add_parser("bench", help="AdaDecode vs HF greedy / static+compile / prompt lookup / early exit; "
-                                     "JSON + PNG report")
+    b = command("bench", "AdaDecode vs HF greedy / static+compile / prompt lookup / early exit; JSON + PNG report")
     _bench_arguments(b)
     b.set_defaults(func=_bench)
     return p

@@ -25,6 +25,25 @@ def canonical_dtype(name: str) -> str:
     return DTYPES[key]
 
 
+def check_device(name: str) -> str:
+    """``name`` if it is a device the model can be moved to here (cpu, cuda, cuda:N), else an error."""
+    import torch
+
+    try:
+        device = torch.device(str(name))
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise AdaDecodeError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdaDecodeError(f"device {name!r} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                                 "use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AdaDecodeError(f"device {name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return str(device)
+
+
 @dataclass
 class AdaDecodeConfig:
     """How AdaDecode decodes.

@@ -123,3 +123,11 @@ def test_right_padding_is_refused_with_a_way_out(setup):
         adadecode_fx.generate(model, ids, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), exit_heads=heads)
 
 
+
+
+def test_too_many_new_tokens_are_refused_before_allocating(setup):
+    model, heads = setup  # max_position_embeddings = 256
+    with pytest.raises(AdaDecodeError, match=r"more than this model's 256 \(max_position_embeddings\)"):
+        adadecode_fx.generate(model, PROMPT, max_new_tokens=10 ** 9, exit_heads=heads, adadecode={"threshold": 0.02})
+    with pytest.raises(AdaDecodeError, match="lower max_new_tokens to at most 251"):
+        _ours(model, heads, max_new_tokens=300)

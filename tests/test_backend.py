@@ -60,7 +60,10 @@ def test_compiled_forward_matches_eager(lowering):
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="adadecode", options={"backend": lowering})
-    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    if lowering == "eager":  # the same ATen ops in the same order: bit for bit (README)
+        assert torch.equal(compiled(ids).logits, model(ids).logits)
+    else:  # inductor's fused kernels round differently
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_options_fail_at_the_first_call_with_our_message():

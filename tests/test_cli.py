@@ -113,3 +113,170 @@ def test_stream_prints_the_same_text_as_it_is_verified(model_dir, capsys):
     assert streamed.split() == prompt.split() + json.loads(out)["text"].split()
     rc, _, err = run(capsys, *common, "--stream", "--json")
     assert rc != 0 and "cannot be combined with --json" in err
+
+
+# ----------------------------------------------------------------------- inputs that must fail cleanly
+
+
+def assert_clean_failure(rc, out, err, *needles):
+    """A non-zero exit with a short message that says what to do, and no traceback."""
+    assert rc != 0 and out == ""
+    assert "adadecode: error:" in err and "Traceback" not in err, err
+    message = err[err.index("adadecode: error:"):]  # after HF's weight-loading bar, if any
+    assert len(message.strip().splitlines()) <= 3, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.fixture
+def nothing_slow(monkeypatch):
+    """Loading a model or building a decoder is an error: the check must come first."""
+    def fail(*a, **k):
+        raise AssertionError("reached the slow part before checking the arguments")
+
+    monkeypatch.setattr(models, "load", fail)
+    import adadecode_fx.runtime as runtime
+    monkeypatch.setattr(runtime, "AdaDecoder", fail)
+
+
+@pytest.fixture
+def no_decoder(monkeypatch):
+    import adadecode_fx.runtime as runtime
+
+    def fail(*a, **k):
+        raise AssertionError("built a decoder before checking the prompt length")
+
+    monkeypatch.setattr(runtime, "AdaDecoder", fail)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (("--threshold", "1.5"), "threshold must be in (0, 1]"),
+    (("--max-pending", "-1"), "max_pending"),
+    (("--dtype", "int8"), "unknown dtype"),
+    (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--temperature", "0.5"), "--do-sample"),
+    (("--do-sample", "--top-p", "2"), "top_p"),
+    (("--stream", "--json"), "--stream"),
+])
+def test_cheap_arguments_are_checked_before_loading(nothing_slow, capsys, argv, needle):
+    assert_clean_failure(*run(capsys, "--prompt", "w1", *argv), needle)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the error for a machine without CUDA")
+def test_tensorrt_without_cuda_before_loading(nothing_slow, capsys):
+    assert_clean_failure(*run(capsys, "--prompt", "w1", "--backend", "tensorrt"), "needs a CUDA GPU")
+    assert_clean_failure(*run(capsys, "--prompt", "w1", "--device", "cuda"), "no CUDA GPU is visible")
+
+
+def test_bench_checks_device_and_lengths_before_loading(nothing_slow, capsys):
+    for argv, needle in ((("--device", "tpu"), "unknown device 'tpu'"), (("--max-new-tokens", "0"), "--max-new-tokens"),
+                         (("--backends", "tvm"), "unknown backends/methods ['tvm']")):
+        rc = cli.main(["bench", *argv])
+        out, err = capsys.readouterr()
+        assert_clean_failure(rc, out, err, needle)
+
+
+def test_dir_without_weights(model_dir, tmp_path, capsys):
+    import shutil
+
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    assert_clean_failure(*run(capsys, "--model", str(tmp_path), "--prompt", "w1"), "no weights",
+                         "save_pretrained")
+
+
+def test_encoder_decoder_dir(tmp_path, capsys):
+    import transformers as tf
+
+    tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                              decoder_start_token_id=0)).save_pretrained(tmp_path)
+    assert_clean_failure(*run(capsys, "--model", str(tmp_path), "--prompt", "hi"), "encoder-decoder",
+                         "T5ForConditionalGeneration")
+
+
+def test_masked_lm_dir_without_tokenizer(tmp_path, capsys):
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    tf.BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    assert_clean_failure(*run(capsys, "--model", str(tmp_path), "--prompt", "hi"), "BertForMaskedLM",
+                         "not a causal language model")
+    # the same encoder saved from its causal class, but without is_decoder: attention still looks ahead
+    tf.BertLMHeadModel(cfg).save_pretrained(tmp_path)
+    assert_clean_failure(*run(capsys, "--model", str(tmp_path), "--prompt", "hi"), "is_decoder")
+
+
+def test_lengths_beyond_the_models_positions(model_dir, no_decoder, capsys):
+    # the tiny Llama has max_position_embeddings = 256
+    assert_clean_failure(*run(capsys, "--model", str(model_dir), "--prompt", "w1 w2",
+                              "--max-new-tokens", "1000000000"), "max_position_embeddings", "at most 254")
+    long_prompt = " ".join(f"w{i % 100}" for i in range(250))
+    assert_clean_failure(*run(capsys, "--model", str(model_dir), "--prompt", long_prompt,
+                              "--max-new-tokens", "8"), "250 tokens", "258 positions", "at most 6")
+    assert_clean_failure(*run(capsys, "--model", str(model_dir), "--prompt", long_prompt + " " + long_prompt),
+                         "500 tokens", "shorten the prompt")
+
+
+def test_broken_heads_json(model_dir, tmp_path, capsys):
+    from adadecode_fx import ExitHeads
+
+    model, _ = models.load(str(model_dir), dtype="fp64")
+    ExitHeads.identity(model, [1, 2]).save(tmp_path)
+    (tmp_path / "heads.json").write_text("{ not json")
+    assert_clean_failure(*run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--heads", str(tmp_path),
+                              "--prompt", "w1"), "heads.json is not valid JSON")
+
+
+def test_fp32_heads_serve_the_fp16_model(model_dir, tmp_path, capsys):
+    from adadecode_fx import ExitHeads
+
+    model, _ = models.load(str(model_dir), dtype="fp32")
+    ExitHeads.identity(model, [1, 2]).save(tmp_path)
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp16", "--heads", str(tmp_path),
+                       "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["config"]["dtype"] == "float16" and len(json.loads(out)["generated_ids"]) == 4
+
+
+# ----------------------------------------------------------------------- help, options, what is printed
+
+
+def test_help_shows_defaults_and_explains_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("(default: 64)", "(default: 5)", "(default: eager)", "--max-pending", "wait for verification",
+                   "--do-sample", "--temperature", "--top-p", "--top-k", "--seed", "--device",
+                   "a batch when --prompt is repeated"):
+        assert needle in text, needle
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-warmup skip the untimed warm-up" in text and "--no-progress no progress bar" in text
+
+
+def test_sampling_options_and_device(model_dir, capsys):
+    common = ("--model", str(model_dir), "--dtype", "fp64", "--prompt", "w5 w17 w3", "--max-new-tokens", "10",
+              "--exit-layers", "1,2", "--threshold", "0.01", "--json", "--device", "cpu", "--do-sample")
+    runs = [json.loads(run(capsys, *common, *extra)[1])["generated_ids"]
+            for extra in (("--seed", "3", "--temperature", "2.0"), ("--top-k", "1"))]
+    assert len(runs[0]) == 10
+    model, _ = models.load(str(model_dir), dtype="fp64")
+    assert runs[1] == hf_greedy(model, [5, 17, 3], 10)  # top-k 1 is greedy: the options reach the sampler
+
+
+def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch):
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads",
+                       "--max-new-tokens", "6")
+    assert rc == 0
+    # every token (the prompt pass's first one too) ran all 5 layers
+    assert "0% early" not in err and "5.0 of 5 layers per token" in err
+    assert "capturing LlamaForCausalLM with torch.export" in err  # a fresh model object is captured
+    monkeypatch.setenv("ADADECODE_QUIET", "1")
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads",
+                       "--max-new-tokens", "2")
+    assert rc == 0 and "capturing" not in err

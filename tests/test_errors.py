@@ -227,3 +227,20 @@ def test_unknown_zoo_name(tmp_path):
         models.load(str(tmp_path))
     with pytest.raises(AdaDecodeError, match="unknown dtype"):
         models.load("smollm2-135m", dtype="int3")
+
+
+# --------------------------------------------------------------------------------- lengths
+
+
+def test_generation_beyond_the_models_positions(plain_decoder, llama):
+    # the tiny models have max_position_embeddings = 256
+    with pytest.raises(AdaDecodeError, match=r"max_new_tokens \(1,000,000,000\).*at most 253"):
+        plain_decoder.generate([1, 2, 3], max_new_tokens=10 ** 9)
+    with pytest.raises(AdaDecodeError, match="prompt has 300 tokens.*at most 256 positions.*shorten the prompt"):
+        plain_decoder.generate([1] * 300, max_new_tokens=1)
+
+
+def test_kv_cache_too_large_without_a_position_limit(plain_decoder, llama, monkeypatch):
+    monkeypatch.setattr(plain_decoder.program, "max_positions", None)
+    with pytest.raises(AdaDecodeError, match=r"cannot allocate the K/V cache .* GiB.*lower max_new_tokens"):
+        plain_decoder.generate([1, 2, 3], max_new_tokens=10 ** 13)

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
 from .report import aggregate, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot, summary_table, write
-from ..config import AdaDecodeConfig
+from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
@@ -288,16 +288,18 @@ def add_arguments(p) -> None:
     p.add_argument("--task", default="humaneval", help="humaneval | gsm8k | xsum | mbpp | PATH.jsonl (eval slice)")
     p.add_argument("--n", type=int, default=5, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="every method generates exactly this many")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp32")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp32 | fp16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="HF baselines to run (hf_greedy always runs), and full_depth: each backend's program "
                         "without exit heads (adadecode_<backend>_full_depth), which heads_gain divides by; "
                         "choose from " + ",".join(METHODS))
-    p.add_argument("--backends", default="eager,inductor", help="AdaDecode lowerings to run, comma-separated")
+    p.add_argument("--backends", default="eager,inductor",
+                   help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BACKENDS))
     p.add_argument("--threshold", type=float, default=None, help="default: the heads' calibrated gamma")
     p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")
-    p.add_argument("--max-pending", type=int, default=5)
+    p.add_argument("--max-pending", type=int, default=5,
+                   help="at most this many early tokens wait for verification (0: no early exits)")
     p.add_argument("--early-exit-layers", type=int, default=None,
                    help="E for hf_early_exit (layers the draft uses); default: our first exit layer + 1")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw prompts, "
@@ -305,11 +307,13 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     p.add_argument("--batch-sizes", default="", help="also measure batched throughput at these batch sizes "
                                                       "(e.g. 1,4,8; each at most --n) against HF greedy")
-    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up run of each method (compiling and cache set-up then land in "
+                        "the first timed prompt)")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle bound")
     p.add_argument("--no-recheck", action="store_true",
                    help="do not rerun a method (and the reference) where its tokens differ from hf_greedy's")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a PNG here (speed-up bars + exit-layer histogram)")
 
@@ -325,9 +329,8 @@ def main(args, argv=None) -> int:
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
     exit_layers = _ints(args.exit_layers, "--exit-layers")
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdaDecodeError("--device cuda but CUDA is not available")
+    _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
+    device = check_device(args.device)
     torch.manual_seed(0)
     records = load_prompts(args.task, n=args.n, split="eval", seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
@@ -362,6 +365,23 @@ def main(args, argv=None) -> int:
     return 0
 
 
+def _check_args(args, exit_layers) -> None:
+    for flag, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise AdaDecodeError(f"{flag} must be >= {low}, got {value}")
+    canonical_dtype(args.dtype)
+    AdaDecodeConfig(exit_layers=exit_layers, threshold=args.threshold, max_pending=args.max_pending)
+    names = [x.strip() for x in (args.backends or "").split(",") if x.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    unknown += [m for m in methods if m not in HF_METHODS]
+    if unknown:
+        raise AdaDecodeError(f"unknown backends/methods {unknown}: backends are {', '.join(BACKENDS)}; methods "
+                             f"{', '.join(HF_METHODS)}")
+    if any(b < 1 or b > args.n for b in _ints(args.batch_sizes, "--batch-sizes")):
+        raise AdaDecodeError(f"--batch-sizes must lie in 1..--n ({args.n}), got {args.batch_sizes!r}")
+
+
 def _ints(text, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in (text or "").split(",") if x.strip())
@@ -372,7 +392,10 @@ def _ints(text, flag: str) -> tuple[int, ...]:
 def cli_main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="run_bench.py", description=__doc__.splitlines()[0])
+    from ..argparse_help import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="run_bench.py", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -39,7 +39,7 @@ class Schedule:
 def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pending: int = 5) -> Schedule:
     """Replay the runtime on one sequence. ``conf[l][t]``/``agree[l][t]``: head l's confidence and
     correctness when predicting generated token t. Mirrors AdaDecoder step for step: token 0 comes from
-    the prefill; then exit at the first confident head while fewer than ``max_pending`` early tokens
+    the prefill (counted at full depth, as the runtime's stats count it); then exit at the first confident head while fewer than ``max_pending`` early tokens
     wait; a full-depth step verifies them and restarts after the first wrong one; at the end a flush
     runs the deferred layers of the last early tokens.
 
@@ -49,7 +49,7 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
     much work the rollback throws away."""
     layers = sorted(conf)
     n = len(next(iter(conf.values()))) if conf else 0
-    t, pending, cost, probes = 1, [], 0, 0  # pending: (token index, exit layer, correct)
+    t, pending, cost, probes = 1, [], (num_layers if n else 0), 0  # pending: (token index, exit layer, correct)
     early = accepted = rejected = 0
 
     def verify():

@@ -10,6 +10,7 @@ import torch
 from ..errors import AdaDecodeError, HeadsMismatchError
 
 WEIGHTS_FILE = "heads.safetensors"
+JSON_FILE = "heads.json"  # a readable copy of the weights file's metadata; the weights file is what loads
 SHIPPED = Path(__file__).parent / "shipped"  # trained heads for zoo models, one folder per zoo name
 
 
@@ -21,10 +22,10 @@ def shipped_heads(name: str) -> Path | None:
 
 def find_shipped_heads(model) -> Path | None:
     """The shipped heads folder whose fingerprint matches ``model``, if any."""
-    fp = model_fingerprint(model)
+    fps = model_fingerprints(model)
     for folder in sorted(SHIPPED.glob("*")):
-        meta = folder / "heads.json"
-        if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fp:
+        weights = folder / WEIGHTS_FILE
+        if weights.exists() and _read_metadata(weights).get("fingerprint") in fps:
             return folder
     return None
 
@@ -32,19 +33,43 @@ def find_shipped_heads(model) -> Path | None:
 FORMAT = "adadecode-fx/exit-heads/1"
 
 
-def model_fingerprint(model) -> str:
-    """Identify the model a head belongs to: architecture numbers plus a sample of the LM head weights.
-
-    The sample is rounded to bfloat16 so the fp32 and bf16 loads of one checkpoint share a fingerprint.
-    """
+def _digest(model, sample) -> str:
     cfg = model.config
     h = hashlib.sha256()
     h.update(json.dumps([getattr(cfg, "model_type", ""), cfg.hidden_size, cfg.num_hidden_layers,
                          cfg.vocab_size]).encode())
-    w = model.get_output_embeddings().weight.detach()
-    rows = torch.cat([w[:8], w[-8:]]).to(torch.bfloat16).to(torch.float32).cpu().contiguous()
-    h.update(rows.numpy().tobytes())
+    h.update(sample.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _lm_head_sample(model) -> torch.Tensor:
+    w = model.get_output_embeddings().weight.detach()
+    return torch.cat([w[:8], w[-8:]])
+
+
+def model_fingerprint(model) -> str:
+    """Identify the model a head belongs to: architecture numbers plus the sign bits of a sample of the
+    LM head weights. Rounding keeps the sign bit (even a value that underflows to zero), so every dtype
+    a checkpoint is loaded in (fp32, bf16, fp16, fp64) has the same fingerprint."""
+    return _digest(model, torch.signbit(_lm_head_sample(model)))
+
+
+def model_fingerprints(model) -> tuple[str, ...]:
+    """Every fingerprint that identifies ``model`` in a heads file: `model_fingerprint`, or the digest of
+    the sample rounded to bf16, which heads files may carry instead (fp32 and bf16 loads reproduce it;
+    an fp16 load cannot, as fp32 -> fp16 -> bf16 rounds differently from fp32 -> bf16)."""
+    rounded = _lm_head_sample(model).to(torch.bfloat16).to(torch.float32)
+    return model_fingerprint(model), _digest(model, rounded)
+
+
+def _read_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001  (not a safetensors file: no fingerprint to match)
+        return {}
 
 
 class ExitHeads:
@@ -114,11 +139,10 @@ class ExitHeads:
         if self.vocab is not None and (self.vocab.min() < 0 or self.vocab.max() >= cfg.vocab_size):
             raise HeadsMismatchError(f"the heads' vocabulary shortlist has ids outside this model's vocabulary "
                                      f"({cfg.vocab_size}); use heads made for this model")
-        fp = model_fingerprint(model)
-        if fp != self.fingerprint:
+        if self.fingerprint not in model_fingerprints(model):
             raise HeadsMismatchError(
                 f"these heads were trained for another model (fingerprint {self.fingerprint}, this model "
-                f"{fp}); use heads made for this checkpoint")
+                f"{model_fingerprint(model)}); use heads made for this checkpoint")
         return self
 
     def save(self, directory) -> Path:
@@ -133,8 +157,7 @@ class ExitHeads:
         if self.vocab is not None:
             tensors["vocab"] = self.vocab.contiguous().cpu()
         save_file(tensors, str(d / WEIGHTS_FILE), metadata=meta)
-        (d / "heads.json").write_text(json.dumps({k: (json.loads(v) if k in ("layers", "metadata") else v)
-                                                  for k, v in meta.items()}, indent=2))
+        (d / JSON_FILE).write_text(json.dumps(_readable(meta), indent=2))
         return d
 
     @classmethod
@@ -154,6 +177,33 @@ class ExitHeads:
             raise HeadsMismatchError(f"{path} is not a readable heads file ({e})") from e
         if meta.get("format") != FORMAT:
             raise HeadsMismatchError(f"{path} is not an adadecode-fx heads file (format {meta.get('format')!r})")
+        if path.name == WEIGHTS_FILE:
+            _check_readable_copy(path.with_name(JSON_FILE), meta)
         heads = cls(weights, meta["fingerprint"], int(meta["hidden_size"]), int(meta["num_layers"]),
                     json.loads(meta.get("metadata", "{}")), vocab)
         return heads.check(model) if model is not None else heads
+
+
+def _readable(meta: dict) -> dict:
+    """heads.json's content for the safetensors metadata ``meta`` (JSON strings unpacked)."""
+    return {k: (json.loads(v) if k in ("layers", "metadata") else v) for k, v in meta.items()}
+
+
+def _check_readable_copy(path: Path, meta: dict) -> None:
+    """heads.json is written next to the weights for people to read; loading never takes anything from
+    it, so one that is broken or edited by hand is refused rather than silently ignored."""
+    if not path.exists():
+        return
+    redo = ("restore it with ExitHeads.load(DIR).save(DIR) (or delete it); to change a setting such as "
+            "the calibrated threshold, edit ExitHeads.metadata and save, or rerun eval-heads --set-threshold")
+    try:
+        copy = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HeadsMismatchError(f"{path} is not valid JSON ({e}); it is the readable copy of the metadata in "
+                                 f"{WEIGHTS_FILE}: {redo}") from None
+    stored = _readable(meta)
+    if copy != stored:
+        keys = sorted(k for k in set(copy) | set(stored) if copy.get(k) != stored.get(k)) if isinstance(copy, dict) \
+            else ["(not an object)"]
+        raise HeadsMismatchError(f"{path} differs from the metadata in {WEIGHTS_FILE} ({', '.join(keys)}); only "
+                                 f"{WEIGHTS_FILE} is read, so the difference would be ignored: {redo}")

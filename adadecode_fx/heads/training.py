@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdaDecodeError
-from .format import ExitHeads, model_fingerprint
+from .format import ExitHeads, model_fingerprint, model_fingerprints
 from ..build import structural_graph
 from .readout import collect_hidden, final_argmax
 from ..runtime.program import DecodeProgram
@@ -137,7 +137,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] != model_fingerprint(model)
+    fingerprints = model_fingerprints(model)
+    if resume and (list(resume["config"]["layers"]) != list(cfg.layers) or resume["fingerprint"] not in fingerprints
                    or _corpus_key(resume["config"]) != _corpus_key(asdict(cfg))):
         raise AdaDecodeError(f"{state_path} belongs to another run (layers, corpus or model differ); use a new --out")
     dtype = model.get_input_embeddings().weight.dtype
@@ -159,7 +160,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
         seqs, corpus_record = [], corpus.record if corpus else None
         recipe = {"prompts": list(prompts), "gen_tokens": cfg.gen_tokens, "fingerprint": model_fingerprint(model)}
         saved = torch.load(seqs_path, weights_only=False) if seqs_path.exists() else None
-        if saved is not None and saved["recipe"] == recipe:
+        if saved is not None and saved["recipe"]["fingerprint"] in fingerprints and (
+                {**saved["recipe"], "fingerprint": recipe["fingerprint"]} == recipe):
             seqs = saved["seqs"]
         elif prompts:
             seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch,

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..notices import notice
+
 _LOCK = threading.Lock()
+_NAME = "adadecode_block_linear"
 _STATE: dict = {}
 
 
@@ -26,9 +29,12 @@ def _build():
         return None, f"ATen runs with CPU capability {torch.backends.cpu.get_cpu_capability()}, not AVX2"
     try:
         from torch.utils.cpp_extension import load
+        if not _built():
+            notice("building the bf16 block_linear kernel with the C++ compiler (about 20 s); cached under "
+                   "~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) for later runs")
         # -fopenmp: ATen's parallel_for is a header-inlined `#pragma omp parallel`; without it the kernel
         # runs on one thread (the OpenMP runtime itself is torch's, already loaded)
-        load(name="adadecode_block_linear", sources=[str(Path(__file__).with_name("block_linear.cpp"))],
+        load(name=_NAME, sources=[str(Path(__file__).with_name("block_linear.cpp"))],
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001  (no compiler, no ninja, headers missing...: keep ATen)
         return None, f"building the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -36,6 +42,15 @@ def _build():
     torch.library.register_fake("adadecode_kernels::block_linear")(_fake)
     problem = _self_check(op)
     return (None, problem) if problem else (op, "ok")
+
+
+def _built() -> bool:
+    """Whether torch's extension cache already holds the compiled kernel (loading it then takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").is_file()
+    except Exception:  # noqa: BLE001  (a private torch helper; without it, announce the build anyway)
+        return False
 
 
 def _fake(x, w, b=None):

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdaDecodeError
+from ..notices import notice
 from ..ops.attention import prefill_block
 from .kv_state import KVState
 from .policy import GreedyDecisions, Probe, SamplingDecisions
 from .program import DecodeProgram
-from .prompts import prompt_batch
+from .prompts import check_positions, prompt_batch
 from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
 
@@ -100,6 +101,9 @@ class AdaDecoder:
         Batches (``batch > 1``) have their own classes, warmed on the first batched generation."""
         key = min(batch, 2)  # dynamo specialises a batch of 1; every larger batch shares one graph
         if key not in self._warmed:
+            if key > 1:
+                notice(f"compiling the {self.program.backend} segments for batches (about as long as the first "
+                       "warm-up; once per decoder, every later batch size reuses it)")
             self.program.warm_up(batch=key)
             self._warmed.add(key)
 
@@ -131,6 +135,7 @@ class AdaDecoder:
         sampling = self._sampling(do_sample, sampling, sampling_options)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_positions(batch.length - min(batch.pad), max_new_tokens, self.program.max_positions)
         if streamer is not None and batch.size > 1:
             raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
                                  "drop the streamer for a batch")
@@ -146,8 +151,7 @@ class AdaDecoder:
         decisions = (GreedyDecisions(self.probe, self.config.threshold) if sampler is None
                      else SamplingDecisions(self.exit_logits, sampler, self.config.threshold))
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
-                   kv=KVState(self.kv_shapes, P + max_new_tokens + 1, self.dtype, self.device, self.config.kv_bucket,
-                              pad=batch.pad),
+                   kv=self._kv_state(batch, max_new_tokens),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
                    drafts=[[] for _ in range(B)], ends=[None] * B)
         self._prefill(run)
@@ -167,6 +171,16 @@ class AdaDecoder:
         if streamer is not None:
             streamer.end()
         return self._result(run, batch, start, pad_token_id, eos)
+
+    def _kv_state(self, batch, max_new_tokens: int) -> KVState:
+        capacity = batch.length + max_new_tokens + 1
+        try:
+            return KVState(self.kv_shapes, capacity, self.dtype, self.device, self.config.kv_bucket, pad=batch.pad)
+        except RuntimeError as e:  # out of memory: models without a position limit accept any length
+            per_slot = sum(k[1] * k[3] + v[1] * v[3] for k, v in self.kv_shapes) * batch.size
+            gb = per_slot * capacity * torch.empty((), dtype=self.dtype).element_size() / 2 ** 30
+            raise AdaDecodeError(f"cannot allocate the K/V cache for {capacity:,} positions ({gb:,.1f} GiB on "
+                                 f"{self.device}): lower max_new_tokens ({str(e).splitlines()[0][:120]})") from None
 
     @staticmethod
     def _sampling(do_sample, sampling, options) -> SamplingConfig | None:
@@ -235,6 +249,7 @@ class AdaDecoder:
                 self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)
         run.origin.append(self.program.num_layers - 1)
+        run.stats.critical_path_layers += self.program.num_layers  # the first token ran the whole stack
         run.n_verified = P + 1
 
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:

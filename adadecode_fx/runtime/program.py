@@ -34,7 +34,7 @@ class DecodeProgram:
     """
 
     # what a program knows of the model it was built from (set by `adadecode_fx.build.build_program`)
-    MODEL_FIELDS = ("config", "heads", "model", "vocab_size", "eos_token_id", "dtype")
+    MODEL_FIELDS = ("config", "heads", "model", "vocab_size", "eos_token_id", "dtype", "max_positions")
 
     def __init__(self, gm: fx.GraphModule):
         self._declare()
@@ -95,6 +95,7 @@ class DecodeProgram:
         self.model = None           # the torch model, when built from one
         self.vocab_size: int | None = None
         self.eos_token_id = None    # the model's default EOS id(s)
+        self.max_positions: int | None = None  # the model's max_position_embeddings, where it has one
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 

