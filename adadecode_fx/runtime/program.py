@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from ..errors import AdaDecodeError
+from ..ops.attention import prefill_block
 from ..passes.split_layers import segment_calls
 
 
@@ -225,11 +226,13 @@ class DecodeProgram:
         n = len(ids)
         kv = state.views(n)
         top = self.top_inputs(ids, 0, kv)
-        pro = self.prologue(top)
-        hidden = self.embeddings(pro, n)
         keep = {}
-        for i in range(self.num_layers):
-            hidden = self.layer(i, hidden, pro, top, kv)
-            if i in layers:
-                keep[i] = hidden
+        # a teacher-forced pass is a prefill: one attention call per layer, not one per row
+        with prefill_block():
+            pro = self.prologue(top)
+            hidden = self.embeddings(pro, n)
+            for i in range(self.num_layers):
+                hidden = self.layer(i, hidden, pro, top, kv)
+                if i in layers:
+                    keep[i] = hidden
         return keep, hidden
