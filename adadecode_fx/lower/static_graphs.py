@@ -22,6 +22,7 @@ class StaticCall:
     for as long as the call is used, because a graph reads and writes them where they were at capture.
     """
 
+    @torch.no_grad()  # inference only: a graph captured with autograd on would record its bookkeeping too
     def __init__(self, fn: Callable, args, pool=None):
         self.fn = fn
         self.inputs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in args]
@@ -48,6 +49,7 @@ class StaticCall:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = tuple(self.fn(*self.inputs))
 
+    @torch.no_grad()
     def __call__(self, *args) -> tuple:
         self._load(args)
         if self.graph is None:

@@ -67,6 +67,15 @@ def test_nothing_is_made_after_warm_up_across_generation_lengths():
     assert runner.made == _expected_calls(static), "a generation made a static call after warm-up"
 
 
+def test_without_heads_the_whole_stack_is_one_run():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    static = AdaDecoder(model, None, AdaDecodeConfig(backend="cudagraphs", max_pending=2))
+    assert static.program.runs == [(0, 4)] and static.program.runner.made == _expected_calls(static) == 1 + 3
+    for prompt in ([5, 6, 7], [1]):
+        assert static.generate(prompt, 12, eos_token_id=None).new_tokens == hf_greedy(model, prompt, 12)
+    assert static.program.runner.made == 4
+
+
 def test_capacity_grows_before_decoding_and_then_stays():
     model = tiny_model("llama", dtype=torch.float32)
     static, _ = _pair(model, max_cache_len=16)
