@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.bench.replay import RecordingDecoder
+from adadecode_fx.bench.replay import record
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.zoo import models
 from adadecode_fx.zoo.data import load_prompts
@@ -36,13 +36,12 @@ def main() -> None:
     heads_dir = shipped_heads(args.model)
     heads = ExitHeads.load(heads_dir, model)
     decoder = AdaDecoder(model, heads, AdaDecodeConfig())  # the heads' recommended layers and gamma
-    recorder = RecordingDecoder(decoder.program)
     cfg = decoder.config
     records = []
     started = time.time()
     for r in load_prompts(args.task, n=args.n, split="eval", seed=args.seed):
         ids = tokenizer(r["prompt"]).input_ids
-        rec = recorder.record(ids, args.max_new_tokens)
+        rec = record(decoder.program, ids, args.max_new_tokens)
         records.append({"id": r["id"], "prompt_ids": ids, **rec})
         s = rec["stats"]
         print(f"{r['id']}: {len(ids)} prompt tokens, {s['early_emitted']} early, {s['accepted']} accepted, "

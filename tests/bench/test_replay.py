@@ -3,7 +3,7 @@ import torch
 import transformers as tf
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.bench.replay import RecordingDecoder, ReplayDecoder
+from adadecode_fx.bench.replay import ReplayDecoder, record
 from adadecode_fx.zoo.shapes import make_decisive, shape_config
 
 from tests.conftest import FAMILIES, hf_greedy, tiny_model
@@ -12,10 +12,10 @@ from tests.conftest import FAMILIES, hf_greedy, tiny_model
 def test_a_recorded_schedule_replays_step_for_step_on_a_decisive_model():
     model = tiny_model("llama", dtype=torch.float32)
     config = AdaDecodeConfig(threshold=0.02, max_pending=3)
-    recorder = RecordingDecoder(AdaDecoder(model, ExitHeads.random(model, (1, 3), scale=0.5, seed=1), config).program)
+    program = AdaDecoder(model, ExitHeads.random(model, (1, 3), scale=0.5, seed=1), config).program
     prompt = list(range(20, 30))
-    record = recorder.record(prompt, 30)
-    stats = record["stats"]
+    schedule = record(program, prompt, 30)
+    stats = schedule["stats"]
     assert stats["early_emitted"] >= 10 and stats["rejected"] >= 3, stats
 
     torch.manual_seed(5)
@@ -25,9 +25,9 @@ def test_a_recorded_schedule_replays_step_for_step_on_a_decisive_model():
     for backend in ("eager", "cudagraphs"):
         replay = ReplayDecoder(AdaDecoder(shape, heads, AdaDecodeConfig(threshold=0.5, max_pending=3,
                                                                         backend=backend)).program)
-        out, followed = replay.replay(prompt, record, 30)
-        assert followed == {"diverged": 0, "probes_used": len(record["probes"]),
-                            "probes_recorded": len(record["probes"]), "stats_equal": True}, backend
+        out, followed = replay.replay(prompt, schedule, 30)
+        assert followed == {"diverged": 0, "probes_used": len(schedule["probes"]),
+                            "probes_recorded": len(schedule["probes"]), "stats_equal": True}, backend
         assert out.new_tokens == hf_greedy(shape, prompt, 30) == [prompt[-1]] * 30
 
 
