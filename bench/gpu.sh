@@ -23,7 +23,7 @@ echo "setup done at $((SECONDS - start)) s" | tee -a "$OUT/machine.txt"
 
 # 1. correctness: fp32 graphs == our eager path token for token, nothing captured after warm-up, bf16 runs;
 #    and the older CUDA tests, since the decode loop now walks runs of layers
-timeout 170 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k cuda \
+timeout 170 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k test_cuda_ \
     tests/runtime/test_cuda.py > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 

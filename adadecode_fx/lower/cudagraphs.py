@@ -13,7 +13,7 @@ whole stretches of a step can be captured once and replayed:
   (positions, masks, rotary tables for its T rows), is one static call per T = 1..max_pending + 1;
   the runtime calls it through `DecodeProgram.run_layers` (the hook this lowering fills).
 - **Probes and epilogue** are static calls of their own (one row per probe; T rows for the epilogue),
-  so the exit decision keeps its seam (`AdaDecoder.exit_probe`) and verification stays in the runtime.
+  so the exit decision keeps its seam (the decoder's probe) and verification stays in the runtime.
 
 On CUDA every static call is captured with ``torch.cuda.graph`` on first use and replayed after
 (`adadecode_fx.lower.static_graphs`); warm-up makes all of them at construction. Elsewhere the same
