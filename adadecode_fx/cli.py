@@ -6,7 +6,7 @@ import json
 import sys
 
 from .errors import AdaDecodeError
-from .config import canonical_dtype
+from .config import BACKENDS, canonical_dtype
 
 
 def _int_list(text, flag) -> tuple[int, ...]:
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")
-    g.add_argument("--backend", default="eager", choices=("eager", "inductor", "onnxruntime", "tensorrt"),
+    g.add_argument("--backend", default="eager", choices=BACKENDS,
                    help="how segments run (inductor compiles for a minute or two first)")
     g.add_argument("--prompt", required=True, action="append",
                    help="the prompt; repeat it to decode a batch (rows are left-padded and decoded together)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .errors import AdaDecodeError
 
-BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt", "cudagraphs")
 DEFAULT_THRESHOLD = 0.75  # the paper's gamma, for heads that were never calibrated (eval-heads --set-threshold)
 DEFAULT_MAX_PENDING = 5   # the paper's limit on early tokens waiting for verification
 # options that may also come through ``extra`` (an older spelling), moved to their typed fields
@@ -56,12 +56,17 @@ class AdaDecodeConfig:
     dtype: compute dtype of the model and heads.
     backend: how segments are executed: "eager" (the default; token-exact with HF greedy in bf16 too),
         "inductor" (torch.compile; token-equal in our fp32/fp64 tests, but its fused bf16 code rounds
-        differently from eager ATen, so bf16 output can part from HF's), "onnxruntime", "tensorrt".
+        differently from eager ATen, so bf16 output can part from HF's), "onnxruntime", "tensorrt",
+        "cudagraphs" (static K/V buffers, attention over their whole capacity, one CUDA graph per run of
+        layers between exit layers and block length; on a CPU the same static program runs uncaptured).
     kv_bucket: attention reads the KV buffers in slices rounded up to this many positions, so that
         shapes repeat for compiled segments. 1 (exact length) by default: in bf16 a padded, masked
         attention rounds differently from HF's and can flip a near-tie (seen on SmolLM2, HumanEval/10).
     script_rows: backend "eager": run one-row layer steps as TorchScript traces of the same ATen calls
         (bit-identical, less Python per call); False keeps the FX code.
+    max_cache_len: backend "cudagraphs": slots in its static K/V buffers (prompt + new tokens + 1 must
+        fit). None: 256, grown to the next multiple of 256 when a generation needs more (which recaptures
+        every graph). Attention reads all of them at every step, so do not make it much larger than needed.
     onnx_dir: backend "onnxruntime": export the segments here (default: a temporary directory).
     onnx_providers: backend "onnxruntime": ORT execution providers (default: CUDA if present, else CPU).
     extra: the same three options as a dict (older spelling); any other key is an error.
@@ -74,6 +79,7 @@ class AdaDecodeConfig:
     backend: str = "eager"
     kv_bucket: int = 1
     script_rows: bool = True
+    max_cache_len: int | None = None
     onnx_dir: str | None = None
     onnx_providers: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
@@ -108,6 +114,9 @@ class AdaDecodeConfig:
             raise AdaDecodeError(f"max_pending must be an integer >= 0, got {self.max_pending!r}")
         if self.backend not in BACKENDS:
             raise AdaDecodeError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        m = self.max_cache_len
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
+            raise AdaDecodeError(f"max_cache_len must be an integer >= 2 or None, got {m!r}")
         if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 1:
             raise AdaDecodeError(f"kv_bucket must be a positive integer, got {self.kv_bucket!r}")
         layers = self.exit_layers

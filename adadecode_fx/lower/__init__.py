@@ -9,6 +9,8 @@ so the decode loop never knows which backend runs. Every lowering has the signat
 - ``inductor``: `adadecode_fx.lower.inductor` (torch.compile per segment, shared across identical layers).
 - ``onnxruntime``: `adadecode_fx.lower.onnxrt` (segments exported to ONNX, run by ORT sessions).
 - ``tensorrt``: `adadecode_fx.lower.tensorrt` (torch-tensorrt; needs CUDA).
+- ``cudagraphs``: `adadecode_fx.lower.cudagraphs` (static K/V, runs of layers as CUDA graphs per block
+  length; uncaptured on a CPU). It also fills the program's ``runner`` (`DecodeProgram.run_layers`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from ..errors import AdaDecodeError
 
 # backend -> (module, function); imported on use, so a missing optional package only matters when chosen
 LOWERINGS = {"eager": ("eager", "lower_eager"), "inductor": ("inductor", "lower_inductor"),
-             "onnxruntime": ("onnxrt", "lower_onnxruntime"), "tensorrt": ("tensorrt", "lower_tensorrt")}
+             "onnxruntime": ("onnxrt", "lower_onnxruntime"), "tensorrt": ("tensorrt", "lower_tensorrt"),
+             "cudagraphs": ("cudagraphs", "lower_cudagraphs")}
 
 
 def lower(program, config):

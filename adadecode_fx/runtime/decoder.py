@@ -140,7 +140,7 @@ class AdaDecoder:
             raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
                                  "drop the streamer for a batch")
         eos = _eos_set(self.default_eos if eos_token_id == "default" else eos_token_id)
-        if batch.size > 1 and self.config.backend in ("onnxruntime", "tensorrt"):
+        if batch.size > 1 and self.config.backend in ("onnxruntime", "tensorrt", "cudagraphs"):
             raise AdaDecodeError(f"the {self.config.backend} engines are built for one sequence; decode a batch with "
                                  "backend='eager' or 'inductor', or one prompt at a time")
         if batch.size > 1 and self.program.needs_warm_up:
@@ -175,7 +175,7 @@ class AdaDecoder:
     def _kv_state(self, batch, max_new_tokens: int) -> KVState:
         capacity = batch.length + max_new_tokens + 1
         try:
-            return KVState(self.kv_shapes, capacity, self.dtype, self.device, self.config.kv_bucket, pad=batch.pad)
+            return self.program.kv_state(capacity, self.config.kv_bucket, pad=batch.pad)
         except RuntimeError as e:  # out of memory: models without a position limit accept any length
             per_slot = sum(k[1] * k[3] + v[1] * v[3] for k, v in self.kv_shapes) * batch.size
             gb = per_slot * capacity * torch.empty((), dtype=self.dtype).element_size() / 2 ** 30
@@ -253,27 +253,30 @@ class AdaDecoder:
         run.n_verified = P + 1
 
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
-        """Walk the layers for slots up to ``p_end``: ends at a confident exit probe (early tokens) or at
-        the last layer (verification, maybe a rollback, and a final token per row)."""
-        prog, L, state, stats = self.program, self.program.num_layers, run.kv, run.stats
+        """Walk the layers for slots up to ``p_end``, one run (the layers up to the next exit layer) at a
+        time: ends at a confident exit probe (early tokens) or at the last layer (verification, maybe a
+        rollback, and a final token per row)."""
+        prog, state, stats = self.program, run.kv, run.stats
         a = state.fill[-1]
         kv = state.views(p_end + 1)
         top = prog.top_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
-        pro = prog.prologue(top)
-        hidden = prog.embeddings(pro, p_end + 1 - state.fill[0])
+        pro = prog.step_prologue(top)
+        hidden = None  # the block leaving the previous run; None before layer 0
         stats.steps += count
-        for layer in range(L):
-            parked = state.take_parked(layer - 1) if layer else None
+        for first, last in prog.runs:
+            parked = state.take_parked(first - 1) if first else None
             if parked is not None:
-                hidden = torch.cat([parked, hidden], dim=1)
-            if hidden.shape[1] == 0:
+                hidden = parked if hidden is None else torch.cat([parked, hidden], dim=1)
+            n = p_end + 1 - state.fill[first]  # every layer of a run holds the same fill
+            if n == 0:
                 continue
-            hidden = prog.layer(layer, hidden, pro, top, kv)
-            state.fill[layer] = p_end + 1
-            stats.critical_path_layers += count
-            stats.layer_rows += hidden.shape[1] if count else 0
-            if allow_exit and layer in prog.probe_fns and self._exit(run, layer, hidden[:, -1:]):
-                state.park(layer, hidden)
+            hidden = prog.run_layers(first, last, hidden, n, pro, top, kv)
+            depth = last + 1 - first
+            state.fill[first:last + 1] = [p_end + 1] * depth
+            stats.critical_path_layers += depth if count else 0
+            stats.layer_rows += n * depth if count else 0
+            if allow_exit and last in prog.probe_fns and self._exit(run, last, hidden[:, -1:]):
+                state.park(last, hidden)
                 return
         first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
         self._verify(run, first, prog.epilogue(hidden[:, first - a:]))

@@ -31,6 +31,21 @@ class KVState:
         self.fill = [0] * len(kv_shapes)
         self.parked: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def over(cls, buffers, attention_mask: torch.Tensor, pad=(0,)) -> "KVState":
+        """A state over buffers that outlive it (a static program's, which its captured graphs read at
+        fixed addresses). Attention reads the whole capacity: the mask hides what the positions may not
+        see, including rows left from earlier generations, so the buffers are not cleared."""
+        state = cls.__new__(cls)
+        state.capacity = buffers[0][0].shape[2]
+        state.bucket = state.capacity
+        state.pad = [int(p) for p in pad]
+        state.buffers = list(buffers)
+        state.attention_mask = attention_mask
+        state.fill = [0] * len(state.buffers)
+        state.parked = {}
+        return state
+
     @property
     def batch(self) -> int:
         return len(self.pad)

@@ -1,7 +1,11 @@
 """DecodeProgram: the segments produced by the passes, with a recipe for feeding each one.
 
 This is the only place that knows how a segment's inputs map to runtime state; the decode loop
-calls `prologue`, `layer`, `probe` and `epilogue` and never looks at graphs.
+calls `step_prologue`, `run_layers`, `probe` and `epilogue` and never looks at graphs.
+
+A *run* is the layers between two exit layers (`runs`): parked rows join a block only after an exit
+layer, so a block keeps its length through a run. Programs run a run layer by layer, unless a lowering
+gave them a ``runner`` that runs whole runs on static buffers (`adadecode_fx.lower.cudagraphs`).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import fx
 from ..errors import AdaDecodeError
 from ..ops.attention import prefill_block
 from ..passes.split_layers import segment_calls
+from .kv_state import KVState
 
 
 @dataclass
@@ -99,6 +104,9 @@ class DecodeProgram:
         self.max_positions: int | None = None  # the model's max_position_embeddings, where it has one
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,
+        # ``run(first, last, hidden, n, top, kv)``, ``warm_up()`` (see adadecode_fx.lower.cudagraphs)
+        self.runner = None
 
     def replace(self, **changes) -> "DecodeProgram":
         """A copy with ``changes`` (declared attributes only); segment lists and dicts are copied, so the
@@ -112,6 +120,20 @@ class DecodeProgram:
             setattr(new, name, value)
         return new
 
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """``(first, last)`` layer ranges, cut after each exit layer: a block changes length only where
+        parked rows join it, right after an exit layer."""
+        cuts = sorted(l for l in self.probe_fns if l < self.num_layers - 1)
+        starts = [0] + [l + 1 for l in cuts]
+        return list(zip(starts, cuts + [self.num_layers - 1]))
+
+    def kv_state(self, capacity: int, bucket: int, pad=(0,)):
+        """The K/V state of one generation: fresh buffers, or the runner's static ones."""
+        if self.runner is not None:
+            return self.runner.kv_state(capacity, pad)
+        return KVState(self.kv_shapes, capacity, self.dtype, self.device, bucket, pad=pad)
+
     @torch.no_grad()
     def warm_up(self, batch: int = 1) -> None:
         """Run every segment on each shape class a generation meets, so compiled backends compile here:
@@ -121,8 +143,9 @@ class DecodeProgram:
         that start inside the buffers, see `KVState.row`)."""
         import torch.fx.experimental._config as fx_config
 
-        from .kv_state import KVState
-
+        if self.runner is not None:  # static programs make their graphs for every block length instead
+            self.runner.warm_up()
+            return
         state = KVState(self.kv_shapes, 8, self.dtype, self.device, 1, pad=[0] * batch)
         with fx_config.patch(use_duck_shape=False):
             self._run_shape_classes(state)
@@ -186,6 +209,22 @@ class DecodeProgram:
     def prologue(self, top: dict) -> PrologueOut:
         out = self.prologue_fn(*[top[n] for n in self.prologue_args])
         return PrologueOut(out, top["input_ids"].shape[1])
+
+    def step_prologue(self, top: dict) -> PrologueOut | None:
+        """The prologue a step's runs share; None where the runner computes it inside each run."""
+        return None if self.runner is not None else self.prologue(top)
+
+    def run_layers(self, first: int, last: int, hidden: torch.Tensor | None, n: int, pro: PrologueOut | None,
+                   top: dict, kv) -> torch.Tensor:
+        """Layers ``first..last`` on a block of ``n`` rows, the last ``n`` of ``top``: ``hidden [B, n, d]``
+        enters layer ``first``; None at layer 0, which reads the embeddings."""
+        if self.runner is not None:
+            return self.runner.run(first, last, hidden, n, top, kv)
+        if hidden is None:
+            hidden = self.embeddings(pro, n)
+        for i in range(first, last + 1):
+            hidden = self.layer(i, hidden, pro, top, kv)
+        return hidden
 
     def embeddings(self, pro: PrologueOut, n: int) -> torch.Tensor:
         return _narrow_last(pro.values[self.embedding_index], 1, n)

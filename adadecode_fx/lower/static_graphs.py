@@ -1,0 +1,91 @@
+"""Calls over static input buffers: captured as CUDA graphs on a GPU, run as they are elsewhere.
+
+A `StaticCall` owns one buffer per tensor argument. Every call copies the arguments into them, then on
+CUDA replays the graph captured on the first call, elsewhere runs the function on the same buffers, and
+returns copies of the outputs. CPU runs thus take the path a GPU replays (argument copies, fixed
+buffers, outputs that the next replay overwrites), so CI tests that logic without a GPU.
+
+`GraphBook` keeps the calls of one decoder by key (segment, block length) and counts how many it made:
+on CUDA each one is a capture, so a count that stays flat after warm-up means nothing was recaptured.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class StaticCall:
+    """``fn(*buffers) -> tuple of tensors`` over buffers shaped like ``args``.
+
+    ``fn`` may also write tensors it closes over (the K/V buffers); they must stay at the same address
+    for as long as the call is used, because a graph reads and writes them where they were at capture.
+    """
+
+    @torch.no_grad()  # inference only: a graph captured with autograd on would record its bookkeeping too
+    def __init__(self, fn: Callable, args, pool=None):
+        self.fn = fn
+        self.inputs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in args]
+        self._load(args)
+        self.graph = None
+        self.outputs = None
+        if self.inputs[0].is_cuda:
+            self._capture(pool)
+
+    def _load(self, args) -> None:
+        for buffer, a in zip(self.inputs, args):
+            buffer.copy_(a)
+
+    def _capture(self, pool) -> None:
+        # One eager run on a side stream first: lazy initialisation (cuBLAS handles and workspaces, SDPA
+        # kernel choice) must not happen inside a capture. It computes what the replay below computes,
+        # so the K/V rows it writes are the ones the replay writes again.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = tuple(self.fn(*self.inputs))
+
+    @torch.no_grad()
+    def __call__(self, *args) -> tuple:
+        self._load(args)
+        if self.graph is None:
+            outputs = tuple(self.fn(*self.inputs))
+        else:
+            self.graph.replay()
+            outputs = self.outputs
+        # the next replay overwrites the graph's outputs; callers keep rows across steps (parked rows)
+        return tuple(o.clone() for o in outputs)
+
+
+class GraphBook:
+    """The `StaticCall`s of one decoder, by key, made on first use.
+
+    On CUDA they share one memory pool: each graph's outputs stay referenced here (so no other graph is
+    given their memory) and its intermediates are dead once it has run, so graphs that run one after
+    another on one stream may reuse each other's intermediate memory, in any order (vLLM captures its
+    per-batch-size graphs the same way).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.calls: dict = {}
+        self.made = 0  # StaticCalls made; on CUDA, graph captures
+        self.pool = None
+
+    def call(self, key, fn: Callable, args) -> tuple:
+        static = self.calls.get(key)
+        if static is None:
+            if self.device.type == "cuda" and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            static = self.calls[key] = StaticCall(fn, args, self.pool)
+            self.made += 1
+        return static(*args)
+
+    def clear(self) -> None:
+        """Forget every call (their graphs read buffers that are about to be replaced)."""
+        self.calls.clear()
+        self.pool = None

@@ -1,0 +1,217 @@
+"""The cudagraphs backend: static K/V, runs of layers as static calls per block length.
+
+On a CPU the static calls run uncaptured over the same static buffers, so these tests check its logic
+(copies in and out, runs, capacity, padding) against HF greedy and our eager path; the CUDA tests at
+the end (skipped without a GPU) check that the captured graphs replay the same tokens and that
+nothing is captured after warm-up."""
+import pytest
+import torch
+
+import adadecode_fx
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.errors import AdaDecodeError
+from adadecode_fx.heads import shipped_heads
+from adadecode_fx.lower.static_graphs import StaticCall
+
+from tests.conftest import FAMILIES, hf_greedy, tiny_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FORCED = dict(threshold=0.02, max_pending=3)  # random heads at a tiny gamma: many exits, many rollbacks
+
+
+def _pair(model, layers=(1, 3), seed=1, **config):
+    heads = ExitHeads.random(model, layers, scale=0.5, seed=seed)
+    settings = {**FORCED, **config}
+    return (AdaDecoder(model, heads, AdaDecodeConfig(backend="cudagraphs", **settings)),
+            AdaDecoder(model, heads, AdaDecodeConfig(**settings)))
+
+
+def _expected_calls(decoder) -> int:
+    """Runs: layer 0 for T = 1, deeper runs for T = 1..max_pending + 1; the epilogue for as many rows;
+    one per probe."""
+    runner = decoder.program.runner
+    return 1 + (len(runner.runs) - 1) * runner.max_rows + runner.max_rows + len(runner.probes)
+
+
+# gemma2: eager attention with a float mask and sliding-window layers; fp64 models are shared with the
+# property tests (one capture each per session)
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.float64),
+                                          ("qwen2", torch.float32), ("gemma2", torch.float64),
+                                          ("gpt_neox", torch.float64)])
+def test_parity_with_hf_and_eager_with_forced_exits_and_rollbacks(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    static, eager = _pair(model)
+    assert static.program.runs == [(0, 1), (2, 3), (4, 4)]
+    early = rejected = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = static.generate(prompt, 25, eos_token_id=None)
+        ref = eager.generate(prompt, 25, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, 25)
+        assert out.new_tokens == ref.new_tokens
+        # same exit decisions, same verdicts: the schedule does not depend on how the runs execute
+        for key in ("early_emitted", "accepted", "rejected", "steps", "critical_path_layers", "layer_rows"):
+            assert getattr(out.stats, key) == getattr(ref.stats, key), key
+        early += out.stats.early_emitted
+        rejected += out.stats.rejected
+    assert early >= 20 and rejected >= 5, (early, rejected)
+
+
+def test_nothing_is_made_after_warm_up_across_generation_lengths():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    static, _ = _pair(model, max_pending=4)
+    runner = static.program.runner
+    assert runner.made == _expected_calls(static) == 1 + 2 * 5 + 5 + 2
+    for prompt, new in (([1], 3), ([5, 6, 7], 30), (list(range(20, 45)), 12), ([9, 9], 1)):
+        out = static.generate(prompt, new, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, new)
+    assert runner.made == _expected_calls(static), "a generation made a static call after warm-up"
+
+
+def test_without_heads_the_whole_stack_is_one_run():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    static = AdaDecoder(model, None, AdaDecodeConfig(backend="cudagraphs", max_pending=2))
+    assert static.program.runs == [(0, 4)] and static.program.runner.made == _expected_calls(static) == 1 + 3
+    for prompt in ([5, 6, 7], [1]):
+        assert static.generate(prompt, 12, eos_token_id=None).new_tokens == hf_greedy(model, prompt, 12)
+    assert static.program.runner.made == 4
+
+
+def test_capacity_grows_before_decoding_and_then_stays():
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model, max_cache_len=16)
+    runner = static.program.runner
+    calls = _expected_calls(static)
+    prompt = list(range(10, 22))
+    assert static.generate(prompt, 3, eos_token_id=None).new_tokens == hf_greedy(model, prompt, 3)
+    assert runner.capacity == 16 and runner.made == calls
+    out = static.generate(prompt, 20, eos_token_id=None)  # needs 33 slots: grows to 256, warms up again
+    assert out.new_tokens == hf_greedy(model, prompt, 20)
+    assert runner.capacity == 256 and runner.made == 2 * calls
+    static.generate(prompt, 20, eos_token_id=None)
+    assert runner.made == 2 * calls
+
+
+def test_a_left_padded_prompt_reads_its_padding_inside_the_runs():
+    """Positions are slots - pad, computed inside each run from a static pad value; K/V rows of the
+    padding slots are masked (and stale from the previous generation, which must not matter)."""
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    prompt = [5, 6, 7, 8]
+    static.generate(list(range(30, 60)), 10, eos_token_id=None)  # leave rows of another prompt behind
+    ids = torch.tensor([[0, 0, 0] + prompt])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    out = static.generate(ids, 20, attention_mask=mask, eos_token_id=None)
+    assert out.new_tokens == hf_greedy(model, prompt, 20)
+
+
+def test_seeded_sampling_matches_the_eager_path():
+    model = tiny_model("llama", dtype=torch.float64)
+    static, eager = _pair(model, threshold=0.3)
+    for seed in (0, 1):
+        options = dict(do_sample=True, temperature=0.8, top_k=20, seed=seed, eos_token_id=None)
+        out = static.generate([5, 6, 7], 20, **options)
+        assert out.new_tokens == eager.generate([5, 6, 7], 20, **options).new_tokens
+
+
+def test_batches_are_refused_and_options_checked():
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    with pytest.raises(AdaDecodeError, match="one sequence"):
+        static.generate([[1, 2, 3], [4, 5]], 4)
+    with pytest.raises(AdaDecodeError, match="max_cache_len"):
+        AdaDecodeConfig(backend="cudagraphs", max_cache_len=0)
+
+
+def test_compile_backend_and_custom_generate_reach_it():
+    model = tiny_model("llama", dtype=torch.float32)
+    heads = ExitHeads.random(model, (1, 3), scale=0.5, seed=1)
+    options = {"backend": "cudagraphs", "heads": heads, **FORCED}
+    compiled = torch.compile(model, backend="adadecode", options=options)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(compiled(ids).logits, model(ids).logits, atol=1e-5)
+    ref = hf_greedy(model, [5, 6, 7, 8], 16)
+    seq = adadecode_fx.generate(compiled, ids, max_new_tokens=16, eos_token_id=None)
+    assert seq[0, 4:].tolist() == ref
+    assert adadecode_fx.api.decoder_for(compiled).program.backend == "cudagraphs"
+    seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                         adadecode={"backend": "cudagraphs", **FORCED})
+    assert seq[0, 4:].tolist() == ref
+
+
+def test_static_call_outputs_survive_the_next_call():
+    """Parked rows are kept across steps while the same call runs again: outputs must be copies."""
+    buffer = torch.zeros(3)
+
+    def fn(x):
+        buffer.add_(x)  # writes a tensor it closes over, as runs write the K/V buffers
+        return (x * 2, buffer)
+
+    call = StaticCall(fn, (torch.ones(3),))
+    first = call(torch.ones(3))
+    second = call(torch.full((3,), 5.0))
+    assert first[0].tolist() == [2.0] * 3 and second[0].tolist() == [10.0] * 3
+    assert first[1].tolist() == [1.0] * 3 and second[1].tolist() == [6.0] * 3
+    assert call.inputs[0].tolist() == [5.0] * 3
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_with_many_exits_and_rejections(smol):
+    model, tokenizer = smol
+    heads = ExitHeads.load(shipped_heads("smollm2-135m"), model)
+    config = dict(exit_layers=(7, 14, 21), threshold=0.2, max_pending=3)
+    static = AdaDecoder(model, heads, AdaDecodeConfig(backend="cudagraphs", **config))
+    eager = AdaDecoder(model, heads, AdaDecodeConfig(**config))
+    made = static.program.runner.made
+    early = rejected = 0
+    for text in ("def fibonacci(n):", "The capital of France is"):
+        ids = tokenizer(text).input_ids
+        out = static.generate(ids, 24)
+        assert out.new_tokens == eager.generate(ids, 24).new_tokens
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24)
+        assert out.new_tokens == ref[0, len(ids):].tolist()
+        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    assert static.program.runner.made == made
+    assert early >= 5 and rejected >= 1, (early, rejected)
+
+
+# --- CUDA: captured graphs ------------------------------------------------------------------------
+def _cuda_model(family, dtype=torch.float32):
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model.to("cuda")
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox"])
+def test_cuda_graphs_replay_the_eager_tokens_and_capture_only_at_warm_up(family):
+    model = _cuda_model(family)
+    static, eager = _pair(model)
+    runner = static.program.runner
+    assert runner.made == _expected_calls(static)
+    assert all(call.graph is not None for call in runner.book.calls.values()), "a static call was not captured"
+    early = 0
+    for prompt, new in (([5, 6, 7], 30), ([1], 8), (list(range(20, 45)), 30)):
+        out = static.generate(prompt, new, eos_token_id=None)
+        assert out.new_tokens == eager.generate(prompt, new, eos_token_id=None).new_tokens
+        early += out.stats.early_emitted
+    assert runner.made == _expected_calls(static), "captured again after warm-up"
+    assert early > 10
+
+
+@cuda
+def test_cuda_graphs_bf16_run_and_count():
+    """bf16 on a GPU is bit-exact for nobody (cuBLAS picks kernels by row count): only that it runs,
+    exits, and captures nothing after warm-up."""
+    model = _cuda_model("llama", torch.bfloat16)
+    static, _ = _pair(model)
+    made = static.program.runner.made
+    out = static.generate(list(range(5, 25)), 40, eos_token_id=None)
+    assert len(out.new_tokens) == 40 and out.stats.early_emitted > 0
+    assert static.program.runner.made == made
