@@ -280,3 +280,14 @@ def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch)
     rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads",
                        "--max-new-tokens", "2")
     assert rc == 0 and "capturing" not in err
+
+
+def test_bench_accepts_its_default_methods_and_full_depth():
+    import argparse
+
+    from adadecode_fx.bench import runner
+
+    p = argparse.ArgumentParser()
+    runner.add_arguments(p)
+    for argv in ([], ["--methods", "hf_greedy,full_depth", "--backends", "eager"]):
+        runner._check_args(p.parse_args(argv), ())  # raises AdaDecodeError on a name it does not know

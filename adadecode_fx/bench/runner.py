@@ -374,10 +374,10 @@ def _check_args(args, exit_layers) -> None:
     names = [x.strip() for x in (args.backends or "").split(",") if x.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
-    unknown += [m for m in methods if m not in HF_METHODS]
+    unknown += [m for m in methods if m not in METHODS]
     if unknown:
         raise AdaDecodeError(f"unknown backends/methods {unknown}: backends are {', '.join(BACKENDS)}; methods "
-                             f"{', '.join(HF_METHODS)}")
+                             f"{', '.join(METHODS)}")
     if any(b < 1 or b > args.n for b in _ints(args.batch_sizes, "--batch-sizes")):
         raise AdaDecodeError(f"--batch-sizes must lie in 1..--n ({args.n}), got {args.batch_sizes!r}")
 
