@@ -24,6 +24,17 @@ FAMILIES = {
 
 
 @functools.cache
+def cuda_model(family: str, dtype=torch.float32):
+    """A tiny model of ``family`` on the GPU, its LM head scaled so greedy choices are clear-cut."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model.to("cuda")
+
+
 def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
     """A small random decoder; eos disabled so greedy runs the full length."""
     torch.manual_seed(seed)

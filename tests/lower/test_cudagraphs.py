@@ -13,7 +13,7 @@ from adadecode_fx.errors import AdaDecodeError
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.lower.static_graphs import StaticCall
 
-from tests.conftest import FAMILIES, hf_greedy, tiny_model
+from tests.conftest import cuda_model, hf_greedy, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FORCED = dict(threshold=0.02, max_pending=3)  # random heads at a tiny gamma: many exits, many rollbacks
@@ -177,21 +177,10 @@ def test_smollm2_fp32_with_many_exits_and_rejections(smol):
 
 
 # --- CUDA: captured graphs ------------------------------------------------------------------------
-def _cuda_model(family, dtype=torch.float32):
-    import transformers as tf
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(4.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model.to("cuda")
-
-
 @cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox"])
 def test_cuda_graphs_replay_the_eager_tokens_and_capture_only_at_warm_up(family):
-    model = _cuda_model(family)
+    model = cuda_model(family)
     static, eager = _pair(model)
     runner = static.program.runner
     assert runner.made == _expected_calls(static)
@@ -209,7 +198,7 @@ def test_cuda_graphs_replay_the_eager_tokens_and_capture_only_at_warm_up(family)
 def test_cuda_graphs_bf16_run_and_count():
     """bf16 on a GPU is bit-exact for nobody (cuBLAS picks kernels by row count): only that it runs,
     exits, and captures nothing after warm-up."""
-    model = _cuda_model("llama", torch.bfloat16)
+    model = cuda_model("llama", torch.bfloat16)
     static, _ = _pair(model)
     made = static.program.runner.made
     out = static.generate(list(range(5, 25)), 40, eos_token_id=None)

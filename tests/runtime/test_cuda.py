@@ -2,20 +2,9 @@
 import pytest
 import torch
 
-from tests.conftest import FAMILIES, decoder
+from tests.conftest import cuda_model, decoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _cuda_model(family, dtype):
-    import transformers as tf
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(4.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model.to("cuda")
 
 
 def _greedy(model, prompt, n):
@@ -26,7 +15,7 @@ def _greedy(model, prompt, n):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "gemma2"])
 def test_cuda_greedy_parity_many_exits(family):
-    model = _cuda_model(family, torch.float32)
+    model = cuda_model(family, torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
     for plen in (3, 20):
         prompt = list(range(5, 5 + plen))
@@ -37,7 +26,7 @@ def test_cuda_greedy_parity_many_exits(family):
 
 def test_cuda_inductor_parity():
     from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-    model = _cuda_model("llama", torch.float32)
+    model = cuda_model("llama", torch.float32)
     heads = ExitHeads.random(model, [1, 3], scale=0.5, seed=1)
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.05, backend="inductor"))
     prompt = list(range(7, 30))
@@ -48,7 +37,7 @@ def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
     """The bench's oracle bound replays the reference through the program; its K/V must live with the weights
     (the H100 Qwen bench of session 8 failed here with 'index is on cpu')."""
     from adadecode_fx.bench.report import oracle_bound
-    model = _cuda_model("llama", torch.float32)
+    model = cuda_model("llama", torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
     prompt = list(range(5, 15))
     ref = _greedy(model, prompt, 12)
@@ -60,6 +49,6 @@ def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
 def test_cuda_probe_cost_builds_its_kv_on_the_device():
     """measure_probe_cost (the oracle bound's probe term) had the same CPU-only K/V as the oracle replay."""
     from adadecode_fx.heads.evaluation import measure_probe_cost
-    model = _cuda_model("llama", torch.float32)
+    model = cuda_model("llama", torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
     assert measure_probe_cost(dec.program, dec.heads, repeats=3) > 0
