@@ -52,7 +52,6 @@ def _example_calls(program) -> dict:
     kv = state.views(_S)
     top = program.top_inputs([1] * _T, _S - _T, kv)
     calls: dict = {}
-    saved = (program.prologue_fn, list(program.layer_fns), program.epilogue_fn)
 
     def recorder(name, fn):
         def call(*args):
@@ -60,18 +59,15 @@ def _example_calls(program) -> dict:
             return fn(*args)
         return call
 
-    try:
-        program.prologue_fn = recorder("prologue", saved[0])
-        program.layer_fns = [recorder(f"layer_{i}", f) for i, f in enumerate(saved[1])]
-        program.epilogue_fn = recorder("epilogue", saved[2])
-        with torch.no_grad():
-            pro = program.prologue(top)
-            hidden = program.embeddings(pro, _T)
-            for i in range(program.num_layers):
-                hidden = program.layer(i, hidden, pro, top, kv)
-            program.epilogue(hidden)
-    finally:
-        program.prologue_fn, program.layer_fns, program.epilogue_fn = saved
+    recording = program.replace(prologue_fn=recorder("prologue", program.prologue_fn),
+                                layer_fns=[recorder(f"layer_{i}", f) for i, f in enumerate(program.layer_fns)],
+                                epilogue_fn=recorder("epilogue", program.epilogue_fn))
+    with torch.no_grad():
+        pro = recording.prologue(top)
+        hidden = recording.embeddings(pro, _T)
+        for i in range(recording.num_layers):
+            hidden = recording.layer(i, hidden, pro, top, kv)
+        recording.epilogue(hidden)
     calls["probe"] = (hidden[:, -1:].contiguous(),)
     calls["buffers"] = state.buffers
     return calls

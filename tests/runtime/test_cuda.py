@@ -35,7 +35,7 @@ def test_cuda_inductor_parity():
 
 def test_cuda_oracle_bound_reads_hidden_states_on_the_device():
     """The bench's oracle bound replays the reference through the program; its K/V must live with the weights
-    (the H100 Qwen bench of session 8 failed here with 'index is on cpu')."""
+    (an H100 Qwen bench once failed here with 'index is on cpu')."""
     from adadecode_fx.bench.report import oracle_bound
     model = cuda_model("llama", torch.float32)
     dec = decoder(model, [1, 3], threshold=1e-9, scale=0.5, seed=1)
