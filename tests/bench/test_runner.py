@@ -68,7 +68,7 @@ def test_report_fields_and_parity(report, tmp_path):
     full = pm["adadecode_eager_full_depth"]
     L = model.config.num_hidden_layers
     assert full["early_emitted"] == 0
-    assert full["critical_path_per_token"] == pytest.approx((T - 1) * L / T)  # token 0 comes from the prefill
+    assert full["critical_path_per_token"] == pytest.approx(L)  # the prefill's token counts at full depth too
     assert full["exit_rate_per_layer"] == {str(L - 1): 1.0}
     assert full["info"]["config"]["exit_layers"] == [] and full["info"]["config"]["backend"] == "eager"
     gain = rep["heads_gain"]
