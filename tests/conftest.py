@@ -23,7 +23,6 @@ FAMILIES = {
 }
 
 
-@functools.cache
 def cuda_model(family: str, dtype=torch.float32):
     """A tiny model of ``family`` on the GPU, its LM head scaled so greedy choices are clear-cut."""
     torch.manual_seed(0)
@@ -35,6 +34,7 @@ def cuda_model(family: str, dtype=torch.float32):
     return model.to("cuda")
 
 
+@functools.cache
 def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
     """A small random decoder; eos disabled so greedy runs the full length."""
     torch.manual_seed(seed)
