@@ -12,18 +12,19 @@ This is the one place a model becomes a decoding program:
 """
 from __future__ import annotations
 
-import copy
 import weakref
 
 import torch
 
-from .capture import capture, check_supported
+from .capture import check_supported
+from .capture_cache import cached_capture
 from .config import AdaDecodeConfig
 from .errors import AdaDecodeError
 from .heads.format import ExitHeads
 from .lower import lower
 from .notices import notice, roughly
 from .passes import PASSES, PassSettings, insert_exit_probes, run_passes
+from .passes.split_layers import copy_graph
 from .runtime.decoder import register_program_builder
 from .runtime.program import DecodeProgram
 
@@ -34,14 +35,13 @@ _LOWERING_NOTICES = {
     "inductor": "compiling the segments with inductor (one shared layer template, prologue, epilogue and probe, "
                 "three shape classes each): 1-2 min on 2 CPU cores the first time; inductor caches the kernels "
                 "on disk, so later runs compile in about 10-30 s",
-    "onnxruntime": "exporting every segment to ONNX for ONNX Runtime (about 15-20 s for a small model; every "
-                   "time, unless onnx_dir keeps the export: `adadecode export` writes one to reuse)",
     "tensorrt": "building TensorRT engines for the segments (minutes; once per decoder)",
 }
 
 
 def structural_graph(model) -> torch.fx.GraphModule:
-    """Capture + the heads-independent passes, cached per model (capturing a real model takes ~20 s).
+    """Capture + the heads-independent passes, kept per model object (the capture itself is also cached
+    on disk per model structure, `capture_cache`; capturing a real model takes ~20 s).
 
     Returns a fresh top-level module over shared segments, so probes can be inserted without touching
     the cached one. The cache is invalidated if the model's weights were replaced (e.g. by ``.to()``).
@@ -50,14 +50,17 @@ def structural_graph(model) -> torch.fx.GraphModule:
            model.get_input_embeddings().weight.dtype)
     hit = _STRUCTURAL.get(model)
     if hit is None or hit[0] != key:
-        layers = model.config.num_hidden_layers
-        notice(f"capturing {type(model).__name__} with torch.export and cutting it into {layers} layer segments "
-               f"({roughly(_CAPTURE_S_PER_LAYER * layers)} on 2 CPU cores); kept for this model object while "
-               "the process runs")
-        gm = run_passes(capture(model), PassSettings(), passes=[p for p in PASSES if p is not insert_exit_probes])
+        def announce(path):
+            layers = model.config.num_hidden_layers
+            kept = f"kept in {path.parent} for later runs" if path is not None else "not kept (cache off)"
+            notice(f"capturing {type(model).__name__} with torch.export and cutting it into {layers} layer segments "
+                   f"({roughly(_CAPTURE_S_PER_LAYER * layers)} on 2 CPU cores, once per model structure); {kept}")
+
+        gm = run_passes(cached_capture(model, announce), PassSettings(),
+                        passes=[p for p in PASSES if p is not insert_exit_probes])
         _STRUCTURAL[model] = hit = (key, gm)
     gm = hit[1]
-    fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    fresh = torch.fx.GraphModule(gm, copy_graph(gm.graph))
     fresh.meta.update(gm.meta)
     return fresh
 

@@ -23,6 +23,14 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _capture_cache_of_this_session(tmp_path_factory):
+    """Captures are cached in a directory of this test session's, not in the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path_factory.mktemp("captures")))
+        yield
+
+
 def cuda_model(family: str, dtype=torch.float32):
     """A tiny model of ``family`` on the GPU, its LM head scaled so greedy choices are clear-cut."""
     torch.manual_seed(0)

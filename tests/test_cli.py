@@ -269,16 +269,19 @@ def test_sampling_options_and_device(model_dir, capsys):
     assert runs[1] == hf_greedy(model, [5, 17, 3], 10)  # top-k 1 is greedy: the options reach the sampler
 
 
-def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch):
-    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads",
-                       "--max-new-tokens", "6")
+def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path / "first"))
+    args = ("--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads")
+    rc, out, err = run(capsys, *args, "--max-new-tokens", "6")
     assert rc == 0
     # every token (the prompt pass's first one too) ran all 5 layers
     assert "0% early" not in err and "5.0 of 5 layers per token" in err
-    assert "capturing LlamaForCausalLM with torch.export" in err  # a fresh model object is captured
+    assert "capturing LlamaForCausalLM with torch.export" in err and str(tmp_path / "first") in err
+    rc, out2, err = run(capsys, *args, "--max-new-tokens", "6")
+    assert rc == 0 and out2 == out and "capturing" not in err  # the next process reads the cached capture
+    monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path / "second"))
     monkeypatch.setenv("ADADECODE_QUIET", "1")
-    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--no-heads",
-                       "--max-new-tokens", "2")
+    rc, out, err = run(capsys, *args, "--max-new-tokens", "2")
     assert rc == 0 and "capturing" not in err
 
 

@@ -205,12 +205,10 @@ def test_masked_lm_is_unsupported():
 
 
 def test_masked_lm_is_rejected_before_capture(monkeypatch):
-    import adadecode_fx.build as build
-
     def no_capture(model):
         raise AssertionError("tried to capture a masked LM")
 
-    monkeypatch.setattr(build, "capture", no_capture)
+    monkeypatch.setattr("adadecode_fx.capture.capture", no_capture)  # cached_capture looks it up when called
     with pytest.raises(UnsupportedModelError, match="causal"):
         AdaDecoder(tf.BertForMaskedLM(_bert_config()).eval())
 

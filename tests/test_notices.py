@@ -11,9 +11,10 @@ def test_roughly():
                                                            "about 10 min"]
 
 
-def test_capture_and_compilation_are_announced_once(monkeypatch, capsys):
+def test_capture_and_compilation_are_announced_once(monkeypatch, capsys, tmp_path):
     import adadecode_fx.build as build
 
+    monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path))  # a structure this cache has not seen
     monkeypatch.setattr(build, "lower", lambda program, config: program)  # no compiling: only the notice
     model = tiny_model("llama", dtype=torch.float32, seed=5)  # a model object no other test captured
     build_program(model, None, AdaDecodeConfig(backend="inductor"))

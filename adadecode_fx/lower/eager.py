@@ -8,12 +8,11 @@ private copies that call the op's body directly; the shared segments keep the op
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx
 
 from ..ops.attention import ROW_EXACT, row_exact
+from ..passes.split_layers import copy_graph
 from .scripted_rows import script_decode_rows
 
 # custom op -> the plain function with the same signature and result
@@ -26,7 +25,7 @@ def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of a segment that only the caller holds (weights stay shared). Segments are shared between
     decoders of one model, and every new decoder's ``recompile()`` regenerates their code, which would
     invalidate what a lowering did to them."""
-    copy_ = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    copy_ = fx.GraphModule(gm, copy_graph(gm.graph))
     copy_.meta.update(gm.meta)
     return copy_
 

@@ -9,14 +9,13 @@ its outputs after the model's logits, so the full-depth logits are unchanged.
 """
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from .split_layers import segment_calls
+from .split_layers import copy_graph, segment_calls
 from .settings import PassSettings
 
 
@@ -59,7 +58,7 @@ class ExitProbe(nn.Module):
 def shortlist_epilogue(epilogue: fx.GraphModule, vocab: torch.Tensor, vocab_size: int) -> fx.GraphModule:
     """A copy of the epilogue whose LM head (the weight with ``vocab_size`` rows, and its bias) keeps only
     the rows in ``vocab``: logits come out as ``[..., len(vocab)]``. Found from the graph, not by name."""
-    graph = copy.deepcopy(epilogue.graph)
+    graph = copy_graph(epilogue.graph)
     root = nn.Module()
     found = 0
     for node in graph.nodes:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache_paths import cache_dir
 from ..config import canonical_dtype
 from ..errors import AdaDecodeError, MissingPackageError, UnsupportedModelError
 from ..notices import notice, roughly
@@ -69,10 +70,6 @@ ZOO: dict[str, ZooEntry] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         convert_s=90.0),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ADADECODE_CACHE") or Path.home() / ".cache" / "adadecode_fx")
 
 
 def _torch_dtype(dtype: str):
