@@ -22,6 +22,7 @@ so a directory with a manifest is a complete export; reading it back is `adadeco
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from torch import fx
 
 from ..errors import AdaDecodeError, UnsupportedModelError
-from .onnx_rewrite import copy_graph, node_role, present_kv_layer, slim_prologue
+from .onnx_rewrite import onnx_ready_copy, node_role, present_kv_layer, slim_prologue
 from .onnx_session import OrtSession, check_dtype, default_session_options, require_onnx
 
 FORMAT = "adadecode-fx/onnx"
@@ -147,7 +148,7 @@ def _canonical(sub: fx.GraphModule) -> tuple[fx.GraphModule, dict, str]:
     structural signature: two layers with the same signature differ only in weight values."""
     from torch.fx.node import map_aggregate
 
-    graph, outs = copy_graph(sub)
+    graph, outs = onnx_ready_copy(sub)
     graph.output(outs if len(outs) != 1 else (outs[0],))
     root = torch.nn.Module()
     tensors, sig, index = {}, [], {}
@@ -210,6 +211,30 @@ def _export_checked(module, args, names, dims, outs, path: Path, template=None, 
         raise UnsupportedModelError(f"the ONNX export of {path.stem} is wrong: {problem}; use backend='eager' "
                                     "or 'inductor' for this model")
     return "exported"
+
+
+def program_digest(program) -> str:
+    """A digest of everything an export of ``program`` holds: the code of each segment and probe, each
+    tensor they read (by value), and the versions of torch and of the code that writes it. Two programs
+    with one digest export to the same files, so a directory whose manifest records it can be reused."""
+    import onnx
+
+    gm = program.gm
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{FORMAT}/{FORMAT_VERSION} torch {torch.__version__} onnx {onnx.__version__}".encode())
+    for module in (__import__(__name__, fromlist=["_"]), __import__(__package__ + ".onnx_rewrite", fromlist=["_"])):
+        h.update(Path(module.__file__).read_bytes())
+    for name, module in gm.named_modules():
+        if isinstance(module, fx.GraphModule):
+            h.update(f"{name}\n{module.code}".encode())
+    first: dict[int, str] = {}
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, t in tensors:
+        seen = first.setdefault(id(t), name)
+        h.update(f"{name} {seen} {tuple(t.shape)} {t.dtype}".encode())
+        if seen == name:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def write_program(program, out_dir, meta: dict | None = None, log=None) -> dict:
@@ -302,6 +327,7 @@ def write_program(program, out_dir, meta: dict | None = None, log=None) -> dict:
         "layer_recipes": [[list(_listify(item)) for item in r] for r in program.layer_recipes],
         "segments": segments, "export_seconds": round(time.perf_counter() - started, 2),
         "exported_segments": how["exported"], "cloned_segments": how["cloned"], "torch": torch.__version__,
+        "program_digest": program_digest(program),
         **(meta or {}),
     }
     tmp = out / (MANIFEST + ".tmp")
@@ -314,4 +340,4 @@ def _listify(x):
     return [_listify(y) for y in x] if isinstance(x, (list, tuple)) else x
 
 
-__all__ = ["write_program", "FORMAT", "FORMAT_VERSION", "MANIFEST"]
+__all__ = ["program_digest", "write_program", "FORMAT", "FORMAT_VERSION", "MANIFEST"]

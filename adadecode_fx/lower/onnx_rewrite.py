@@ -34,7 +34,9 @@ def node_role(node) -> tuple:
     return tuple(node.meta.get("role") or ("",))
 
 
-def copy_graph(sub: fx.GraphModule) -> tuple[fx.Graph, tuple]:
+def onnx_ready_copy(sub: fx.GraphModule) -> tuple[fx.Graph, tuple]:
+    """The nodes of ``sub`` but its output, with the custom ops replaced by plain ATen; returns the graph and
+    the values the output returned."""
     graph = fx.Graph()
     env: dict = {}
     out = graph.graph_copy(sub.graph, env)
@@ -49,7 +51,7 @@ def present_kv_layer(sub: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     ``kv_len``; outputs: ``(hidden, rows of K, rows of V)``) and ``info``: for each K/V input, its
     position in the layer's arguments, its kind j, and the argument position of the write index.
     """
-    graph, outs = copy_graph(sub)
+    graph, outs = onnx_ready_copy(sub)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     kv = [p for p in placeholders if node_role(p)[0] == "kv"]
     if not kv:
@@ -104,7 +106,7 @@ def present_kv_layer(sub: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
 def slim_prologue(sub: fx.GraphModule, keep: list[int]) -> tuple[fx.GraphModule, dict]:
     """The prologue reading only the *length* of K/V (``kv_len [S]`` instead of a K/V buffer) and returning
     only the outputs in ``keep`` (layers never read its SymInt outputs; ONNX cannot return them)."""
-    graph, outs = copy_graph(sub)
+    graph, outs = onnx_ready_copy(sub)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     sized = [p for p in placeholders if node_role(p)[0] == "kv_size"]
     info = {"kv_size_args": [placeholders.index(p) for p in sized]}
@@ -125,4 +127,4 @@ def slim_prologue(sub: fx.GraphModule, keep: list[int]) -> tuple[fx.GraphModule,
     return gm, info
 
 
-__all__ = ["copy_graph", "node_role", "present_kv_layer", "slim_prologue"]
+__all__ = ["onnx_ready_copy", "node_role", "present_kv_layer", "slim_prologue"]

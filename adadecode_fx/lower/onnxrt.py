@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaDecodeError
-from .onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, write_program
+from ..notices import notice
+from .onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, program_digest, write_program
 from .onnx_rewrite import present_kv_layer, slim_prologue
 from .onnx_session import (OrtSession, check_dtype, default_providers, default_session_options,
                            require_onnx)
@@ -204,15 +205,21 @@ def load_exported(path, providers=None, config=None, session_options=None):
 
 def lower_onnxruntime(program, config):
     """Backend ``onnxruntime`` for `AdaDecoder(model, heads, AdaDecodeConfig(backend="onnxruntime"))`:
-    export the program's segments (to ``config.onnx_dir`` if given, else a temporary directory removed
-    with the program) and return the ORT-backed program."""
+    export the program's segments and return the ORT-backed program. ``config.onnx_dir`` keeps the
+    export, and a later construction whose program has the same digest (model weights, heads, exit
+    layers, dtype, versions: `program_digest`) loads it instead of exporting again; without it the export
+    goes to a temporary directory removed with the program."""
     require_onnx()
     check_dtype(config.dtype)
     target = config.onnx_dir
     out = Path(target) if target else Path(tempfile.mkdtemp(prefix="adadecode-onnx-"))
-    meta = {"config": {"exit_layers": list(config.exit_layers), "threshold": config.threshold,
-                       "max_pending": config.max_pending, "kv_bucket": config.kv_bucket, "dtype": config.dtype}}
-    write_program(program, out, meta)
+    if not (target and _holds_export_of(out, program)):
+        notice(f"exporting every segment to ONNX for ONNX Runtime (about 15-20 s for a small model); "
+               + (f"kept in {out} and reused while the model, heads and settings stay the same" if target else
+                  "done for every new decoder unless AdaDecodeConfig(onnx_dir=...) keeps it"))
+        meta = {"config": {"exit_layers": list(config.exit_layers), "threshold": config.threshold,
+                           "max_pending": config.max_pending, "kv_bucket": config.kv_bucket, "dtype": config.dtype}}
+        write_program(program, out, meta)
     ort_program = load_program(out, providers=config.onnx_providers)
     # the eager heads' logits stay, for sampling
     lowered = ort_program.replace(gm=program.gm, probe_modules=program.probe_modules, needs_warm_up=True,
@@ -220,6 +227,15 @@ def lower_onnxruntime(program, config):
     if not target:
         weakref.finalize(lowered, shutil.rmtree, str(out), True)
     return lowered
+
+
+def _holds_export_of(path: Path, program) -> bool:
+    """True if ``path`` holds a complete export whose manifest records ``program``'s digest."""
+    try:
+        recorded = load_manifest(path).get("program_digest")
+    except AdaDecodeError:
+        return False
+    return recorded is not None and recorded == program_digest(program)
 
 
 __all__ = ["load_exported", "load_program", "load_manifest", "lower_onnxruntime",

@@ -124,6 +124,25 @@ def test_tiny_parity_backend_onnxruntime(tiny, tiny_heads):
         assert out.stats.early_emitted > 0 and out.stats.rejected > 0
 
 
+def test_onnx_dir_keeps_the_export_and_reuses_it_for_the_same_program(tiny, tiny_heads, tmp_path, monkeypatch):
+    config = AdaDecodeConfig(threshold=1e-6, max_pending=2, backend="onnxruntime", onnx_dir=str(tmp_path / "x"))
+    first = AdaDecoder(tiny, tiny_heads, config).generate(PROMPTS[1], max_new_tokens=12).new_tokens
+    written = (tmp_path / "x" / "manifest.json").stat().st_mtime_ns
+    exports = []
+    real_write = onnxrt.write_program
+    monkeypatch.setattr(onnxrt, "write_program", lambda *a, **k: exports.append(1) or real_write(*a, **k))
+    again = AdaDecoder(tiny, tiny_heads, config).generate(PROMPTS[1], max_new_tokens=12).new_tokens
+    assert (again, exports) == (first, [])
+    assert (tmp_path / "x" / "manifest.json").stat().st_mtime_ns == written
+    # other heads (same layers) are another program: exported again, and decoding follows the new heads
+    other = ExitHeads.random(tiny, EXITS, scale=3.0, seed=5)
+    out = AdaDecoder(tiny, other, config).generate(PROMPTS[1], max_new_tokens=12)
+    ref = AdaDecoder(tiny, other, AdaDecodeConfig(threshold=1e-6, max_pending=2)).generate(PROMPTS[1], max_new_tokens=12)
+    assert exports == [1]
+    assert (out.new_tokens, out.stats.early_emitted, out.stats.rejected) == \
+        (ref.new_tokens, ref.stats.early_emitted, ref.stats.rejected)
+
+
 @pytest.mark.slow
 def test_smollm2_parity_shipped_heads(smol, tmp_path):
     from adadecode_fx.zoo.data import load_prompts
