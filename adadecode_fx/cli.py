@@ -227,7 +227,7 @@ def _train_heads(args) -> int:
 def _eval_heads(args) -> int:
     from .zoo import models
     from .zoo.data import load_prompts
-    from .heads.evaluation import head_records, measure_probe_cost, report, write
+    from .heads.evaluation import head_records, measure_probe_cost, measure_row_cost, report, write
     from .build import build_program
     from .config import AdaDecodeConfig
     from .heads import ExitHeads
@@ -249,12 +249,12 @@ def _eval_heads(args) -> int:
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
-                 measure_probe_cost(program, heads), args.max_pending)
+                 measure_probe_cost(program, heads), args.max_pending, measure_row_cost(program, heads))
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
-    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (bound {rec['speedup_bound']:.2f}x "
-          "over the same program at full depth)")
+    print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (modelled gain "
+          f"{rec['modelled_gain']:.2f}x, bound {rec['speedup_bound']:.2f}x over the same program at full depth)")
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
@@ -266,10 +266,13 @@ def _eval_heads(args) -> int:
         print(f"layer {l}: agreement {d['agreement']:.1%}")
     for r in rep["per_gamma"]:
         print(f"gamma {r['gamma']:.2f}: early-exit {r['early_exit_rate']:.1%}, acceptance "
-              f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, bound {r['speedup_bound']:.2f}x")
+              f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, "
+              f"{r['deferred_rows_per_token']:.1f} deferred rows/token, modelled {r['modelled_gain']:.2f}x, "
+              f"bound {r['speedup_bound']:.2f}x")
     print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
-          f"probe = {rep['probe_cost_layers']:.2f} layers")
-    print("bounds are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain")
+          f"probe = {rep['probe_cost_layers']:.2f} layers; one more row in a layer call = {rep['row_cost_layers']:.2f} layers")
+    print("gains are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain; "
+          "the bound counts deferred rows as free, the modelled gain at the measured row cost")
     return 0
 
 

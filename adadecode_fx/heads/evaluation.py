@@ -30,6 +30,7 @@ class Schedule:
     accepted: int
     rejected: int
     probes: int
+    deferred_rows: int = 0  # layer rows run beside the critical one (deferred layers of early tokens)
 
     @property
     def layers_per_token(self) -> float:
@@ -50,10 +51,11 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
     layers = sorted(conf)
     n = len(next(iter(conf.values()))) if conf else 0
     t, pending, cost, probes = 1, [], (num_layers if n else 0), 0  # pending: (token index, exit layer, correct)
-    early = accepted = rejected = 0
+    early = accepted = rejected = rows = 0
 
     def verify():
-        nonlocal accepted, rejected, pending
+        nonlocal accepted, rejected, pending, rows
+        rows += sum(num_layers - (e + 1) for _, e, _ in pending)
         wrong = next((i for i, _, ok in pending if not ok), None)
         accepted += sum(1 for i, _, _ in pending if wrong is None or i < wrong)
         rejected += wrong is not None
@@ -64,7 +66,9 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
         if t >= n:
             if not pending:
                 break
-            cost += num_layers - (min(e for _, e, _ in pending) + 1)
+            flush = num_layers - (min(e for _, e, _ in pending) + 1)
+            cost += flush
+            rows -= flush  # the flush's first row is the critical path, not beside it
             wrong = verify()
             if wrong is None:
                 break
@@ -86,7 +90,7 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
         cost += num_layers
         wrong = verify()
         t = t + 1 if wrong is None else wrong + 1
-    return Schedule(n, cost, early, accepted, rejected, probes)
+    return Schedule(n, cost, early, accepted, rejected, probes, rows)
 
 
 def oracle_layers_per_token(agree: dict, num_layers: int) -> float:
@@ -100,9 +104,13 @@ def oracle_layers_per_token(agree: dict, num_layers: int) -> float:
     return cost / max(1, n)
 
 
-def report(records: list[dict], num_layers: int, probe_cost: float, max_pending: int = 5) -> dict:
-    """``records``: per sequence {"conf": {l: list}, "agree": {l: list}}. ``probe_cost``: one probe in
-    units of one decoder layer (measured). Returns per-layer calibration and per-threshold bounds."""
+def report(records: list[dict], num_layers: int, probe_cost: float, max_pending: int = 5,
+           row_cost: float = 0.0) -> dict:
+    """``records``: per sequence {"conf": {l: list}, "agree": {l: list}}. ``probe_cost``: one probe, and
+    ``row_cost``: one more row in a layer call, in units of one decoder layer on one row (measured:
+    `measure_probe_cost`, `measure_row_cost`). Returns per-layer calibration and, per threshold and
+    subset of heads, ``speedup_bound`` (deferred rows free) and ``modelled_gain`` (deferred rows at
+    ``row_cost``); the recommendation maximises the modelled gain."""
     layers = sorted(records[0]["conf"])
     flat_conf = {l: torch.tensor([c for r in records for c in r["conf"][l]]) for l in layers}
     flat_agree = {l: torch.tensor([a for r in records for a in r["agree"][l]]) for l in layers}
@@ -115,25 +123,28 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             rows.append({"gamma": g, "coverage": m.float().mean().item(),
                          "precision": a[m].mean().item() if m.any() else None})
         per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
-    per_gamma = _sweep(records, layers, num_layers, probe_cost, max_pending)
+    costs = (probe_cost, row_cost)
+    per_gamma = _sweep(records, layers, num_layers, costs, max_pending)
     subsets = []  # a weak early head can cost more than it saves: try every subset of the heads
     for mask in range(1, 1 << len(layers)):
         sub = [l for i, l in enumerate(layers) if mask >> i & 1]
-        best_row = max(_sweep(records, sub, num_layers, probe_cost, max_pending), key=lambda r: r["speedup_bound"])
+        best_row = max(_sweep(records, sub, num_layers, costs, max_pending), key=lambda r: r["modelled_gain"])
         subsets.append({"layers": sub, **best_row})
-    chosen = max(subsets, key=lambda r: r["speedup_bound"])
-    best = max(per_gamma, key=lambda r: r["speedup_bound"])
+    chosen = max(subsets, key=lambda r: r["modelled_gain"])
+    best = max(per_gamma, key=lambda r: r["modelled_gain"])
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
     oracle /= sum(len(r["agree"][layers[0]]) for r in records)
     return {"bound_over": BOUND_OVER, "layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
-            "probe_cost_layers": probe_cost, "max_pending": max_pending, "per_layer": per_layer,
+            "probe_cost_layers": probe_cost, "row_cost_layers": row_cost, "max_pending": max_pending,
+            "per_layer": per_layer,
             "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
             "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
-                            "speedup_bound": chosen["speedup_bound"]},
+                            "speedup_bound": chosen["speedup_bound"], "modelled_gain": chosen["modelled_gain"]},
             "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
 
 
-def _sweep(records, layers, num_layers, probe_cost, max_pending) -> list[dict]:
+def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
+    probe_cost, row_cost = costs
     per_gamma = []
     for g in GAMMAS:
         runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
@@ -144,11 +155,13 @@ def _sweep(records, layers, num_layers, probe_cost, max_pending) -> list[dict]:
         early = sum(s.early for s in runs)
         acc = sum(s.accepted for s in runs)
         rej = sum(s.rejected for s in runs)
+        rows = sum(s.deferred_rows for s in runs)
         lpt = crit / tok
         per_gamma.append({"gamma": g, "layers_per_token": lpt, "early_exit_rate": acc / tok,
                           "acceptance": acc / early if early else None, "rejections": rej,
-                          "probes_per_token": probes / tok,
-                          "speedup_bound": num_layers / (lpt + probe_cost * probes / tok)})
+                          "probes_per_token": probes / tok, "deferred_rows_per_token": rows / tok,
+                          "speedup_bound": num_layers / (lpt + probe_cost * probes / tok),
+                          "modelled_gain": num_layers / (lpt + probe_cost * probes / tok + row_cost * rows / tok)})
     return per_gamma
 
 
@@ -216,6 +229,39 @@ def measure_probe_cost(program, heads, repeats: int = 30) -> float:
         layer_t.append(t1 - t0)
         probe_t.append(t2 - t1)
     return statistics.median(probe_t) / statistics.median(layer_t)
+
+
+@torch.no_grad()
+def measure_row_cost(program, heads, rows=(2, 3, 4, 6), repeats: int = 20) -> float:
+    """What one more row adds to a decoder-layer call, in units of that layer on one row: the median over
+    block sizes T of (time(T) / time(1) - 1) / (T - 1), each time a median over ``repeats`` calls of the
+    middle layer at 64 positions. Blocks of T > 1 rows are how deferred layers run."""
+    import statistics
+    import time
+
+    from ..runtime.kv_state import KVState
+    from .readout import segment_device
+
+    device = segment_device(program)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
+    keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
+    layer = program.num_layers // 2
+    times = {}
+    for T in (1, *rows):
+        kv = state.views(64 + T)
+        top = program.top_inputs(list(range(1, T + 1)), 64, kv)  # rows at slots 64 .. 64 + T - 1
+        pro = program.prologue(top)
+        h = keep[heads.layers[0]][:, -T:]
+        samples = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            program.layer(layer, h, pro, top, kv)
+            sync()
+            samples.append(time.perf_counter() - t0)
+        times[T] = statistics.median(samples)
+    return statistics.median((times[T] / times[1] - 1) / (T - 1) for T in rows)
 
 
 def heads_dtype(program):

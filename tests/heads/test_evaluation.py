@@ -22,6 +22,11 @@ def test_simulated_schedule_matches_runtime(threshold):
     assert out.early_emitted > 3 and out.rejected > 0 and out.accepted > 0  # the case is not trivial
     assert (sim.tokens, sim.early, sim.accepted, sim.rejected, sim.critical_layers) == \
         (out.new_tokens, out.early_emitted, out.accepted, out.rejected, out.critical_path_layers)
+    # rows beside the critical one: all rows of decode steps (layer_rows) less their critical path (the
+    # critical path counts the prompt pass as one full-depth row; layer_rows leaves the prompt pass out)
+    L = model.config.num_hidden_layers
+    assert sim.deferred_rows > 0
+    assert sim.deferred_rows == out.layer_rows - (out.critical_path_layers - L)
 
 
 def test_report_and_oracle_bound():
@@ -33,3 +38,17 @@ def test_report_and_oracle_bound():
     assert rep["per_layer"]["1"]["agreement"] == 0.5
     row = next(r for r in rep["per_gamma"] if r["gamma"] == 0.95)
     assert row["probes_per_token"] > 0 and row["speedup_bound"] > 0
+    assert row["modelled_gain"] == row["speedup_bound"]  # row cost 0: deferred rows are free
+    costly = report(recs, 6, probe_cost=0.1, max_pending=3, row_cost=0.5)
+    row, row2 = (next(r for r in rp["per_gamma"] if r["gamma"] == 0.5) for rp in (rep, costly))
+    assert row2["deferred_rows_per_token"] > 0 and row2["modelled_gain"] < row2["speedup_bound"] == row["speedup_bound"]
+    assert costly["recommended"]["modelled_gain"] == max(r["modelled_gain"] for r in costly["per_subset"])
+
+
+def test_measured_row_cost_is_a_positive_fraction_of_a_layer():
+    from adadecode_fx.heads.evaluation import measure_row_cost
+
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [2], seed=0)
+    dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.5))
+    assert 0 < measure_row_cost(dec.program, heads, rows=(2, 3), repeats=5) < 5
