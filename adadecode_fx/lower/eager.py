@@ -21,11 +21,15 @@ _PLAIN = {ROW_EXACT: row_exact}
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
-def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+def private_copy(gm: fx.GraphModule, edit=None) -> fx.GraphModule:
     """A copy of a segment that only the caller holds (weights stay shared). Segments are shared between
     decoders of one model, and every new decoder's ``recompile()`` regenerates their code, which would
-    invalidate what a lowering did to them."""
-    copy_ = fx.GraphModule(gm, copy_graph(gm.graph))
+    invalidate what a lowering did to them. ``edit(graph)`` changes the copied graph before its code is
+    generated (once per copy: a layer's code takes a few ms to generate)."""
+    graph = copy_graph(gm.graph)
+    if edit is not None:
+        edit(graph)
+    copy_ = fx.GraphModule(gm, graph)
     copy_.meta.update(gm.meta)
     return copy_
 
@@ -64,20 +68,22 @@ def _unrepeat_kv(graph: fx.Graph) -> None:
                     graph.erase_node(n)
 
 
+def _plain_calls(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _PLAIN:
+            node.target = _PLAIN[node.target]
+        elif node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            graph.erase_node(node)
+    _unrepeat_kv(graph)
+
+
 def lower_eager(program, config):
     layer_fns = list(program.layer_fns)
     for i, layer in enumerate(layer_fns):
         if not isinstance(layer, fx.GraphModule) or not any(n.target in _PLAIN or n.target in _ASSERTS
                                                             for n in layer.graph.nodes):
             continue
-        layer = private_copy(layer)
-        for node in list(layer.graph.nodes):
-            if node.op == "call_function" and node.target in _PLAIN:
-                node.target = _PLAIN[node.target]
-            elif node.op == "call_function" and node.target in _ASSERTS and not node.users:
-                layer.graph.erase_node(node)
-        _unrepeat_kv(layer.graph)
-        layer.recompile()
+        layer = private_copy(layer, _plain_calls)
         layer_fns[i] = layer
     program = program.replace(layer_fns=layer_fns, backend="eager")
     return script_decode_rows(program) if config.script_rows else program
