@@ -12,7 +12,8 @@ against the HF run's, and one cold and one warm process time their phases throug
 Writes JSON (ratios to ``hf`` with median and spread, the phases) and prints a table.
 
 Example:
-    python bench/warm_start.py --model smollm2-135m --repeats 5 --out docs/warm_start_smollm2.json
+    python bench/warm_start.py --model smollm2-135m --repeats 7 --out docs/warm_start_smollm2.json \
+        --plot docs/warm_start_smollm2.png
 """
 from __future__ import annotations
 
@@ -86,6 +87,42 @@ def _summary(xs: list[float]) -> dict:
             "min": round(min(xs), 3), "max": round(max(xs), 3)}
 
 
+def plot(rep: dict, path: Path) -> None:
+    """Wall time per method (median, p25-p75) and the per-phase timeline of a cold and a warm process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = list(rep["methods"])
+    med = [rep["methods"][n]["wall_s"]["median"] for n in names]
+    err = [[m - rep["methods"][n]["wall_s"]["p25"] for n, m in zip(names, med)],
+           [rep["methods"][n]["wall_s"]["p75"] - m for n, m in zip(names, med)]]
+    bars = a.bar(names, med, yerr=err, capsize=4)
+    for bar, n in zip(bars, names):
+        ratio = rep["methods"][n].get("ratio_to_hf")
+        label = f"{bar.get_height():.1f} s" + (f"\n{ratio['median']:.2f}x HF" if ratio else "")
+        a.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), label, ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("wall seconds, fresh process (median, p25-p75)")
+    a.set_title("adadecode generate vs load + HF generate", fontsize=9)
+    kinds = list(rep.get("phases_in_process") or {})
+    left = [0.0] * len(kinds)
+    for k, phase in enumerate(next(iter(rep["phases_in_process"].values()), {}) if kinds else []):
+        widths = [rep["phases_in_process"][kind][phase] for kind in kinds]
+        b.barh(kinds, widths, left=left, label=phase, color=f"C{k}")
+        left = [x + w for x, w in zip(left, widths)]
+    b.set_xlabel("seconds (one process each, Python API)")
+    b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    b.set_title("where the time goes", fontsize=9)
+    m = rep["machine"]
+    fig.suptitle(f"{rep['model']} {rep['dtype']}, {rep['max_new_tokens']} tokens; {m['cpu']} x{m['cores']}, "
+                 f"torch {m['torch']}; commit {rep['commit']}\n{rep['command']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="zoo name or HF folder")
@@ -95,6 +132,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cold-repeats", type=int, default=2, help="cold runs (each captures again: ~20 s)")
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--plot", default=None, help="PNG file to write (needs matplotlib)")
     args = p.parse_args()
 
     from adadecode_fx.bench.report import machine_info
@@ -143,8 +181,9 @@ def main() -> None:
     print(f"parity: {report['parity']}")
     for kind, marks in phases.items():
         print(f"{kind} process, seconds per phase: " + "; ".join(f"{k} {v:.2f}" for k, v in marks.items()))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    from adadecode_fx.report_files import write_report
+
+    write_report(report, args.out, args.plot, plot=plot)
 
 
 if __name__ == "__main__":
