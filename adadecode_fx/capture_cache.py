@@ -422,8 +422,9 @@ def cached_capture(model: nn.Module, announce=None) -> fx.GraphModule:
     if path is not None:
         try:
             save(gm, model, path)
-        except (CaptureCacheError, OSError) as e:
-            notice(f"could not cache the capture in {path.parent} ({str(e)[:200]}); the next process captures again")
+        except Exception as e:  # noqa: BLE001 - the cache must never cost a build: go on uncached
+            notice(f"could not cache the capture in {path.parent} ({type(e).__name__}: {str(e)[:200]}); "
+                   "the next process captures again")
     return gm
 
 

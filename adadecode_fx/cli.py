@@ -227,7 +227,7 @@ def _train_heads(args) -> int:
 def _eval_heads(args) -> int:
     from .zoo import models
     from .zoo.data import load_prompts
-    from .heads.evaluation import head_records, measure_probe_cost, measure_row_cost, report, write
+    from .heads.evaluation import head_records, measure_costs, report, write
     from .build import build_program
     from .config import AdaDecodeConfig
     from .heads import ExitHeads
@@ -249,7 +249,7 @@ def _eval_heads(args) -> int:
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
-                 measure_probe_cost(program, heads), args.max_pending, measure_row_cost(program, heads))
+                 max_pending=args.max_pending, **measure_costs(program, heads))
     rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
@@ -270,9 +270,10 @@ def _eval_heads(args) -> int:
               f"{r['deferred_rows_per_token']:.1f} deferred rows/token, modelled {r['modelled_gain']:.2f}x, "
               f"bound {r['speedup_bound']:.2f}x")
     print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
-          f"probe = {rep['probe_cost_layers']:.2f} layers; one more row in a layer call = {rep['row_cost_layers']:.2f} layers")
+          f"in decoder layers: probe {rep['probe_cost_layers']:.2f}, one more row in a layer call "
+          f"{rep['row_cost_layers']:.2f}, final norm + LM head {rep['epilogue_cost_layers']:.2f}")
     print("gains are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain; "
-          "the bound counts deferred rows as free, the modelled gain at the measured row cost")
+          "the bound counts layers and probes, the modelled gain also deferred rows and LM-head calls")
     return 0
 
 

@@ -157,3 +157,15 @@ def test_default_location_is_under_the_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("ADADECODE_CAPTURE_CACHE", raising=False)
     monkeypatch.setenv("ADADECODE_CACHE", str(tmp_path))
     assert capture_cache.cache_location() == tmp_path / "captures"
+
+
+def test_a_graph_the_cache_cannot_store_is_still_built(cache, monkeypatch, capsys):
+    model = tiny_model.__wrapped__("llama", seed=9)
+
+    def refuse(gm, model):
+        raise capture_cache.CaptureCacheError("cannot store call target <a higher-order op>")
+
+    monkeypatch.setattr(capture_cache, "encode", refuse)
+    gm = capture_cache.cached_capture(model)
+    assert "could not cache the capture" in capsys.readouterr().err
+    assert gm.code == capture(model).code and list(cache.iterdir()) == []

@@ -123,7 +123,7 @@ def heads_gain_lines(rep: dict) -> list[str]:
     if ob.get("oracle_speedup_bound"):
         modelled = ob["replayed"].get("modelled_gain")
         lines.append(f"over the same program at full depth: replayed schedule of this config "
-                     + (f"{modelled:.2f}x modelled (deferred rows at their measured cost), " if modelled else "")
+                     + (f"{modelled:.2f}x modelled (deferred rows, LM-head calls at their measured costs), " if modelled else "")
                      + f"{ob['replayed']['speedup_bound']:.2f}x bound (rows free), oracle {ob['oracle_speedup_bound']:.2f}x "
                      f"({ob['oracle_layers_per_token']:.1f} layers/token)")
     return lines
@@ -133,7 +133,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
     both from `adadecode_fx.evaluation`."""
-    from ..heads.evaluation import head_records, measure_probe_cost, measure_row_cost, report, simulate
+    from ..heads.evaluation import head_records, measure_costs, modelled_gain, report, simulate
 
     seqs, lens = [], []
     for p in per_prompt:
@@ -143,24 +143,26 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     L = decoder.program.num_layers
     records = head_records(decoder.program, heads, seqs, lens)
     try:
-        probe_cost, row_cost = measure_probe_cost(decoder.program, heads), measure_row_cost(decoder.program, heads)
+        costs = measure_costs(decoder.program, heads)
     except Exception:  # noqa: BLE001 - e.g. off CPU; the oracle bound does not need them
-        probe_cost = row_cost = 0.0
-    rep = report(records, L, probe_cost, max_pending, row_cost)
+        costs = {"probe_cost": 0.0, "row_cost": 0.0, "epilogue_cost": 0.0}
+    probe_cost = costs["probe_cost"]
+    rep = report(records, L, max_pending=max_pending, **costs)
     runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
             for r in records]
     tok = sum(s.tokens for s in runs)
     crit = sum(s.critical_layers for s in runs)
     probes = sum(s.probes for s in runs)
-    rows = sum(s.deferred_rows for s in runs)
+    per_token = tuple(sum(getattr(s, k) for s in runs) / max(1, tok) for k in ("probes", "deferred_rows", "epilogue_calls"))
     return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
             "oracle_speedup_bound": rep["oracle_speedup_bound"],
-            "probe_cost_layers": probe_cost, "row_cost_layers": row_cost, "head_layers": rep["layers"],
+            "probe_cost_layers": probe_cost, "row_cost_layers": costs["row_cost"],
+            "epilogue_cost_layers": costs["epilogue_cost"], "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
             "replayed": {"exit_layers": list(layers), "threshold": threshold,
                          "layers_per_token": crit / tok if tok else None,
                          "speedup_bound": L / (crit / tok + probe_cost * probes / tok) if tok else None,
-                         "modelled_gain": L / (crit / tok + (probe_cost * probes + row_cost * rows) / tok) if tok else None},
+                         "modelled_gain": modelled_gain(L, crit / tok, per_token, (costs["probe_cost"], costs["row_cost"], costs["epilogue_cost"])) if tok else None},
             "best_replayed": rep["recommended"]}
 
 

@@ -31,6 +31,7 @@ class Schedule:
     rejected: int
     probes: int
     deferred_rows: int = 0  # layer rows run beside the critical one (deferred layers of early tokens)
+    epilogue_calls: int = 0  # final norm + LM head calls: one per verifying step, whatever its rows
 
     @property
     def layers_per_token(self) -> float:
@@ -52,10 +53,12 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
     n = len(next(iter(conf.values()))) if conf else 0
     t, pending, cost, probes = 1, [], (num_layers if n else 0), 0  # pending: (token index, exit layer, correct)
     early = accepted = rejected = rows = 0
+    epilogues = 1 if n else 0  # the prompt pass
 
     def verify():
-        nonlocal accepted, rejected, pending, rows
+        nonlocal accepted, rejected, pending, rows, epilogues
         rows += sum(num_layers - (e + 1) for _, e, _ in pending)
+        epilogues += 1
         wrong = next((i for i, _, ok in pending if not ok), None)
         accepted += sum(1 for i, _, _ in pending if wrong is None or i < wrong)
         rejected += wrong is not None
@@ -90,7 +93,7 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
         cost += num_layers
         wrong = verify()
         t = t + 1 if wrong is None else wrong + 1
-    return Schedule(n, cost, early, accepted, rejected, probes, rows)
+    return Schedule(n, cost, early, accepted, rejected, probes, rows, epilogues)
 
 
 def oracle_layers_per_token(agree: dict, num_layers: int) -> float:
@@ -105,12 +108,14 @@ def oracle_layers_per_token(agree: dict, num_layers: int) -> float:
 
 
 def report(records: list[dict], num_layers: int, probe_cost: float, max_pending: int = 5,
-           row_cost: float = 0.0) -> dict:
-    """``records``: per sequence {"conf": {l: list}, "agree": {l: list}}. ``probe_cost``: one probe, and
-    ``row_cost``: one more row in a layer call, in units of one decoder layer on one row (measured:
-    `measure_probe_cost`, `measure_row_cost`). Returns per-layer calibration and, per threshold and
-    subset of heads, ``speedup_bound`` (deferred rows free) and ``modelled_gain`` (deferred rows at
-    ``row_cost``); the recommendation maximises the modelled gain."""
+           row_cost: float = 0.0, epilogue_cost: float = 0.0) -> dict:
+    """``records``: per sequence {"conf": {l: list}, "agree": {l: list}}. Costs in units of one decoder
+    layer on one row (measured: `measure_costs`): ``probe_cost`` one probe, ``row_cost`` one more row in
+    a layer call, ``epilogue_cost`` one call of the final norm + LM head (a block of rows costs about one
+    row's: the LM head's weights are read once). Returns per-layer calibration and, per threshold and
+    subset of heads, ``speedup_bound`` (layers and probes only) and ``modelled_gain`` (all four costs,
+    against full depth at ``num_layers + epilogue_cost`` per token); the recommendation maximises the
+    modelled gain."""
     layers = sorted(records[0]["conf"])
     flat_conf = {l: torch.tensor([c for r in records for c in r["conf"][l]]) for l in layers}
     flat_agree = {l: torch.tensor([a for r in records for a in r["agree"][l]]) for l in layers}
@@ -123,7 +128,7 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             rows.append({"gamma": g, "coverage": m.float().mean().item(),
                          "precision": a[m].mean().item() if m.any() else None})
         per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
-    costs = (probe_cost, row_cost)
+    costs = (probe_cost, row_cost, epilogue_cost)
     per_gamma = _sweep(records, layers, num_layers, costs, max_pending)
     subsets = []  # a weak early head can cost more than it saves: try every subset of the heads
     for mask in range(1, 1 << len(layers)):
@@ -135,7 +140,8 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
     oracle /= sum(len(r["agree"][layers[0]]) for r in records)
     return {"bound_over": BOUND_OVER, "layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
-            "probe_cost_layers": probe_cost, "row_cost_layers": row_cost, "max_pending": max_pending,
+            "probe_cost_layers": probe_cost, "row_cost_layers": row_cost, "epilogue_cost_layers": epilogue_cost,
+            "max_pending": max_pending,
             "per_layer": per_layer,
             "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
             "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
@@ -143,8 +149,17 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
 
 
+def modelled_gain(num_layers: int, layers_per_token: float, per_token: tuple, costs: tuple) -> float:
+    """Full depth (``num_layers`` + one epilogue per token) over the schedule's cost per token: its
+    critical-path layers plus ``per_token`` (probes, deferred rows, epilogue calls) at ``costs``."""
+    probe_cost, row_cost, epilogue_cost = costs
+    probes, rows, epilogues = per_token
+    spent = layers_per_token + probe_cost * probes + row_cost * rows + epilogue_cost * epilogues
+    return (num_layers + epilogue_cost) / spent
+
+
 def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
-    probe_cost, row_cost = costs
+    probe_cost, row_cost, epilogue_cost = costs
     per_gamma = []
     for g in GAMMAS:
         runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
@@ -156,12 +171,15 @@ def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
         acc = sum(s.accepted for s in runs)
         rej = sum(s.rejected for s in runs)
         rows = sum(s.deferred_rows for s in runs)
+        epilogues = sum(s.epilogue_calls for s in runs)
         lpt = crit / tok
         per_gamma.append({"gamma": g, "layers_per_token": lpt, "early_exit_rate": acc / tok,
                           "acceptance": acc / early if early else None, "rejections": rej,
                           "probes_per_token": probes / tok, "deferred_rows_per_token": rows / tok,
+                          "epilogue_calls_per_token": epilogues / tok,
                           "speedup_bound": num_layers / (lpt + probe_cost * probes / tok),
-                          "modelled_gain": num_layers / (lpt + probe_cost * probes / tok + row_cost * rows / tok)})
+                          "modelled_gain": modelled_gain(num_layers, lpt, (probes / tok, rows / tok, epilogues / tok),
+                                                         costs)})
     return per_gamma
 
 
@@ -198,37 +216,60 @@ def write(rep: dict, json_path=None, png_path=None) -> None:
     write_report(rep, json_path, png_path, plot=plot)
 
 
-@torch.no_grad()
-def measure_probe_cost(program, heads, repeats: int = 30) -> float:
-    """Median time of one exit probe over the median time of one decoder layer, both on one row.
-    ``program`` must carry the probes (``AdaDecoder(...).program``)."""
-    import statistics
-    import time
-
+def _one_row(program, heads):
+    """A decode step's inputs at slot 64 after a 64-token prefill: ``(sync, hidden [1, 64, d] of the
+    prefill at the first exit layer, prologue outputs and graph inputs for one row, K/V views, the state)``. ``sync`` waits for CUDA kernels (time the
+    kernels, not the launches)."""
     from ..runtime.kv_state import KVState
     from .readout import segment_device
 
     device = segment_device(program)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time the kernels, not the launches
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
     keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
-    h = keep[heads.layers[0]][:, -1:]
     kv = state.views(65)
     top = program.top_inputs([1], 64, kv)
-    pro = program.prologue(top)
-    layer_t, probe_t = [], []
+    return sync, keep[heads.layers[0]], program.prologue(top), top, kv, state
+
+
+@torch.no_grad()
+def _in_layers(program, heads, call, repeats: int) -> float:
+    """Median time of ``call(hidden)`` over the median time of the middle decoder layer, both on one row."""
+    import statistics
+    import time
+
+    sync, hidden, pro, top, kv, _ = _one_row(program, heads)
+    h = hidden[:, -1:]
+    layer_t, call_t = [], []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
         program.layer(program.num_layers // 2, h, pro, top, kv)
         sync()
         t1 = time.perf_counter()
-        program.probe(heads.layers[0], h)
+        call(h)
         sync()
-        t2 = time.perf_counter()
         layer_t.append(t1 - t0)
-        probe_t.append(t2 - t1)
-    return statistics.median(probe_t) / statistics.median(layer_t)
+        call_t.append(time.perf_counter() - t1)
+    return statistics.median(call_t) / statistics.median(layer_t)
+
+
+def measure_probe_cost(program, heads, repeats: int = 30) -> float:
+    """One exit probe on one row, in decoder layers on one row. ``program`` must carry the probes
+    (``AdaDecoder(...).program``)."""
+    return _in_layers(program, heads, lambda h: program.probe(heads.layers[0], h), repeats)
+
+
+def measure_epilogue_cost(program, heads, repeats: int = 20) -> float:
+    """One call of the final norm + LM head on one row, in decoder layers on one row."""
+    return _in_layers(program, heads, program.epilogue, repeats)
+
+
+def measure_costs(program, heads) -> dict:
+    """The costs `report` models, in decoder layers on one row: ``probe_cost``, ``row_cost``,
+    ``epilogue_cost`` (its keyword arguments)."""
+    return {"probe_cost": measure_probe_cost(program, heads), "row_cost": measure_row_cost(program, heads),
+            "epilogue_cost": measure_epilogue_cost(program, heads)}
 
 
 @torch.no_grad()
@@ -239,20 +280,14 @@ def measure_row_cost(program, heads, rows=(2, 3, 4, 6), repeats: int = 20) -> fl
     import statistics
     import time
 
-    from ..runtime.kv_state import KVState
-    from .readout import segment_device
-
-    device = segment_device(program)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
-    keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
+    sync, hidden, _, _, _, state = _one_row(program, heads)
     layer = program.num_layers // 2
     times = {}
     for T in (1, *rows):
         kv = state.views(64 + T)
         top = program.top_inputs(list(range(1, T + 1)), 64, kv)  # rows at slots 64 .. 64 + T - 1
         pro = program.prologue(top)
-        h = keep[heads.layers[0]][:, -T:]
+        h = hidden[:, -T:]
         samples = []
         for _ in range(repeats):
             sync()

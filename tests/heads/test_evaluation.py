@@ -27,6 +27,8 @@ def test_simulated_schedule_matches_runtime(threshold):
     L = model.config.num_hidden_layers
     assert sim.deferred_rows > 0
     assert sim.deferred_rows == out.layer_rows - (out.critical_path_layers - L)
+    # every step that does not end at an exit probe ends at the LM head; so does the prompt pass
+    assert sim.epilogue_calls == 1 + out.steps - out.early_emitted
 
 
 def test_report_and_oracle_bound():
@@ -43,12 +45,20 @@ def test_report_and_oracle_bound():
     row, row2 = (next(r for r in rp["per_gamma"] if r["gamma"] == 0.5) for rp in (rep, costly))
     assert row2["deferred_rows_per_token"] > 0 and row2["modelled_gain"] < row2["speedup_bound"] == row["speedup_bound"]
     assert costly["recommended"]["modelled_gain"] == max(r["modelled_gain"] for r in costly["per_subset"])
+    # right, confident heads: three early tokens share each LM-head call, which pays more the more it costs
+    sure = [{"conf": {1: [0.99] * 12, 3: [0.99] * 12}, "agree": {1: [True] * 12, 3: [True] * 12}}]
+    cheap, dear = (report(sure, 6, probe_cost=0.1, max_pending=3, row_cost=0.2, epilogue_cost=e) for e in (0.0, 5.0))
+    row3, row4 = (next(r for r in rp["per_gamma"] if r["gamma"] == 0.95) for rp in (cheap, dear))
+    assert row3["epilogue_calls_per_token"] == row4["epilogue_calls_per_token"] == 4 / 12  # prefill + 3 verifications
+    assert row4["modelled_gain"] > row3["modelled_gain"]
 
 
-def test_measured_row_cost_is_a_positive_fraction_of_a_layer():
-    from adadecode_fx.heads.evaluation import measure_row_cost
+def test_measured_costs_are_positive_and_in_layers():
+    from adadecode_fx.heads.evaluation import measure_costs
 
     model = tiny_model("llama")
     heads = ExitHeads.random(model, [2], seed=0)
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.5))
-    assert 0 < measure_row_cost(dec.program, heads, rows=(2, 3), repeats=5) < 5
+    costs = measure_costs(dec.program, heads)
+    assert set(costs) == {"probe_cost", "row_cost", "epilogue_cost"}
+    assert all(0 < c < 20 for c in costs.values()), costs
