@@ -62,3 +62,19 @@ def test_measured_costs_are_positive_and_in_layers():
     costs = measure_costs(dec.program, heads)
     assert set(costs) == {"probe_cost", "row_cost", "epilogue_cost"}
     assert all(0 < c < 20 for c in costs.values()), costs
+
+
+def test_eval_heads_cli_reports_the_measured_costs_and_modelled_gain(tmp_path, capsys):
+    import json
+
+    from adadecode_fx import cli
+    from tests.conftest import save_tiny_model_dir
+
+    save_tiny_model_dir(tmp_path / "m")
+    ExitHeads.random(tiny_model("llama"), [1, 2], seed=0).save(tmp_path / "heads")
+    rc = cli.main(["eval-heads", "--model", str(tmp_path / "m"), "--heads", str(tmp_path / "heads"), "--data",
+                   "humaneval", "--n", "2", "--max-new-tokens", "8", "--dtype", "fp64", "--json", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and "modelled gain" in capsys.readouterr().out
+    assert all(rep[k] > 0 for k in ("probe_cost_layers", "row_cost_layers", "epilogue_cost_layers"))
+    assert rep["recommended"]["modelled_gain"] == max(r["modelled_gain"] for r in rep["per_subset"])
