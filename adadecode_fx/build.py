@@ -72,7 +72,8 @@ def resolve_config(model, heads: ExitHeads | None, config: AdaDecodeConfig | Non
         heads.check(model)
     if config.exit_layers and heads is None:
         raise AdaDecodeError("exit layers were given but no heads: pass ExitHeads (or ExitHeads.identity)")
-    missing = [l for l in config.exit_layers if l not in heads.layers] if heads is not None else []
+    last = model.config.num_hidden_layers - 1  # the last layer's head is the model's own (ExitHeads.weight)
+    missing = [l for l in config.exit_layers if l not in heads.layers and l != last] if heads is not None else []
     if missing:
         raise AdaDecodeError(f"no head for exit layers {missing}; the heads cover {list(heads.layers)}")
     model_dtype = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")

@@ -123,11 +123,12 @@ class AdaDecodeConfig:
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise AdaDecodeError(f"exit_layers must be strictly increasing, got {list(layers)}")
         if num_layers is not None:
-            bad = [x for x in layers if not 0 <= x < num_layers - 1]
+            bad = [x for x in layers if not 0 <= x < num_layers]
             if bad:
                 raise AdaDecodeError(
                     f"exit layers {bad} out of range: this model has {num_layers} decoder layers, so exit "
-                    f"layers must lie in 0..{num_layers - 2} (exiting after the last layer is plain decoding)")
+                    f"layers must lie in 0..{num_layers - 1} ({num_layers - 1}, the last, drafts from the "
+                    "shortlist head and defers only the LM head)")
         return self
 
     def resolve(self, heads, num_layers: int) -> "AdaDecodeConfig":

@@ -79,7 +79,7 @@ def test_threshold_out_of_range(model_dir, capsys):
 
 def test_exit_layer_out_of_range(model_dir, capsys):
     rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2",
-                       "--exit-layers", "4")
+                       "--exit-layers", "5")
     assert rc == 2 and out == ""
     assert "out of range" in err
 

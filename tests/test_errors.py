@@ -72,11 +72,11 @@ def test_exit_layers_not_increasing(layers):
         AdaDecodeConfig(exit_layers=layers)
 
 
-@pytest.mark.parametrize("layers", [(4,), (1, 4), (-1,), (2, 9)])
+@pytest.mark.parametrize("layers", [(5,), (1, 5), (-1,), (2, 9)])
 def test_exit_layer_out_of_range(llama, layers):
     heads = ExitHeads.identity(llama, [1, 2])
     cfg = AdaDecodeConfig(exit_layers=layers)
-    with pytest.raises(AdaDecodeError, match=r"out of range.*0\.\.3"):
+    with pytest.raises(AdaDecodeError, match=r"out of range.*0\.\.4"):
         AdaDecoder(llama, heads, cfg)
     assert cfg.exit_layers == layers and cfg.dtype == "auto"  # the user's config is left alone
 

@@ -308,14 +308,16 @@ def heads_dtype(program):
 @torch.no_grad()
 def head_records(program, heads, seqs: list[list[int]], prompt_lens: list[int]) -> list[dict]:
     """Per sequence: each head's confidence and agreement with the final argmax at every position that
-    predicts a generated token."""
+    predicts a generated token. The last layer is always scored too: a probe there drafts from the
+    model's own head over the shortlist and defers only the LM head."""
     from .readout import agreement, collect_hidden
 
     out = []
     dtype = heads_dtype(program)
+    layers = tuple(sorted({*heads.layers, program.num_layers - 1}))
     for ids, p in zip(seqs, prompt_lens):
         hidden, final = collect_hidden(program, [ids], heads.layers, program.gm.meta["kv_shapes"], dtype)
-        res, _ = agreement(program, heads, hidden, final)
+        res, _ = agreement(program, heads, hidden, final, layers=layers)
         sl = slice(p - 1, len(ids) - 1)
         out.append({"conf": {l: r["conf"][sl].tolist() for l, r in res.items()},
                     "agree": {l: r["agree"][sl].tolist() for l, r in res.items()}})

@@ -104,6 +104,11 @@ class ExitHeads:
         return tuple(self.weights)
 
     def weight(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s adapter. The last layer has one whether trained or not: the identity, since
+        what follows that layer is the model's own final norm and LM head (its probe is them, over the
+        shortlist)."""
+        if layer not in self.weights and layer == self.num_layers - 1:
+            return torch.eye(self.hidden_size)
         if layer not in self.weights:
             raise HeadsMismatchError(f"no exit head for layer {layer}; these heads cover layers {list(self.layers)}")
         return self.weights[layer]
@@ -113,9 +118,9 @@ class ExitHeads:
         """Untrained heads (the 'logit lens'): useful for tests and as the training start point."""
         d, n = model.config.hidden_size, model.config.num_hidden_layers
         layers = [int(x) for x in layers]
-        bad = [x for x in layers if not 0 <= x < n - 1]
+        bad = [x for x in layers if not 0 <= x < n]
         if bad:
-            raise AdaDecodeError(f"exit layers {bad} out of range for a {n}-layer model (use 0..{n - 2})")
+            raise AdaDecodeError(f"exit layers {bad} out of range for a {n}-layer model (use 0..{n - 1})")
         return cls({l: torch.eye(d) for l in layers}, model_fingerprint(model), d, n, {"trained": False})
 
     @classmethod

@@ -50,15 +50,19 @@ def final_argmax(program: DecodeProgram, final: torch.Tensor, chunk: int = 256) 
 
 
 @torch.no_grad()
-def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: torch.Tensor, chunk: int = 256):
-    """Per layer: the probe's token and confidence (shortlist included, as at decode time) and whether it
-    equals the final argmax, for every token."""
+def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: torch.Tensor, chunk: int = 256,
+              layers=None):
+    """Per layer of ``layers`` (default: the heads'): the probe's token and confidence (shortlist included,
+    as at decode time) and whether it equals the final argmax, for every token. The last layer's hidden
+    state is ``final``; its probe is the model's own head over the shortlist (`ExitHeads.weight`)."""
     head = program.epilogue_fn
     if heads.vocab is not None:
         head = shortlist_epilogue(head, heads.vocab, program.gm.meta["vocab_size"])
     result = {}
     target = final_argmax(program, final, chunk)
-    for l in heads.layers:
+    last = program.num_layers - 1
+    hidden = {**hidden, last: final}
+    for l in (heads.layers if layers is None else layers):
         dev = hidden[l].device
         vocab = None if heads.vocab is None else heads.vocab.to(dev)
         probe = ExitProbe(heads.weight(l).to(device=dev, dtype=hidden[l].dtype), head, vocab)

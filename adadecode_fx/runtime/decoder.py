@@ -254,30 +254,36 @@ class AdaDecoder:
 
     def _step(self, run: "_Run", p_end: int, allow_exit: bool, count: bool = True) -> None:
         """Walk the layers for slots up to ``p_end``, one run (the layers up to the next exit layer) at a
-        time: ends at a confident exit probe (early tokens) or at the last layer (verification, maybe a
+        time: ends at a confident exit probe (an early token; after the last layer, a drafted one whose
+        row waits only for the LM head) or at the LM head over every waiting row (verification, maybe a
         rollback, and a final token per row)."""
         prog, state, stats = self.program, run.kv, run.stats
         a = state.fill[-1]
-        kv = state.views(p_end + 1)
-        top = prog.top_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
-        pro = prog.step_prologue(top)
         hidden = None  # the block leaving the previous run; None before layer 0
         stats.steps += count
-        for first, last in prog.runs:
-            parked = state.take_parked(first - 1) if first else None
-            if parked is not None:
-                hidden = parked if hidden is None else torch.cat([parked, hidden], dim=1)
-            n = p_end + 1 - state.fill[first]  # every layer of a run holds the same fill
-            if n == 0:
-                continue
-            hidden = prog.run_layers(first, last, hidden, n, pro, top, kv)
-            depth = last + 1 - first
-            state.fill[first:last + 1] = [p_end + 1] * depth
-            stats.critical_path_layers += depth if count else 0
-            stats.layer_rows += n * depth if count else 0
-            if allow_exit and last in prog.probe_fns and self._exit(run, last, hidden[:, -1:]):
-                state.park(last, hidden)
-                return
+        if a <= p_end:  # rows to walk (a flush of rows drafted after the last layer has none)
+            kv = state.views(p_end + 1)
+            top = prog.top_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
+            pro = prog.step_prologue(top)
+            for first, last in prog.runs:
+                parked = state.take_parked(first - 1) if first else None
+                if parked is not None:
+                    hidden = parked if hidden is None else torch.cat([parked, hidden], dim=1)
+                n = p_end + 1 - state.fill[first]  # every layer of a run holds the same fill
+                if n == 0:
+                    continue
+                hidden = prog.run_layers(first, last, hidden, n, pro, top, kv)
+                depth = last + 1 - first
+                state.fill[first:last + 1] = [p_end + 1] * depth
+                stats.critical_path_layers += depth if count else 0
+                stats.layer_rows += n * depth if count else 0
+                if allow_exit and last in prog.probe_fns and self._exit(run, last, hidden[:, -1:]):
+                    state.park(last, hidden)
+                    return
+        drafted = state.take_parked(prog.num_layers - 1)  # rows a probe after the last layer let through
+        if drafted is not None:
+            hidden = drafted if hidden is None else torch.cat([drafted, hidden], dim=1)
+            a -= drafted.shape[1]
         first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
         self._verify(run, first, prog.epilogue(hidden[:, first - a:]))
 

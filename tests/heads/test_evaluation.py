@@ -7,17 +7,19 @@ from tests.conftest import hf_greedy, tiny_model
 
 
 @pytest.mark.parametrize("threshold", [0.02, 0.022, 0.025])
-def test_simulated_schedule_matches_runtime(threshold):
+@pytest.mark.parametrize("layers", [(0, 2), (0, 2, 4)], ids=["early", "early+last"])
+def test_simulated_schedule_matches_runtime(threshold, layers):
     # exact when no step runs on a wrong early token's context, i.e. max_pending=1 (with more pending
     # tokens the steps after a wrong one see other activations than the records; see simulate())
     max_pending = 1
     model = tiny_model("llama")
-    heads = ExitHeads.random(model, [0, 2], scale=0.5, seed=4)
+    heads = ExitHeads.random(model, layers, scale=0.5, seed=4)
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending))
     prompt, n = list(range(3, 20)), 40
     cont = hf_greedy(model, prompt, n)
     rec = head_records(dec.program, heads, [prompt + cont], [len(prompt)])[0]
-    sim = simulate(rec["conf"], rec["agree"], model.config.num_hidden_layers, threshold, max_pending)
+    probed = {l: rec["conf"][l] for l in heads.layers}, {l: rec["agree"][l] for l in heads.layers}
+    sim = simulate(*probed, model.config.num_hidden_layers, threshold, max_pending)
     out = dec.generate(prompt, max_new_tokens=n).stats
     assert out.early_emitted > 3 and out.rejected > 0 and out.accepted > 0  # the case is not trivial
     assert (sim.tokens, sim.early, sim.accepted, sim.rejected, sim.critical_layers) == \

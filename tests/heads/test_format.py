@@ -124,7 +124,7 @@ def test_missing_file(tmp_path):
         ExitHeads.load(tmp_path)  # a directory without heads.safetensors
 
 
-@pytest.mark.parametrize("layers", [[4], [-1], [1, 7]])
+@pytest.mark.parametrize("layers", [[5], [-1], [1, 7]])
 def test_identity_layer_out_of_range(layers):
     with pytest.raises(AdaDecodeError, match="out of range"):
         ExitHeads.identity(tiny_model("llama"), layers)
