@@ -120,6 +120,8 @@ def heads_gain_lines(rep: dict) -> list[str]:
         lines.append(f"heads gain {backend}: {g['median']:.2f}x [p25 {g['p25']:.2f}, p75 {g['p75']:.2f}] over the "
                      f"same program at full depth ({g['method']} / {g['full_depth']}, n={g['n']})")
     ob = rep.get("oracle_bound") or {}
+    if ob.get("costs_error"):
+        lines.append(f"costs not measured (modelled gain = bound): {ob['costs_error'][:200]}")
     if ob.get("oracle_speedup_bound"):
         modelled = ob["replayed"].get("modelled_gain")
         lines.append(f"over the same program at full depth: replayed schedule of this config "
@@ -142,10 +144,12 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
         lens.append(p["prompt_tokens"])
     L = decoder.program.num_layers
     records = head_records(decoder.program, heads, seqs, lens)
+    costs_error = None
     try:
         costs = measure_costs(decoder.program, heads)
-    except Exception:  # noqa: BLE001 - e.g. off CPU; the oracle bound does not need them
+    except Exception as e:  # noqa: BLE001 - the oracle bound does not need them; the report says why they are 0
         costs = {"probe_cost": 0.0, "row_cost": 0.0, "epilogue_cost": 0.0}
+        costs_error = f"{type(e).__name__}: {e}"
     probe_cost = costs["probe_cost"]
     rep = report(records, L, max_pending=max_pending, **costs)
     runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
@@ -157,7 +161,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
             "oracle_speedup_bound": rep["oracle_speedup_bound"],
             "probe_cost_layers": probe_cost, "row_cost_layers": costs["row_cost"],
-            "epilogue_cost_layers": costs["epilogue_cost"], "head_layers": rep["layers"],
+            "epilogue_cost_layers": costs["epilogue_cost"], "costs_error": costs_error, "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
             "replayed": {"exit_layers": list(layers), "threshold": threshold,
                          "layers_per_token": crit / tok if tok else None,

@@ -226,10 +226,15 @@ def _one_row(program, heads):
     device = segment_device(program)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
-    keep, _ = program.hidden_states(list(range(1, 65)), {heads.layers[0]}, state)
+    keep, _ = program.hidden_states(list(range(1, 65)), {_probed_layer(program, heads)}, state)
     kv = state.views(65)
     top = program.top_inputs([1], 64, kv)
-    return sync, keep[heads.layers[0]], program.prologue(top), top, kv, state
+    return sync, keep[_probed_layer(program, heads)], program.prologue(top), top, kv, state
+
+
+def _probed_layer(program, heads) -> int:
+    """A layer the program probes (its first exit layer), else the heads' first."""
+    return min(program.probe_fns) if program.probe_fns else heads.layers[0]
 
 
 @torch.no_grad()
@@ -257,7 +262,7 @@ def _in_layers(program, heads, call, repeats: int) -> float:
 def measure_probe_cost(program, heads, repeats: int = 30) -> float:
     """One exit probe on one row, in decoder layers on one row. ``program`` must carry the probes
     (``AdaDecoder(...).program``)."""
-    return _in_layers(program, heads, lambda h: program.probe(heads.layers[0], h), repeats)
+    return _in_layers(program, heads, lambda h: program.probe(_probed_layer(program, heads), h), repeats)
 
 
 def measure_epilogue_cost(program, heads, repeats: int = 20) -> float:

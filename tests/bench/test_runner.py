@@ -86,6 +86,7 @@ def test_report_fields_and_parity(report, tmp_path):
     assert rep["per_prompt"][1]["reference_ids"] == hf_greedy(model, list(range(40, 49)), T)
     ob = rep["oracle_bound"]
     assert ob["oracle_speedup_bound"] >= 1.0 and ob["replayed"]["exit_layers"] == [1, 2]
+    assert ob["costs_error"] is None and ob["epilogue_cost_layers"] > 0 and ob["replayed"]["modelled_gain"] > 0
     # rotated order per prompt
     assert rep["per_prompt"][0]["order"] != rep["per_prompt"][1]["order"]
 

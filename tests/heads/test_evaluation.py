@@ -59,11 +59,12 @@ def test_measured_costs_are_positive_and_in_layers():
     from adadecode_fx.heads.evaluation import measure_costs
 
     model = tiny_model("llama")
-    heads = ExitHeads.random(model, [2], seed=0)
-    dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=0.5))
-    costs = measure_costs(dec.program, heads)
-    assert set(costs) == {"probe_cost", "row_cost", "epilogue_cost"}
-    assert all(0 < c < 20 for c in costs.values()), costs
+    heads = ExitHeads.random(model, [1, 2], seed=0)
+    for exits in ((2,), (model.config.num_hidden_layers - 1,)):  # not the heads' first layer; the last layer
+        dec = AdaDecoder(model, heads, AdaDecodeConfig(exit_layers=exits, threshold=0.5))
+        costs = measure_costs(dec.program, heads)
+        assert set(costs) == {"probe_cost", "row_cost", "epilogue_cost"}
+        assert all(0 < c < 20 for c in costs.values()), costs
 
 
 def test_eval_heads_cli_reports_the_measured_costs_and_modelled_gain(tmp_path, capsys):
