@@ -89,8 +89,8 @@ def cache_location() -> Path | None:
 def _source_digest() -> str:
     from . import capture
     h = hashlib.sha256()
-    for module in (capture, __import__(__name__, fromlist=["_"])):
-        h.update(Path(module.__file__).read_bytes())
+    for path in (Path(capture.__file__), Path(__file__)):
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -318,10 +318,9 @@ class _Values:
         if isinstance(value, _SymVal):
             if value.kind == "SymInt":
                 return self.size(value.expr)
-            hint = value.expr.xreplace(self.hints)
             if value.kind == "SymBool":
                 return self.env.create_symboolnode(value.expr)
-            return self.env.create_symfloatnode(value.expr, hint=float(hint))
+            return self.env.create_symfloatnode(value.expr, hint=float(value.expr.xreplace(self.hints)))
         if isinstance(value, tuple):
             return tuple(self(v) for v in value)
         if isinstance(value, list):

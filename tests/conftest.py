@@ -82,6 +82,21 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
     return out[0, len(prompt):].tolist()
 
 
+def smollm2_parity(tokenizer, lowered, eager, model, n: int = 24) -> list:
+    """Two prompts (code and prose) through ``lowered``: each gives ``eager``'s tokens and HF greedy's.
+    Returns the lowered decoder's stats per prompt."""
+    stats = []
+    for text in ("def fibonacci(n):", "The capital of France is"):
+        ids = tokenizer(text).input_ids
+        out = lowered.generate(ids, n)
+        assert out.new_tokens == eager.generate(ids, n).new_tokens
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n)
+        assert out.new_tokens == ref[0, len(ids):].tolist()
+        stats.append(out.stats)
+    return stats
+
+
 @functools.cache
 def captured(family: str):
     """capture() of the shared tiny model, once per session for all pass tests (the passes copy the graph

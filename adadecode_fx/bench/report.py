@@ -135,7 +135,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
     both from `adadecode_fx.evaluation`."""
-    from ..heads.evaluation import head_records, measure_costs, modelled_gain, report, simulate
+    from ..heads.evaluation import head_records, measure_costs, report, schedule_summary, simulate
 
     seqs, lens = [], []
     for p in per_prompt:
@@ -150,23 +150,17 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max
     except Exception as e:  # noqa: BLE001 - the oracle bound does not need them; the report says why they are 0
         costs = {"probe_cost": 0.0, "row_cost": 0.0, "epilogue_cost": 0.0}
         costs_error = f"{type(e).__name__}: {e}"
-    probe_cost = costs["probe_cost"]
     rep = report(records, L, max_pending=max_pending, **costs)
     runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
             for r in records]
-    tok = sum(s.tokens for s in runs)
-    crit = sum(s.critical_layers for s in runs)
-    probes = sum(s.probes for s in runs)
-    per_token = tuple(sum(getattr(s, k) for s in runs) / max(1, tok) for k in ("probes", "deferred_rows", "epilogue_calls"))
+    replayed = schedule_summary(runs, L, (costs["probe_cost"], costs["row_cost"], costs["epilogue_cost"]))
     return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
             "oracle_speedup_bound": rep["oracle_speedup_bound"],
-            "probe_cost_layers": probe_cost, "row_cost_layers": costs["row_cost"],
+            "probe_cost_layers": costs["probe_cost"], "row_cost_layers": costs["row_cost"],
             "epilogue_cost_layers": costs["epilogue_cost"], "costs_error": costs_error, "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
             "replayed": {"exit_layers": list(layers), "threshold": threshold,
-                         "layers_per_token": crit / tok if tok else None,
-                         "speedup_bound": L / (crit / tok + probe_cost * probes / tok) if tok else None,
-                         "modelled_gain": modelled_gain(L, crit / tok, per_token, (costs["probe_cost"], costs["row_cost"], costs["epilogue_cost"])) if tok else None},
+                         **{k: replayed[k] for k in ("layers_per_token", "speedup_bound", "modelled_gain")}},
             "best_replayed": rep["recommended"]}
 
 

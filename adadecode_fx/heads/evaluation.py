@@ -158,28 +158,28 @@ def modelled_gain(num_layers: int, layers_per_token: float, per_token: tuple, co
     return (num_layers + epilogue_cost) / spent
 
 
+def schedule_summary(runs: list[Schedule], num_layers: int, costs: tuple) -> dict:
+    """Rates per token of replayed ``runs`` and what they buy over full depth: ``speedup_bound`` (layers
+    and probes) and ``modelled_gain`` (also deferred rows and LM-head calls at ``costs``)."""
+    tok = sum(s.tokens for s in runs)
+    if not tok:
+        return {"layers_per_token": None, "speedup_bound": None, "modelled_gain": None}
+    early, acc = sum(s.early for s in runs), sum(s.accepted for s in runs)
+    lpt = sum(s.critical_layers for s in runs) / tok
+    per_token = tuple(sum(getattr(s, k) for s in runs) / tok for k in ("probes", "deferred_rows", "epilogue_calls"))
+    return {"layers_per_token": lpt, "early_exit_rate": acc / tok, "acceptance": acc / early if early else None,
+            "rejections": sum(s.rejected for s in runs), "probes_per_token": per_token[0],
+            "deferred_rows_per_token": per_token[1], "epilogue_calls_per_token": per_token[2],
+            "speedup_bound": num_layers / (lpt + costs[0] * per_token[0]),
+            "modelled_gain": modelled_gain(num_layers, lpt, per_token, costs)}
+
+
 def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
-    probe_cost, row_cost, epilogue_cost = costs
     per_gamma = []
     for g in GAMMAS:
         runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
                          num_layers, g, max_pending) for r in records]
-        tok = sum(s.tokens for s in runs)
-        crit = sum(s.critical_layers for s in runs)
-        probes = sum(s.probes for s in runs)
-        early = sum(s.early for s in runs)
-        acc = sum(s.accepted for s in runs)
-        rej = sum(s.rejected for s in runs)
-        rows = sum(s.deferred_rows for s in runs)
-        epilogues = sum(s.epilogue_calls for s in runs)
-        lpt = crit / tok
-        per_gamma.append({"gamma": g, "layers_per_token": lpt, "early_exit_rate": acc / tok,
-                          "acceptance": acc / early if early else None, "rejections": rej,
-                          "probes_per_token": probes / tok, "deferred_rows_per_token": rows / tok,
-                          "epilogue_calls_per_token": epilogues / tok,
-                          "speedup_bound": num_layers / (lpt + probe_cost * probes / tok),
-                          "modelled_gain": modelled_gain(num_layers, lpt, (probes / tok, rows / tok, epilogues / tok),
-                                                         costs)})
+        per_gamma.append({"gamma": g, **schedule_summary(runs, num_layers, costs)})
     return per_gamma
 
 
@@ -218,8 +218,8 @@ def write(rep: dict, json_path=None, png_path=None) -> None:
 
 def _one_row(program, heads):
     """A decode step's inputs at slot 64 after a 64-token prefill: ``(sync, hidden [1, 64, d] of the
-    prefill at the first exit layer, prologue outputs and graph inputs for one row, K/V views, the state)``. ``sync`` waits for CUDA kernels (time the
-    kernels, not the launches)."""
+    prefill at a probed layer, prologue outputs and graph inputs for one row, K/V views, the state)``.
+    ``sync`` waits for CUDA kernels (time the kernels, not the launches)."""
     from ..runtime.kv_state import KVState
     from .readout import segment_device
 

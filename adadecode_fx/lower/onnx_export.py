@@ -31,6 +31,7 @@ import torch
 from torch import fx
 
 from ..errors import AdaDecodeError, UnsupportedModelError
+from . import onnx_rewrite
 from .onnx_rewrite import onnx_ready_copy, node_role, present_kv_layer, slim_prologue
 from .onnx_session import OrtSession, check_dtype, default_session_options, require_onnx
 
@@ -222,8 +223,8 @@ def program_digest(program) -> str:
     gm = program.gm
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{FORMAT}/{FORMAT_VERSION} torch {torch.__version__} onnx {onnx.__version__}".encode())
-    for module in (__import__(__name__, fromlist=["_"]), __import__(__package__ + ".onnx_rewrite", fromlist=["_"])):
-        h.update(Path(module.__file__).read_bytes())
+    for path in (Path(__file__), Path(onnx_rewrite.__file__)):
+        h.update(path.read_bytes())
     for name, module in gm.named_modules():
         if isinstance(module, fx.GraphModule):
             h.update(f"{name}\n{module.code}".encode())

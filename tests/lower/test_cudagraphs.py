@@ -13,7 +13,7 @@ from adadecode_fx.errors import AdaDecodeError
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.lower.static_graphs import StaticCall
 
-from tests.conftest import cuda_model, hf_greedy, tiny_model
+from tests.conftest import cuda_model, hf_greedy, smollm2_parity, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FORCED = dict(threshold=0.02, max_pending=3)  # random heads at a tiny gamma: many exits, many rollbacks
@@ -163,15 +163,8 @@ def test_smollm2_fp32_with_many_exits_and_rejections(smol):
     static = AdaDecoder(model, heads, AdaDecodeConfig(backend="cudagraphs", **config))
     eager = AdaDecoder(model, heads, AdaDecodeConfig(**config))
     made = static.program.runner.made
-    early = rejected = 0
-    for text in ("def fibonacci(n):", "The capital of France is"):
-        ids = tokenizer(text).input_ids
-        out = static.generate(ids, 24)
-        assert out.new_tokens == eager.generate(ids, 24).new_tokens
-        x = torch.tensor([ids])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24)
-        assert out.new_tokens == ref[0, len(ids):].tolist()
-        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    stats = smollm2_parity(tokenizer, static, eager, model)
+    early, rejected = sum(s.early_emitted for s in stats), sum(s.rejected for s in stats)
     assert static.program.runner.made == made
     assert early >= 5 and rejected >= 1, (early, rejected)
 

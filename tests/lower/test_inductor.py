@@ -9,7 +9,7 @@ from adadecode_fx.heads import shipped_heads
 from adadecode_fx.lower.inductor import lower_inductor, structure_key
 from adadecode_fx.runtime import DecodeProgram
 
-from tests.conftest import hf_greedy, tiny_model
+from tests.conftest import hf_greedy, smollm2_parity, tiny_model
 
 
 # gemma2 alternates sliding-window and global layers, but the masks are built in the prologue and
@@ -70,14 +70,6 @@ def test_inductor_parity_on_smollm2(smol):
     compiled = AdaDecoder(model, heads, AdaDecodeConfig(backend="inductor", **config))
     eager = AdaDecoder(model, heads, AdaDecodeConfig(**config))
     before = _unique_graphs()
-    early = 0
-    for text in ("def fibonacci(n):", "The capital of France is"):
-        ids = tokenizer(text).input_ids
-        out = compiled.generate(ids, 24)
-        assert out.new_tokens == eager.generate(ids, 24).new_tokens
-        x = torch.tensor([ids])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24)
-        assert out.new_tokens == ref[0, len(ids):].tolist()
-        early += out.stats.early_emitted
+    early = sum(s.early_emitted for s in smollm2_parity(tokenizer, compiled, eager, model))
     assert _unique_graphs() == before
     assert early > 0
