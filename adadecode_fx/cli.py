@@ -6,7 +6,7 @@ import json
 import sys
 
 from .errors import AdaDecodeError
-from .config import BACKENDS, canonical_dtype
+from .config import BACKENDS, canonical_dtype, parse_threshold
 
 
 def _int_list(text, flag) -> tuple[int, ...]:
@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-heads", action="store_true", help="plain full-depth decoding through the captured program")
     g.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads "
                                          "(default: the heads' calibrated layers)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="exit when head confidence >= this, in (0, 1] (default: the heads' calibrated value, else 0.75)")
+    g.add_argument("--threshold", default=None,
+                   help="exit when head confidence >= this, in (0, 1]: one gamma (0.9) or one per exit layer "
+                        "(7:0.8,23:0.97) (default: the heads' calibrated value, else 0.75)")
     g.add_argument("--max-pending", type=int, default=5,
                    help="at most this many early tokens wait for verification; when that many wait, the next "
                         "token runs at full depth (0: no early exits)")
@@ -401,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
     x.add_argument("--no-heads", action="store_true", help="export without exit probes (plain decoding)")
     x.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
-    x.add_argument("--threshold", type=float, default=None, help="default gamma stored in the export")
+    x.add_argument("--threshold", default=None,
+                   help="default gamma stored in the export: one value, or LAYER:GAMMA pairs (7:0.8,23:0.97)")
     x.add_argument("--max-pending", type=int, default=5, help="default max_pending stored in the export")
     x.add_argument("--format", default="onnx", help="onnx (ONNX Runtime: CPU, or CUDA with onnxruntime-gpu)")
     x.add_argument("--dtype", default="float32", help="fp32 (the only dtype ONNX Runtime runs well on CPU)")
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threshold", None) is not None:
+            args.threshold = parse_threshold(args.threshold)
         return args.func(args)
     except AdaDecodeError as e:
         print(f"adadecode: error: {e}", file=sys.stderr)

@@ -25,6 +25,37 @@ def canonical_dtype(name: str) -> str:
     return DTYPES[key]
 
 
+def parse_threshold(value):
+    """A threshold as `AdaDecodeConfig` keeps it: None, a float, or ``{layer: gamma}`` with int keys (JSON and
+    heads metadata give string keys; the CLI gives ``"0.9"`` or ``"7:0.8,23:0.95"``). Values are range-checked
+    by `AdaDecodeConfig.validate`."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if ":" not in text:
+            try:
+                return float(text)
+            except ValueError:
+                raise AdaDecodeError(f"threshold {value!r} is not a number; give e.g. 0.9 or 7:0.8,23:0.95") from None
+        pairs = [p.split(":") for p in text.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise AdaDecodeError(f"threshold {value!r}: write one gamma (0.9) or LAYER:GAMMA pairs (7:0.8,23:0.95)")
+        value = dict(pairs)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            try:
+                layer, gamma = int(str(k).strip()), float(str(v).strip()) if isinstance(v, str) else v
+            except ValueError:
+                raise AdaDecodeError(f"threshold {value!r}: layers must be integers and gammas numbers") from None
+            out[layer] = gamma
+        return dict(sorted(out.items()))
+    if isinstance(value, int):
+        return float(value)
+    return value
+
+
 def check_device(name: str) -> str:
     """``name`` if it is a device the model can be moved to here (cpu, cuda, cuda:N), else an error."""
     import torch
@@ -51,7 +82,10 @@ class AdaDecodeConfig:
     exit_layers: decoder-layer indices (0-based) after which an exit probe runs; strictly increasing and
         below the last layer. Empty means "take them from the heads".
     threshold: gamma; a probe whose max probability is >= threshold emits its token early. In (0, 1].
-        None: the heads' calibrated value (``eval-heads --set-threshold``), else DEFAULT_THRESHOLD.
+        One value for every exit layer, or a mapping ``{layer: gamma}`` (an exit after the last layer only
+        drafts, so it wants a gamma near 1 while a deep exit pays at a lower one); a mapping with exit_layers
+        left empty also chooses the exit layers. None: the heads' calibrated value (``eval-heads
+        --set-threshold``), else DEFAULT_THRESHOLD.
     max_pending: at most this many early tokens wait for verification; when full, the token runs full depth.
     dtype: compute dtype of the model and heads.
     backend: how segments are executed: "eager" (the default; token-exact with HF greedy in bf16 too),
@@ -73,7 +107,7 @@ class AdaDecodeConfig:
     """
 
     exit_layers: tuple[int, ...] = ()
-    threshold: float | None = None
+    threshold: float | dict[int, float] | None = None
     max_pending: int = DEFAULT_MAX_PENDING
     dtype: str = "auto"
     backend: str = "eager"
@@ -101,13 +135,15 @@ class AdaDecodeConfig:
                 isinstance(x, bool) or not float(x).is_integer() for x in self.exit_layers):
             raise AdaDecodeError(f"exit_layers must be a sequence of integers, got {self.exit_layers!r}")
         self.exit_layers = tuple(int(x) for x in self.exit_layers)
+        if isinstance(self.threshold, dict):
+            self.threshold = parse_threshold(self.threshold)
         self.dtype = canonical_dtype(self.dtype)
         self.validate()
 
     def validate(self, num_layers: int | None = None) -> "AdaDecodeConfig":
-        t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0)):
-            raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses {DEFAULT_THRESHOLD}")
+        for t in (self.threshold.values() if isinstance(self.threshold, dict) else [self.threshold]):
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0):
+                raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses {DEFAULT_THRESHOLD}")
         if not isinstance(self.script_rows, bool):
             raise AdaDecodeError(f"script_rows must be True or False, got {self.script_rows!r}")
         if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 0:
@@ -129,16 +165,35 @@ class AdaDecodeConfig:
                     f"exit layers {bad} out of range: this model has {num_layers} decoder layers, so exit "
                     f"layers must lie in 0..{num_layers - 1} ({num_layers - 1}, the last, drafts from the "
                     "shortlist head and defers only the LM head)")
+        if isinstance(self.threshold, dict) and layers:
+            missing = [x for x in layers if x not in self.threshold]
+            unused = [x for x in self.threshold if x not in layers]
+            if missing or unused:
+                raise AdaDecodeError(
+                    f"threshold {self.threshold} and exit_layers {list(layers)} disagree"
+                    + (f": no gamma for exit layer(s) {missing}" if missing else "")
+                    + (f": gamma for layer(s) {unused} that are not exit layers" if unused else "")
+                    + "; give one gamma per exit layer, a single gamma, or leave exit_layers empty")
         return self
+
+    def gamma(self, layer: int) -> float:
+        """The threshold at exit layer ``layer`` (of a resolved config)."""
+        return self.threshold[layer] if isinstance(self.threshold, dict) else self.threshold
 
     def resolve(self, heads, num_layers: int) -> "AdaDecodeConfig":
         """The settings a decoder runs with; the one place defaults are decided. Fields set here win; exit
         layers left empty come from the heads' calibration, else every layer the heads cover; a threshold
         left None from the calibration, else DEFAULT_THRESHOLD."""
         calibrated = heads.recommended() if heads is not None else {}
-        layers = self.exit_layers or calibrated.get("exit_layers") or (heads.layers if heads is not None else ())
-        threshold = self.threshold if self.threshold is not None else calibrated.get("threshold", DEFAULT_THRESHOLD)
-        return dataclasses.replace(self, exit_layers=tuple(layers), threshold=float(threshold)).validate(num_layers)
+        given = self.threshold
+        layers = (self.exit_layers or (tuple(sorted(given)) if isinstance(given, dict) else ())
+                  or calibrated.get("exit_layers") or (heads.layers if heads is not None else ()))
+        threshold = given if given is not None else parse_threshold(calibrated.get("threshold", DEFAULT_THRESHOLD))
+        if isinstance(threshold, dict) and given is None:  # calibrated per layer: layers it never saw get the default
+            threshold = {x: threshold.get(x, DEFAULT_THRESHOLD) for x in layers}
+        if isinstance(threshold, dict) and len(set(threshold.values())) == 1 and set(threshold) == set(layers):
+            threshold = next(iter(threshold.values()))
+        return dataclasses.replace(self, exit_layers=tuple(layers), threshold=threshold).validate(num_layers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

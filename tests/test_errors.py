@@ -5,6 +5,7 @@ import transformers as tf
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.zoo import models
+from adadecode_fx.config import DEFAULT_THRESHOLD
 from adadecode_fx.errors import AdaDecodeError, UnsupportedModelError
 from tests.conftest import hf_greedy, tiny_model
 
@@ -242,3 +243,41 @@ def test_kv_cache_too_large_without_a_position_limit(plain_decoder, llama, monke
     monkeypatch.setattr(plain_decoder.program, "max_positions", None)
     with pytest.raises(AdaDecodeError, match=r"cannot allocate the K/V cache .* GiB.*lower max_new_tokens"):
         plain_decoder.generate([1, 2, 3], max_new_tokens=10 ** 13)
+
+
+def test_threshold_per_exit_layer():
+    cfg = AdaDecodeConfig(exit_layers=(1, 4), threshold={"4": 0.97, 1: 0.8})  # JSON gives string keys
+    assert cfg.threshold == {1: 0.8, 4: 0.97} and cfg.gamma(1) == 0.8 and cfg.gamma(4) == 0.97
+    assert AdaDecodeConfig.from_json(cfg.to_json()).threshold == cfg.threshold
+    with pytest.raises(AdaDecodeError, match=r"threshold must be in \(0, 1\]"):
+        AdaDecodeConfig(threshold={1: 0.8, 4: 1.2})
+    with pytest.raises(AdaDecodeError, match=r"no gamma for exit layer\(s\) \[4\]"):
+        AdaDecodeConfig(exit_layers=(1, 4), threshold={1: 0.8})
+    with pytest.raises(AdaDecodeError, match=r"gamma for layer\(s\) \[2\] that are not exit layers"):
+        AdaDecodeConfig(exit_layers=(1,), threshold={1: 0.8, 2: 0.9})
+    with pytest.raises(AdaDecodeError, match="layers must be integers"):
+        AdaDecodeConfig(threshold={"last": 0.8})
+
+
+def test_threshold_text_as_the_command_line_gives_it():
+    from adadecode_fx.config import parse_threshold
+
+    assert parse_threshold("0.9") == 0.9
+    assert parse_threshold(" 7:0.8, 23:0.97 ") == {7: 0.8, 23: 0.97}
+    for bad in ("high", "7:0.8:1", "7=0.8", ":"):
+        with pytest.raises(AdaDecodeError, match="threshold"):
+            parse_threshold(bad)
+
+
+def test_threshold_per_layer_resolves_against_heads(llama):
+    heads = ExitHeads.identity(llama, [1, 2])
+    # a mapping alone picks the exit layers; the last layer (4) needs no trained head
+    cfg = AdaDecodeConfig(threshold={2: 0.6, 4: 0.95}).resolve(heads, 5)
+    assert cfg.exit_layers == (2, 4) and cfg.threshold == {2: 0.6, 4: 0.95}
+    heads.metadata["recommended_threshold"] = {"1": 0.7, "4": 0.97}  # calibrated per layer, as heads.json holds it
+    heads.metadata["recommended_exit_layers"] = [1, 4]
+    assert AdaDecodeConfig().resolve(heads, 5).threshold == {1: 0.7, 4: 0.97}
+    # layers chosen by the user: calibrated gammas where there are some, the default elsewhere
+    assert AdaDecodeConfig(exit_layers=(1, 2)).resolve(heads, 5).threshold == {1: 0.7, 2: DEFAULT_THRESHOLD}
+    assert AdaDecodeConfig(exit_layers=(1,)).resolve(heads, 5).threshold == 0.7  # one layer: one gamma
+    assert AdaDecodeConfig(exit_layers=(1, 2), threshold=0.9).resolve(heads, 5).threshold == 0.9

@@ -66,7 +66,7 @@ def static_compile_method(model, max_new_tokens: int, device: str) -> Method:
     return hf_method("hf_static_compile", model, max_new_tokens, cache_implementation="static", compile_config=cc)
 
 
-def adadecode_method(model, heads, backend: str, threshold: float, exit_layers, max_pending: int,
+def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pending: int,
                      max_new_tokens: int, full_depth: bool = False) -> tuple[Method, object]:
     """``adadecode_<backend>``, or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
     capture, passes and lowering without exit heads (``exit_layers=()``), so every token runs all

@@ -35,8 +35,8 @@ def record(program, prompt_ids: list[int], max_new_tokens: int) -> dict:
     decoder = AdaDecoder(program, probe=probe)
     out = decoder.generate(prompt_ids, max_new_tokens, eos_token_id=None)
     final = list(prompt_ids) + list(out.new_tokens)
-    P, threshold = len(prompt_ids), decoder.config.threshold
-    probes = [[layer, slot - P, int(conf >= threshold), int(slot < len(final) and token == final[slot])]
+    P, gamma = len(prompt_ids), decoder.config.gamma
+    probes = [[layer, slot - P, int(conf >= gamma(layer)), int(slot < len(final) and token == final[slot])]
               for layer, slot, token, conf in probe.calls]
     keep = _SCHEDULED + ("critical_path_layers",)
     return {"prompt_len": P, "new_tokens": len(out.new_tokens), "probes": probes,

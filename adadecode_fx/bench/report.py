@@ -131,7 +131,7 @@ def heads_gain_lines(rep: dict) -> list[str]:
     return lines
 
 
-def oracle_bound(decoder, heads, per_prompt: list, layers, threshold: float, max_pending: int) -> dict:
+def oracle_bound(decoder, heads, per_prompt: list, layers, threshold, max_pending: int) -> dict:
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
     both from `adadecode_fx.evaluation`."""

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
 from .report import aggregate, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot, summary_table, write
-from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device
+from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
@@ -60,7 +60,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     methods: tuple[str, ...] = METHODS         # HF baselines and full_depth to run (hf_greedy always runs)
     backends: tuple[str, ...] = ("eager", "inductor")
-    threshold: float | None = None             # None: the heads' calibrated value, else DEFAULT_THRESHOLD
+    threshold: float | dict | None = None      # None: the heads' calibrated value, else DEFAULT_THRESHOLD
     exit_layers: tuple[int, ...] = ()          # (): the heads' recommended layers, else all of them
     max_pending: int = 5
     prompt_lookup_num_tokens: int = 10
@@ -296,7 +296,8 @@ def add_arguments(p) -> None:
                         "choose from " + ",".join(METHODS))
     p.add_argument("--backends", default="eager,inductor",
                    help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BACKENDS))
-    p.add_argument("--threshold", type=float, default=None, help="default: the heads' calibrated gamma")
+    p.add_argument("--threshold", default=None,
+                   help="one gamma, or LAYER:GAMMA pairs (7:0.8,23:0.97); default: the heads' calibrated gamma")
     p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")
     p.add_argument("--max-pending", type=int, default=5,
                    help="at most this many early tokens wait for verification (0: no early exits)")
@@ -329,6 +330,7 @@ def main(args, argv=None) -> int:
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
     exit_layers = _ints(args.exit_layers, "--exit-layers")
+    args.threshold = parse_threshold(args.threshold)  # text from the command line; set already by the adadecode CLI
     _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
     device = check_device(args.device)
     torch.manual_seed(0)

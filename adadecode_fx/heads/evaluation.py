@@ -17,7 +17,7 @@ import torch
 
 from ..report_files import write_report
 
-GAMMAS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+GAMMAS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
 BOUND_OVER = ("the same program at full depth (num_layers decoder layers per token, no probes); "
               "adadecode bench measures this ratio as heads_gain")
 
@@ -38,11 +38,13 @@ class Schedule:
         return self.critical_layers / max(1, self.tokens)
 
 
-def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pending: int = 5) -> Schedule:
+def simulate(conf: dict, agree: dict, num_layers: int, threshold, max_pending: int = 5) -> Schedule:
     """Replay the runtime on one sequence. ``conf[l][t]``/``agree[l][t]``: head l's confidence and
-    correctness when predicting generated token t. Mirrors AdaDecoder step for step: token 0 comes from
-    the prefill (counted at full depth, as the runtime's stats count it); then exit at the first confident head while fewer than ``max_pending`` early tokens
-    wait; a full-depth step verifies them and restarts after the first wrong one; at the end a flush
+    correctness when predicting generated token t; ``threshold``: one gamma or ``{layer: gamma}``.
+    Mirrors AdaDecoder step for step: token 0 comes from the prefill (counted at full depth, as the
+    runtime's stats count it); then exit at the first confident head while fewer than ``max_pending``
+    early tokens wait (a head after the last layer only while every pending token was drafted there
+    too); a full-depth step verifies them and restarts after the first wrong one; at the end a flush
     runs the deferred layers of the last early tokens.
 
     Exact when every step sees the records' context, which holds for ``max_pending=1`` or right early
@@ -50,6 +52,7 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
     verifies; the replay uses the right-context confidences for those steps, an approximation of how
     much work the rollback throws away."""
     layers = sorted(conf)
+    gamma = threshold if isinstance(threshold, dict) else dict.fromkeys(layers, threshold)
     n = len(next(iter(conf.values()))) if conf else 0
     t, pending, cost, probes = 1, [], (num_layers if n else 0), 0  # pending: (token index, exit layer, correct)
     early = accepted = rejected = rows = 0
@@ -80,8 +83,10 @@ def simulate(conf: dict, agree: dict, num_layers: int, threshold: float, max_pen
         exit_layer = None
         if len(pending) < max_pending:
             for l in layers:
+                if l == num_layers - 1 and any(e < l for _, e, _ in pending):
+                    break  # the runtime drafts after the last layer only behind drafts of that kind
                 probes += 1
-                if conf[l][t] >= threshold:
+                if conf[l][t] >= gamma[l]:
                     exit_layer = l
                     break
         if exit_layer is not None:
@@ -134,7 +139,7 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
     for mask in range(1, 1 << len(layers)):
         sub = [l for i, l in enumerate(layers) if mask >> i & 1]
         best_row = max(_sweep(records, sub, num_layers, costs, max_pending), key=lambda r: r["modelled_gain"])
-        subsets.append({"layers": sub, **best_row})
+        subsets.append({"layers": sub, **_per_layer_gammas(records, sub, num_layers, costs, max_pending, best_row)})
     chosen = max(subsets, key=lambda r: r["modelled_gain"])
     best = max(per_gamma, key=lambda r: r["modelled_gain"])
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
@@ -175,12 +180,31 @@ def schedule_summary(runs: list[Schedule], num_layers: int, costs: tuple) -> dic
 
 
 def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
-    per_gamma = []
-    for g in GAMMAS:
-        runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
-                         num_layers, g, max_pending) for r in records]
-        per_gamma.append({"gamma": g, **schedule_summary(runs, num_layers, costs)})
-    return per_gamma
+    return [_replayed(records, layers, num_layers, costs, max_pending, g) for g in GAMMAS]
+
+
+def _replayed(records, layers, num_layers, costs, max_pending, gamma) -> dict:
+    runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
+                     num_layers, gamma, max_pending) for r in records]
+    return {"gamma": gamma, **schedule_summary(runs, num_layers, costs)}
+
+
+def _per_layer_gammas(records, layers, num_layers, costs, max_pending, row: dict, rounds: int = 2) -> dict:
+    """From the best single-gamma ``row``, coordinate ascent over one gamma per layer (each layer's in
+    turn, over GAMMAS, ``rounds`` times). An exit after the last layer only drafts and a deep one saves
+    layers, so their best gammas differ. Returns the best row; ``gamma`` a dict only if that beats one gamma."""
+    if len(layers) < 2:
+        return row
+    best, gamma = row, dict.fromkeys(layers, row["gamma"])
+    for _ in range(rounds):
+        for l in layers:
+            for g in GAMMAS:
+                trial = _replayed(records, layers, num_layers, costs, max_pending, {**gamma, l: g})
+                if trial["modelled_gain"] > best["modelled_gain"] + 1e-9:
+                    best, gamma = trial, {**gamma, l: g}
+    if best is not row:
+        best = {**best, "gamma": {str(l): g for l, g in gamma.items()}}  # JSON keys, as heads.json stores them
+    return best
 
 
 def plot(rep: dict, path) -> None:

@@ -95,8 +95,9 @@ class ExitHeads:
         rec = {}
         if self.metadata.get("recommended_exit_layers"):
             rec["exit_layers"] = tuple(self.metadata["recommended_exit_layers"])
-        if self.metadata.get("recommended_threshold") is not None:
-            rec["threshold"] = float(self.metadata["recommended_threshold"])
+        t = self.metadata.get("recommended_threshold")
+        if t is not None:  # one gamma, or {layer: gamma} (JSON keys are strings)
+            rec["threshold"] = {int(k): float(v) for k, v in t.items()} if isinstance(t, dict) else float(t)
         return rec
 
     @property

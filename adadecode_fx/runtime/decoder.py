@@ -148,8 +148,8 @@ class AdaDecoder:
         start = time.perf_counter()
         P, B = batch.length, batch.size
         sampler = None if sampling is None else Sampler(sampling, self.device)
-        decisions = (GreedyDecisions(self.probe, self.config.threshold) if sampler is None
-                     else SamplingDecisions(self.exit_logits, sampler, self.config.threshold))
+        decisions = (GreedyDecisions(self.probe, self.config.gamma) if sampler is None
+                     else SamplingDecisions(self.exit_logits, sampler, self.config.gamma))
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
                    kv=self._kv_state(batch, max_new_tokens),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
@@ -277,7 +277,8 @@ class AdaDecoder:
                 state.fill[first:last + 1] = [p_end + 1] * depth
                 stats.critical_path_layers += depth if count else 0
                 stats.layer_rows += n * depth if count else 0
-                if allow_exit and last in prog.probe_fns and self._exit(run, last, hidden[:, -1:]):
+                if allow_exit and last in prog.probe_fns and self._may_draft(run, last) and \
+                        self._exit(run, last, hidden[:, -1:]):
                     state.park(last, hidden)
                     return
         drafted = state.take_parked(prog.num_layers - 1)  # rows a probe after the last layer let through
@@ -286,6 +287,14 @@ class AdaDecoder:
             a -= drafted.shape[1]
         first = max(a, run.n_verified - 1)  # rows before this predict tokens that are already final
         self._verify(run, first, prog.epilogue(hidden[:, first - a:]))
+
+    def _may_draft(self, run: "_Run", layer: int) -> bool:
+        """A probe after the last layer saves only a share of an LM-head call, and drafting there puts off
+        the verification of every pending token: after an early token that skipped layers (the riskier
+        kind) a rejection would also discard the next token's whole pass. So it drafts only behind drafts
+        of its own kind; exits before the last layer are always asked."""
+        last = self.program.num_layers - 1
+        return layer < last or all(o == last for o in run.origin[run.n_verified - run.prompt_len:])
 
     def _exit(self, run: "_Run", layer: int, hidden_last: torch.Tensor) -> bool:
         """The exit decision (batch-wide, `Decisions.draft`): one early token per row, or go on."""

@@ -31,12 +31,12 @@ class Decisions(Protocol):
 
 
 class GreedyDecisions:
-    def __init__(self, probe: Probe, threshold: float):
-        self.probe, self.threshold = probe, threshold
+    def __init__(self, probe: Probe, gamma: Callable[[int], float]):
+        self.probe, self.gamma = probe, gamma  # gamma(layer): the exit threshold there
 
     def draft(self, run, layer, hidden_last):
         tokens, confs = self.probe(layer, hidden_last, run.rows)
-        if min(confs[b] for b in run.active()) < self.threshold:
+        if min(confs[b] for b in run.active()) < self.gamma(layer):
             return None
         return tokens
 
@@ -47,19 +47,19 @@ class GreedyDecisions:
 
 
 class SamplingDecisions:
-    def __init__(self, probe_logits: ProbeLogits, sampler, threshold: float):
-        self.probe_logits, self.sampler, self.threshold = probe_logits, sampler, threshold
+    def __init__(self, probe_logits: ProbeLogits, sampler, gamma: Callable[[int], float]):
+        self.probe_logits, self.sampler, self.gamma = probe_logits, sampler, gamma
 
     def draft(self, run, layer, hidden_last):
         """Per row, ``q`` = the processed head distribution; the exit is taken only if every unfinished row's
-        max q reaches the threshold, and then each row's token is drawn from its q (kept for `judge`).
+        max q reaches the layer's threshold, and then each row's token is drawn from its q (kept for `judge`).
         Finished rows get token -1."""
         logits = self.probe_logits(layer, hidden_last, run.rows)
         qs = {}
         for b in run.active():
             pad = run.kv.pad[b]
             q = self.sampler.distribution(logits[b], run.rows[b][pad:])
-            if q is None or float(q.max()) < self.threshold:
+            if q is None or float(q.max()) < self.gamma(layer):
                 return None
             qs[b] = q
         tokens = [-1] * len(run.rows)

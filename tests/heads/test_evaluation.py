@@ -6,12 +6,14 @@ from adadecode_fx.heads.evaluation import head_records, oracle_layers_per_token,
 from tests.conftest import hf_greedy, tiny_model
 
 
-@pytest.mark.parametrize("threshold", [0.02, 0.022, 0.025])
+@pytest.mark.parametrize("threshold", [0.02, 0.022, 0.025, (0.025, 0.02, 0.022), (0.02, 0.03, 0.021)])
 @pytest.mark.parametrize("layers", [(0, 2), (0, 2, 4)], ids=["early", "early+last"])
 def test_simulated_schedule_matches_runtime(threshold, layers):
     # exact when no step runs on a wrong early token's context, i.e. max_pending=1 (with more pending
     # tokens the steps after a wrong one see other activations than the records; see simulate())
     max_pending = 1
+    if isinstance(threshold, tuple):  # one gamma per exit layer
+        threshold = dict(zip(layers, threshold))
     model = tiny_model("llama")
     heads = ExitHeads.random(model, layers, scale=0.5, seed=4)
     dec = AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending))

@@ -67,3 +67,38 @@ def test_adversarial_heads(family, max_pending):
     assert s.rejected == (n - 1 if max_pending else 0)
     expected_early = sum(min(max_pending, n - g) for g in range(1, n)) if max_pending else 0
     assert s.early_emitted == expected_early
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_drafts_after_the_last_layer_wait_behind_deep_exits(family):
+    """A probe after the last layer is not asked while a token that skipped layers waits: verifying
+    now beats drafting one more token on a context that may be rolled back. Early tokens here are all
+    right, so the replayed schedule (`simulate`) must equal the runtime's, LM-head calls included."""
+    from adadecode_fx.heads.evaluation import simulate
+
+    model = tiny_model(family)
+    L = model.config.num_hidden_layers
+    prompt, n = list(range(5, 25)), 30
+    ref = hf_greedy(model, prompt, n)
+    P, calls = len(prompt), []
+    conf = {1: [float(t % 3 == 0) for t in range(n)], L - 1: [1.0] * n}
+
+    def probe(layer, hidden_last, rows):
+        t = len(rows[0]) - P
+        calls.append((layer, t, conf[layer][t]))
+        return [ref[t]], [conf[layer][t]]
+
+    heads = ExitHeads.identity(model, [1])
+    dec = AdaDecoder(model, heads, AdaDecodeConfig(exit_layers=(1, L - 1), threshold=0.5, max_pending=4), probe=probe)
+    epilogues = []
+    real = dec.program.epilogue
+    dec.program.epilogue = lambda hidden: epilogues.append(hidden.shape[1]) or real(hidden)
+    out = dec.generate(prompt, max_new_tokens=n)
+    assert out.new_tokens == ref
+    after_deep_exit = [b for a, b in zip(calls, calls[1:]) if a[0] == 1 and a[2] == 1.0]
+    assert after_deep_exit and all(layer == 1 for layer, _, _ in after_deep_exit)  # its next pass verifies
+    assert any(layer == L - 1 and c == 1.0 for layer, _, c in calls)  # drafts after the last layer do happen
+    sim = simulate(conf, {l: [True] * n for l in conf}, L, 0.5, max_pending=4)
+    s = out.stats
+    assert (sim.early, sim.accepted, sim.critical_layers) == (s.early_emitted, s.accepted, s.critical_path_layers)
+    assert sim.epilogue_calls == len(epilogues)

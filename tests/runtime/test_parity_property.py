@@ -1,8 +1,8 @@
 """Property: greedy AdaDecode equals HF greedy, token for token, whatever the heads decide.
 
 float64 tiny models of several families; random exit layers (the last included: its probe drafts and
-only the LM head waits), thresholds (down to ~0, so almost every probe exits and most early tokens are
-wrong), queue sizes and prompt lengths.
+only the LM head waits), thresholds (one, or one per exit layer; down to ~0, so almost every probe exits
+and most early tokens are wrong), queue sizes and prompt lengths.
 """
 import pytest
 import torch
@@ -20,7 +20,8 @@ def test_greedy_parity(family, data):
     model = tiny_model(family)
     n = model.config.num_hidden_layers
     layers = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=3), label="exit layers"))
-    threshold = data.draw(st.sampled_from([1e-9, 0.02, 0.05, 0.2, 0.6, 1.0]), label="gamma")
+    gammas = st.sampled_from([1e-9, 0.02, 0.05, 0.2, 0.6, 1.0])
+    threshold = data.draw(gammas | st.fixed_dictionaries({l: gammas for l in layers}), label="gamma (or one per layer)")
     max_pending = data.draw(st.integers(0, 6), label="max_pending")
     plen = data.draw(st.integers(1, 40), label="prompt length")
     new = data.draw(st.integers(1, 40), label="max_new_tokens")
