@@ -193,7 +193,7 @@ def _train_heads(args) -> int:
     from .heads.corpus import corpus_files
     from .heads.training import TrainConfig, train_heads
 
-    _at_least(args, epochs=1, max_prompts=1, gen_tokens=1, batch_tokens=1)
+    _at_least(args, epochs=1, max_prompts=1, gen_tokens=1, batch_tokens=1, shortlist=0)
     if not args.data and not args.corpus:
         raise AdaDecodeError("give training text: --data (prompts the model continues), --corpus (text read "
                              "teacher-forced), or both")
@@ -213,6 +213,7 @@ def _train_heads(args) -> int:
     cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
                       batch_tokens=args.batch_tokens, data=args.data or "", record_ids=[r["id"] for r in records],
                       loss_vocab=args.loss_vocab, gen_dtype=gen_dtype, corpus=tuple(args.corpus or ()),
+                      shortlist=args.shortlist,
                       corpus_tokens=args.corpus_tokens, corpus_window=args.corpus_window)
     heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out, generator=generator)
     data = heads.metadata["training_data"]
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=3, help="passes over the distillation tokens")
     t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
     t.add_argument("--batch-tokens", type=int, default=256, help="tokens per optimiser step")
+    t.add_argument("--shortlist", type=int, default=4096,
+                   help="probe vocabulary: the N tokens the final layer predicts most on the training text (0: the "
+                        "full vocabulary). A final token outside it can never exit early; every probe reads its rows")
     t.add_argument("--loss-vocab", choices=("shortlist", "full"), default="shortlist",
                    help="distil over the probe's shortlist (what it scores when decoding; fast) or the full vocabulary")
     t.add_argument("--dtype", default="float32", help="dtype of the model the heads are trained on")

@@ -177,9 +177,12 @@ def test_cli_trains_on_prompts_and_corpus_then_eval_heads_reports_over_full_dept
     rc = cli.main(["train-heads", "--model", str(model_dir), "--data", str(prompts), "--max-prompts", "2",
                    "--gen-tokens", "6", "--corpus", str(corpus), "--corpus", str(tmp_path / "src" / "*.py"),
                    "--corpus-tokens", "300", "--corpus-window", "32", "--layers", "1,2", "--epochs", "1",
-                   "--batch-tokens", "64", "--out", str(heads)])
+                   "--batch-tokens", "64", "--shortlist", "16", "--out", str(heads)])
     out, err = capsys.readouterr()
     assert rc == 0, err
+    from adadecode_fx import ExitHeads
+
+    assert len(ExitHeads.load(heads).vocab) == 16  # the probe's vocabulary, as --shortlist asked
     assert "320 from the corpus" in out and "[train-heads] corpus: 320 tokens in 10 windows of 32" in err
     meta = json.loads((heads / "heads.json").read_text())["metadata"]
     assert meta["training_data"]["corpus"]["files_matched"] == 2 and meta["train"]["corpus_window"] == 32

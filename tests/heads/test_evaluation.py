@@ -2,7 +2,7 @@
 import pytest
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.heads.evaluation import head_records, oracle_layers_per_token, report, simulate
+from adadecode_fx.heads.evaluation import _sweep, head_records, oracle_layers_per_token, report, simulate
 from tests.conftest import hf_greedy, tiny_model
 
 
@@ -83,3 +83,24 @@ def test_eval_heads_cli_reports_the_measured_costs_and_modelled_gain(tmp_path, c
     assert rc == 0 and "modelled gain" in capsys.readouterr().out
     assert all(rep[k] > 0 for k in ("probe_cost_layers", "row_cost_layers", "epilogue_cost_layers"))
     assert rep["recommended"]["modelled_gain"] == max(r["modelled_gain"] for r in rep["per_subset"])
+
+
+def test_report_finds_one_gamma_per_layer_when_that_pays():
+    # layer 1 is right exactly when its confidence is 0.7 (wrong at 0.65); layer 3 right at 0.99, wrong
+    # at 0.9: no single gamma takes the first without the second's mistakes
+    n = 60
+    c1 = [0.7 if t % 2 else 0.65 for t in range(n)]
+    c3 = [0.99 if t % 3 else 0.9 for t in range(n)]
+    recs = [{"conf": {1: c1, 3: c3}, "agree": {1: [t % 2 == 1 for t in range(n)], 3: [t % 3 != 0 for t in range(n)]}}]
+    rep = report(recs, 6, probe_cost=0.1, max_pending=3, row_cost=0.1, epilogue_cost=2.0)
+    both = next(r for r in rep["per_subset"] if r["layers"] == [1, 3])
+    assert both["gamma"] == {"1": 0.7, "3": 0.95}  # JSON keys; 0.95 is the first grid value above 0.9
+    single = max(r["modelled_gain"] for r in _sweep(recs, [1, 3], 6, (0.1, 0.1, 2.0), 3))
+    assert both["modelled_gain"] > single
+    assert rep["recommended"]["modelled_gain"] >= both["modelled_gain"]
+    # what --set-threshold stores resolves to the same per-layer thresholds
+    from adadecode_fx.heads.format import ExitHeads as Heads
+
+    heads = Heads.identity(tiny_model("llama"), [1, 3])
+    heads.metadata.update(recommended_threshold=both["gamma"], recommended_exit_layers=[1, 3])
+    assert AdaDecodeConfig().resolve(heads, 5).threshold == {1: 0.7, 3: 0.95}
