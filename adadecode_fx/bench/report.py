@@ -128,6 +128,10 @@ def heads_gain_lines(rep: dict) -> list[str]:
                      + (f"{modelled:.2f}x modelled (deferred rows, LM-head calls at their measured costs), " if modelled else "")
                      + f"{ob['replayed']['speedup_bound']:.2f}x bound (rows free), oracle {ob['oracle_speedup_bound']:.2f}x "
                      f"({ob['oracle_layers_per_token']:.1f} layers/token)")
+        pc = ob.get("perfect_confidence")
+        if pc:
+            lines.append(f"these heads with a perfect exit decision (confident exactly when right): "
+                         f"{pc['modelled_gain']:.2f}x modelled (exit layers {pc['exit_layers']})")
     return lines
 
 
@@ -155,7 +159,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold, max_pendin
             for r in records]
     replayed = schedule_summary(runs, L, (costs["probe_cost"], costs["row_cost"], costs["epilogue_cost"]))
     return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
-            "oracle_speedup_bound": rep["oracle_speedup_bound"],
+            "oracle_speedup_bound": rep["oracle_speedup_bound"], "perfect_confidence": rep["perfect_confidence"],
             "probe_cost_layers": costs["probe_cost"], "row_cost_layers": costs["row_cost"],
             "epilogue_cost_layers": costs["epilogue_cost"], "costs_error": costs_error, "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},

@@ -41,6 +41,9 @@ def add_heads_commands(command) -> None:
     e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
     e.add_argument("--data", required=True, help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice)")
     e.add_argument("--n", type=int, default=16, help="number of held-out prompts")
+    e.add_argument("--seed", type=int, default=0,
+                   help="which prompts are drawn (bench --seed draws the same ones: calibrate on another seed to "
+                        "keep the benchmark's prompts out of the choice of gamma)")
     e.add_argument("--max-new-tokens", type=int, default=128, help="greedy continuation length scored per prompt")
     e.add_argument("--max-pending", type=int, default=5,
                    help="the runtime's limit on early tokens awaiting verification, for the replayed schedule")
@@ -110,7 +113,7 @@ def _eval_heads(args) -> int:
     canonical_dtype(args.dtype)
     canonical_dtype(args.gen_dtype)
     heads = ExitHeads.load(args.heads)  # a broken heads folder fails before the model loads
-    records = load_prompts(args.data, n=args.n, split="eval")
+    records = load_prompts(args.data, n=args.n, split="eval", seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     heads.check(model)
     prompts = [r["prompt"] for r in records]
@@ -123,7 +126,8 @@ def _eval_heads(args) -> int:
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
                  max_pending=args.max_pending, **measure_costs(program, heads))
-    rep.update(model=args.model, data=args.data, heads=str(args.heads), record_ids=[r["id"] for r in records])
+    rep.update(model=args.model, data=args.data, seed=args.seed, heads=str(args.heads),
+               record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
     print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (modelled gain "
@@ -131,7 +135,8 @@ def _eval_heads(args) -> int:
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
-        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), "max_new_tokens": args.max_new_tokens,
+        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), "seed": args.seed,
+                                         "record_ids": rep["record_ids"], "max_new_tokens": args.max_new_tokens,
                                          **next(r for r in rep["per_subset"] if r["layers"] == rec["exit_layers"]),
                                          "oracle_speedup_bound": rep["oracle_speedup_bound"]}
         heads.save(args.heads)
@@ -145,6 +150,9 @@ def _eval_heads(args) -> int:
     print(f"recommended gamma {rep['recommended_gamma']}; oracle bound {rep['oracle_speedup_bound']:.2f}x; "
           f"in decoder layers: probe {rep['probe_cost_layers']:.2f}, one more row in a layer call "
           f"{rep['row_cost_layers']:.2f}, final norm + LM head {rep['epilogue_cost_layers']:.2f}")
+    pc = rep["perfect_confidence"]
+    print(f"with a perfect exit decision (confident exactly when right) these heads would model "
+          f"{pc['modelled_gain']:.2f}x (exit layers {pc['exit_layers']})")
     print("gains are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain; "
           "the bound counts layers and probes, the modelled gain also deferred rows and LM-head calls")
     return 0

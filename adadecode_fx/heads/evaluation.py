@@ -120,7 +120,8 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
     row's: the LM head's weights are read once). Returns per-layer calibration and, per threshold and
     subset of heads, ``speedup_bound`` (layers and probes only) and ``modelled_gain`` (all four costs,
     against full depth at ``num_layers + epilogue_cost`` per token); the recommendation maximises the
-    modelled gain."""
+    modelled gain (one gamma per layer where that models better). ``perfect_confidence``: the best
+    subset's modelled gain if each head were confident exactly when it agrees with the final layer."""
     layers = sorted(records[0]["conf"])
     flat_conf = {l: torch.tensor([c for r in records for c in r["conf"][l]]) for l in layers}
     flat_agree = {l: torch.tensor([a for r in records for a in r["agree"][l]]) for l in layers}
@@ -135,11 +136,13 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
         per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
     costs = (probe_cost, row_cost, epilogue_cost)
     per_gamma = _sweep(records, layers, num_layers, costs, max_pending)
-    subsets = []  # a weak early head can cost more than it saves: try every subset of the heads
+    subsets, perfect = [], []  # a weak early head can cost more than it saves: try every subset of the heads
     for mask in range(1, 1 << len(layers)):
         sub = [l for i, l in enumerate(layers) if mask >> i & 1]
         best_row = max(_sweep(records, sub, num_layers, costs, max_pending), key=lambda r: r["modelled_gain"])
         subsets.append({"layers": sub, **_per_layer_gammas(records, sub, num_layers, costs, max_pending, best_row)})
+        sure = [{"conf": {l: [float(a) for a in r["agree"][l]] for l in sub}, "agree": r["agree"]} for r in records]
+        perfect.append({"exit_layers": sub, **_replayed(sure, sub, num_layers, costs, max_pending, 0.5)})
     chosen = max(subsets, key=lambda r: r["modelled_gain"])
     best = max(per_gamma, key=lambda r: r["modelled_gain"])
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
@@ -151,7 +154,11 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
             "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
                             "speedup_bound": chosen["speedup_bound"], "modelled_gain": chosen["modelled_gain"]},
-            "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle}
+            "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle,
+            # the same heads with a perfect exit decision (confident exactly when right): how much of the gap
+            # to the oracle is the confidence signal rather than the heads' agreement
+            "perfect_confidence": {k: v for k, v in max(perfect, key=lambda r: r["modelled_gain"]).items()
+                                   if k in ("exit_layers", "modelled_gain", "early_exit_rate", "layers_per_token")}}
 
 
 def modelled_gain(num_layers: int, layers_per_token: float, per_token: tuple, costs: tuple) -> float:

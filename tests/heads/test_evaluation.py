@@ -105,3 +105,14 @@ def test_report_finds_one_gamma_per_layer_when_that_pays():
     heads = Heads.identity(tiny_model("llama"), [1, 3])
     heads.metadata.update(recommended_threshold=both["gamma"], recommended_exit_layers=[1, 3])
     assert AdaDecodeConfig().resolve(heads, 5).threshold == {1: 0.7, 3: 0.95}
+
+
+def test_perfect_confidence_separates_the_exit_decision_from_the_heads():
+    # a head right on every other token but equally confident on all of them: no gamma tells them apart,
+    # a perfect decision would take exactly the right half
+    n = 40
+    recs = [{"conf": {1: [0.9] * n}, "agree": {1: [t % 2 == 0 for t in range(n)]}}]
+    rep = report(recs, 6, probe_cost=0.1, max_pending=3, row_cost=0.1, epilogue_cost=2.0)
+    pc = rep["perfect_confidence"]
+    assert pc["exit_layers"] == [1] and pc["modelled_gain"] > max(r["modelled_gain"] for r in rep["per_subset"])
+    assert 0.4 < pc["early_exit_rate"] <= 0.5
