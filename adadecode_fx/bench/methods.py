@@ -76,7 +76,7 @@ def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pen
     from ..runtime import AdaDecoder
 
     if full_depth:
-        heads, exit_layers = None, ()  # no heads: resolve() would otherwise take the heads' layers
+        heads, exit_layers, threshold = None, (), None  # no heads: resolve() would otherwise take layers from them
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
                           backend=backend)
     dec = AdaDecoder(model, heads, cfg)

@@ -28,7 +28,8 @@ def report():
     heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
     prompts = [{"id": "a", "input_ids": list(range(3, 15))}, {"id": "b", "input_ids": list(range(40, 49))}]
     cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "hf_early_exit", "full_depth"),
-                      backends=("eager", "no_such_backend"), threshold=0.02, max_pending=3, batch_sizes=(2,))
+                      backends=("eager", "no_such_backend"), threshold={1: 0.02, 2: 0.03}, max_pending=3,
+                      batch_sizes=(2,))  # one gamma per exit layer: full depth must still build without heads
     return model, run_bench(model, heads, prompts, cfg, extra_methods=(corrupted(model),), progress=False,
                             log=lambda m: None)
 
