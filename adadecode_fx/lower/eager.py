@@ -12,11 +12,12 @@ import torch
 from torch import fx
 
 from ..ops.attention import ROW_EXACT, row_exact
+from ..ops.linear import ROW_LINEAR, row_linear
 from ..passes.split_layers import copy_graph
 from .scripted_rows import script_decode_rows
 
 # custom op -> the plain function with the same signature and result
-_PLAIN = {ROW_EXACT: row_exact}
+_PLAIN = {ROW_EXACT: row_exact, ROW_LINEAR: row_linear}
 # export's dtype/device assertions: checks of what the capture already fixed, ~10 us each, 4 per layer
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 

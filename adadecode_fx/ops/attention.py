@@ -31,6 +31,11 @@ def prefill_block():
         _STATE.prefill = old
 
 
+def in_prefill() -> bool:
+    """True inside `prefill_block` (a prompt's prefill, which plain decoding also runs as one block)."""
+    return getattr(_STATE, "prefill", False)
+
+
 def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
@@ -42,7 +47,7 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
     layer and step)."""
     T, S = q.shape[-2], k.shape[-2]
-    if T == 1 or getattr(_STATE, "prefill", False) or (attn_mask is None and not is_causal):
+    if T == 1 or in_prefill() or (attn_mask is None and not is_causal):
         # contiguous: the fake kernel below promises that layout to compilers
         return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
     rows = []

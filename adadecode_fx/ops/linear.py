@@ -18,8 +18,40 @@ def block_linear_kernel() -> tuple[object | None, str]:
     return op, block_linear_status()
 
 
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``aten.linear`` whose decode blocks are computed one row at a time, each exactly as plain decoding
+    computes that row alone.
+
+    Why: on CPUs with AVX-512 BF16, ATen sends bf16 matmuls to oneDNN, whose result for a row depends on
+    how many rows the call has (torch 2.13, Qwen2.5's 896 x 4864 down projection: a 5-row block differs
+    from the same rows alone in the last bit), and even a one-row call can take another path than the
+    one ATen picks for a block. A deferred row must equal what HF's one-row decode step computed, so
+    outside a prompt's prefill (`prefill_block`, which plain decoding runs as one block too) each row is
+    its own call. Blocks then cost one call per row; where the `block_linear` kernel is exact it is used
+    instead (see the pass)."""
+    from .attention import in_prefill
+
+    if x.dim() < 2 or x.shape[-2] == 1 or in_prefill():
+        return LINEAR(x, weight, bias)
+    return torch.cat([LINEAR(x[..., i:i + 1, :], weight, bias) for i in range(x.shape[-2])], dim=-2)
+
+
+@torch.library.custom_op("adadecode::row_linear", mutates_args=())
+def row_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return row_linear(x, weight, bias)
+
+
+@row_linear_op.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+ROW_LINEAR = torch.ops.adadecode.row_linear.default
+
+
 def is_block_linear(target) -> bool:
-    return str(target).startswith("adadecode_kernels.block_linear")
+    """The kernel op, or the one-row-at-a-time fallback (op or its eager body)."""
+    return str(target).startswith("adadecode_kernels.block_linear") or target is ROW_LINEAR or target is row_linear
 
 
 def plain_linear(graph: fx.Graph) -> fx.Graph:

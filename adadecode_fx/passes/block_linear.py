@@ -11,15 +11,17 @@ it once for two rows at a time (see docs/kernels.md).
 Expects: the output of `deferred_batching`.
 Returns: the same module where every ``aten.linear`` in a layer segment or the epilogue whose weight is a
 bf16 ``[N, K]`` matrix with ``K % 64 == 0`` calls ``adadecode_kernels::block_linear`` instead, when the
-kernel built and passed its self-check on this machine. ``gm.meta["block_linear"]`` records what
-happened (count of rewritten linears, or why none were).
+kernel built and passed its self-check on this machine. Every other bf16/fp16 CPU linear there (and all
+of them where the kernel is off, e.g. on AVX-512 CPUs, where ATen's blocks go to oneDNN and are not
+row-exact) calls ``adadecode::row_linear``: decode blocks one row at a time, exact but without the
+saving. ``gm.meta["block_linear"]`` records what happened.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from ..ops.linear import LINEAR, block_linear_kernel
+from ..ops.linear import LINEAR, ROW_LINEAR, block_linear_kernel
 from .settings import PassSettings
 from .split_layers import fetch_attr, segment_calls
 
@@ -35,8 +37,8 @@ def _eligible(sub: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not LINEAR:
         return False
     w = _weight(sub, node)
-    return (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-            and w.dim() == 2 and w.shape[1] % 64 == 0 and w.is_contiguous())
+    return (isinstance(w, torch.Tensor) and w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu"
+            and w.dim() == 2 and w.is_contiguous())
 
 
 def block_linear(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
@@ -46,14 +48,17 @@ def block_linear(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
         gm.meta["block_linear"] = "no bf16 CPU linears"
         return gm
     op, status = block_linear_kernel()
-    if op is None:
-        gm.meta["block_linear"] = f"kept ATen: {status}"
-        return gm
+    kernel = rows = 0
     for sub, node in nodes:
-        node.target = op
+        w = _weight(sub, node)
+        fits = op is not None and w.dtype == torch.bfloat16 and w.shape[1] % 64 == 0
+        # otherwise still exact: a decode block's rows are computed one at a time
+        node.target = op if fits else ROW_LINEAR
         node.args = (node.args + (None,))[:3]
+        kernel, rows = kernel + fits, rows + (not fits)
     for sub in {id(s): s for s, _ in nodes}.values():
         sub.recompile()
-    gm.meta["block_linear"] = f"{len(nodes)} linears"
+    gm.meta["block_linear"] = f"{kernel} linears on the kernel, {rows} one row at a time in decode blocks" + (
+        f" (kernel off: {status})" if op is None else "")
     return gm
 

@@ -32,8 +32,9 @@ def tiny_heads(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_config():
-    # gamma ~ 0: every allowed probe exits, and these noisy heads are mostly wrong -> exits AND rejections
-    return AdaDecodeConfig(threshold=1e-6, max_pending=3)
+    # gamma ~ 0: every allowed probe exits, and these noisy heads are mostly wrong -> exits AND rejections;
+    # one gamma per exit layer, which the export's manifest must carry back
+    return AdaDecodeConfig(threshold={1: 1e-6, 2: 2e-6}, max_pending=3)
 
 
 @pytest.fixture(scope="module")
