@@ -99,6 +99,10 @@ def build_program(model, heads: ExitHeads | None = None, config: AdaDecodeConfig
         max_positions=getattr(model.config, "max_position_embeddings", None))
     if config.backend in _LOWERING_NOTICES:
         notice(_LOWERING_NOTICES[config.backend])
+    if config.exit_layers and gm.meta.get("block_linear_rows"):
+        notice("no exact block kernel for this CPU and dtype (on AVX-512 BF16 CPUs ATen's blocks are not row-exact), "
+               "so deferred rows run one row at a time: exact, but the exits save little or cost time here; "
+               "compare with `adadecode bench` (heads_gain), or decode without heads (README, Limits)")
     program = lower(program, config)
     if program.needs_warm_up:
         program.warm_up()

@@ -58,6 +58,7 @@ def block_linear(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
         kernel, rows = kernel + fits, rows + (not fits)
     for sub in {id(s): s for s, _ in nodes}.values():
         sub.recompile()
+    gm.meta["block_linear_rows"] = rows
     gm.meta["block_linear"] = f"{kernel} linears on the kernel, {rows} one row at a time in decode blocks" + (
         f" (kernel off: {status})" if op is None else "")
     return gm

@@ -79,3 +79,14 @@ def test_one_row_fallback_keeps_bf16_parity_with_many_exits(family, monkeypatch)
     out = dec.generate(prompt, max_new_tokens=30)
     assert out.new_tokens == hf_greedy(model, prompt, 30)
     assert out.stats.early_emitted > 5 and out.stats.rejected > 0
+
+
+def test_a_build_with_exits_says_when_blocks_run_one_row_at_a_time(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.modules["adadecode_fx.passes.block_linear"], "block_linear_kernel", lambda: (None, "off"))
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    AdaDecoder(model, ExitHeads.identity(model, [1]), AdaDecodeConfig(threshold=0.9))
+    assert "one row at a time" in capsys.readouterr().err
+    AdaDecoder(model, None, AdaDecodeConfig())  # no exits: nothing to say
+    assert "one row at a time" not in capsys.readouterr().err
