@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .attention import in_prefill
+
 LINEAR = torch.ops.aten.linear.default
 
 
@@ -29,8 +31,6 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     outside a prompt's prefill (`prefill_block`, which plain decoding runs as one block too) each row is
     its own call. Blocks then cost one call per row; where the `block_linear` kernel is exact it is used
     instead (see the pass)."""
-    from .attention import in_prefill
-
     if x.dim() < 2 or x.shape[-2] == 1 or in_prefill():
         return LINEAR(x, weight, bias)
     return torch.cat([LINEAR(x[..., i:i + 1, :], weight, bias) for i in range(x.shape[-2])], dim=-2)
