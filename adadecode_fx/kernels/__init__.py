@@ -1,14 +1,17 @@
-"""CPU kernels that keep AdaDecode's blocks exact: `block_linear` (see block_linear.cpp).
+"""CPU kernels that keep AdaDecode's blocks exact: `block_linear` (block_linear.cpp for AVX2 CPUs,
+block_linear_avx512.cpp for AVX-512 BF16 CPUs, where ATen's bf16 linears run on oneDNN).
 
 Built on first use with the local C++ compiler (torch's JIT extension loader, cached under
-``TORCH_EXTENSIONS_DIR``), then checked bit for bit against ATen's own linear on random data. Any
-failure (no compiler, another CPU capability, a torch whose reduction order differs) leaves
-`block_linear_op()` returning ``None`` and `block_linear_status()` saying why; callers then keep ATen.
+``TORCH_EXTENSIONS_DIR``), then checked bit for bit against ATen's own linear on data that tells
+summation orders apart. Any failure (no compiler, another CPU, a torch or oneDNN whose order differs)
+leaves `block_linear_op()` returning ``None`` and `block_linear_status()` saying why; callers then keep
+ATen.
 """
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,38 +20,86 @@ import torch.nn.functional as F
 from ..notices import notice
 
 _LOCK = threading.Lock()
-_NAME = "adadecode_block_linear"
 _STATE: dict = {}
+# oneDNN takes a bf16 matmul only above this many multiply-adds (ATen's `mkldnn_gemm_min_size`);
+# smaller one-row linears run on ATen's own kernel, whose order the AVX-512 kernel does not reproduce
+_ONEDNN_MIN_SIZE = 16 * 16 * 16
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One kernel source and the linears whose one-row ATen result it reproduces."""
+    name: str
+    source: str
+    cflags: tuple[str, ...]
+    k_multiple: int
+    min_kn: int = 0
+    exact_batches: bool = True  # rows of a batch > 1 equal ATen's rows (False: the kernel defers to ATen)
+
+    def fits(self, weight: torch.Tensor) -> bool:
+        n, k = weight.shape
+        return weight.dtype == torch.bfloat16 and k % self.k_multiple == 0 and n * k > self.min_kn
+
+
+_AVX2 = _Variant("adadecode_block_linear", "block_linear.cpp", ("-O3", "-mavx2", "-mfma"), 64)
+_AVX512 = _Variant("adadecode_block_linear_avx512", "block_linear_avx512.cpp",
+                   ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"), 32,
+                   _ONEDNN_MIN_SIZE, exact_batches=False)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _variant() -> tuple[_Variant | None, str]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2":
+        return _AVX2, ""
+    if capability == "AVX512":
+        # ATen's bf16 linears go to oneDNN here; its one-row order is vdpbf16ps in 512-element K blocks
+        if "avx512_bf16" not in _cpu_flags():
+            return None, "AVX-512 without avx512_bf16: oneDNN emulates bf16 there in an order not reproduced"
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return None, "oneDNN (mkldnn) is off, so ATen's bf16 order is its own, not reproduced"
+        return _AVX512, ""
+    return None, f"ATen runs with CPU capability {capability}; the kernel reproduces AVX2 and AVX-512 BF16 orders"
 
 
 def _build():
     if os.environ.get("ADADECODE_KERNELS", "1") == "0":
-        return None, "disabled by ADADECODE_KERNELS=0"
-    if torch.backends.cpu.get_cpu_capability() != "AVX2":
-        # ATen's bf16 dot product reduces over 8 float lanes under AVX2; other capabilities use other orders
-        return None, f"ATen runs with CPU capability {torch.backends.cpu.get_cpu_capability()}, not AVX2"
+        return None, None, "disabled by ADADECODE_KERNELS=0"
+    variant, why = _variant()
+    if variant is None:
+        return None, None, why
     try:
         from torch.utils.cpp_extension import load
-        if not _built():
+        if not _built(variant.name):
             notice("building the bf16 block_linear kernel with the C++ compiler (about 20 s); cached under "
                    "~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) for later runs")
         # -fopenmp: ATen's parallel_for is a header-inlined `#pragma omp parallel`; without it the kernel
         # runs on one thread (the OpenMP runtime itself is torch's, already loaded)
-        load(name=_NAME, sources=[str(Path(__file__).with_name("block_linear.cpp"))],
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], is_python_module=False, verbose=False)
+        load(name=variant.name, sources=[str(Path(__file__).with_name(variant.source))],
+             extra_cflags=[*variant.cflags, "-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001  (no compiler, no ninja, headers missing...: keep ATen)
-        return None, f"building the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return None, None, f"building the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     op = torch.ops.adadecode_kernels.block_linear.default
     torch.library.register_fake("adadecode_kernels::block_linear")(_fake)
-    problem = _self_check(op)
-    return (None, problem) if problem else (op, "ok")
+    problem = _self_check(op, variant)
+    return (None, None, problem) if problem else (op, variant, "ok")
 
 
-def _built() -> bool:
+def _built(name: str) -> bool:
     """Whether torch's extension cache already holds the compiled kernel (loading it then takes a moment)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        return (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").is_file()
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
     except Exception:  # noqa: BLE001  (a private torch helper; without it, announce the build anyway)
         return False
 
@@ -57,27 +108,62 @@ def _fake(x, w, b=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _self_check(op) -> str | None:
+def _self_check(op, variant: _Variant) -> str | None:
     gen = torch.Generator().manual_seed(0)
-    # odd output counts leave one output outside the two-halves pairing; the last two are long blocks,
-    # which the kernel tiles (a prompt's prefill)
+    # odd output counts leave one output outside the two-halves pairing (AVX2) or fill part of a panel
+    # (AVX-512); the last two are long blocks, which the AVX2 kernel tiles (a prompt's prefill)
     for n, k, bias, m in ((96, 128, True, 7), (200, 192, False, 7), (64, 896, True, 7), (300, 896, True, 1),
                           (97, 896, False, 1), (101, 128, True, 3), (40, 896, True, 61), (24, 4864, False, 9)):
         w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
         b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias else None
         x = torch.randn(1, m, k, generator=gen).bfloat16()
-        rows = torch.cat([F.linear(x[:, i:i + 1], w, b) for i in range(x.shape[1])], dim=1)
-        if not torch.equal(op(x, w, b), rows):
+        if not torch.equal(op(x, w, b), rows_alone(x, w, b)):
             return f"block_linear disagrees with ATen's bf16 linear (shape {n}x{k}): ATen's order changed"
+    if variant is _AVX512:
+        # random data hides most order differences in the bf16 rounding; a +B ... -B pair around the sum
+        # makes every output depend on the exact order (docs/kernels.md)
+        for n, k, bias, batch, m in ((896, 896, True, 1, 5), (128, 896, True, 1, 3), (4864, 896, False, 1, 2),
+                                     (896, 4864, False, 1, 7), (70, 1536, True, 1, 1), (200, 576, False, 2, 3)):
+            x, w, b = cancelling(n, k, batch, m, bias, gen)
+            if not torch.equal(op(x, w, b), rows_alone(x, w, b)):
+                return (f"block_linear disagrees with oneDNN's one-row bf16 order (shape {n}x{k}, batch {batch}): "
+                        "this torch/oneDNN sums in another order")
     return None
+
+
+def rows_alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """ATen's result for each position of ``x [B, T, K]`` computed alone, as plain decoding's steps do."""
+    return torch.stack([F.linear(x[:, i], w, b) for i in range(x.shape[1])], dim=1)
+
+
+def cancelling(n: int, k: int, batch: int, m: int, bias: bool, gen: torch.Generator, big: float = 2.0 ** 20):
+    """bf16 (x, w, b) whose outputs are small sums after a +big at k = 0 and a -big at k = K-1: any change
+    in the order or grouping of the sum changes the rounded result."""
+    w = torch.randn(n, k, generator=gen)
+    x = torch.randn(batch, m, k, generator=gen)
+    w[:, 0], w[:, -1], x[..., 0], x[..., -1] = big, -big, 1.0, 1.0
+    b = (torch.randn(n, generator=gen) * 30).bfloat16() if bias else None
+    return x.bfloat16(), w.bfloat16(), b
 
 
 def block_linear_op():
     """The checked ``adadecode_kernels::block_linear`` op, or None (see `block_linear_status`)."""
     with _LOCK:
         if "op" not in _STATE:
-            _STATE["op"], _STATE["status"] = _build()
+            _STATE["op"], _STATE["variant"], _STATE["status"] = _build()
         return _STATE["op"]
+
+
+def block_linear_fits(weight: torch.Tensor) -> bool:
+    """Whether the built kernel reproduces ATen's one-row result for this ``[N, K]`` weight."""
+    return block_linear_op() is not None and _STATE["variant"].fits(weight)
+
+
+def prefill_switch():
+    """The kernel's switch for a prompt's prefill (then it runs ATen's one call), or None if it has none."""
+    if block_linear_op() is None or _STATE["variant"] is not _AVX512:
+        return None
+    return torch.ops.adadecode_kernels.set_prefill.default
 
 
 def kernel_threads() -> int:

@@ -20,15 +20,28 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _STATE = threading.local()
 
 
+_SWITCHES: list = []  # kernels that also run a prefill as ATen's one call: fn(on: bool)
+
+
+def add_prefill_switch(fn) -> None:
+    """Have `prefill_block` also call ``fn(True)`` on entry and ``fn(old)`` on exit (a kernel's own flag)."""
+    if fn not in _SWITCHES:
+        _SWITCHES.append(fn)
+
+
 @contextlib.contextmanager
 def prefill_block():
-    """Within this context, attention runs blocks as one call (a prompt's prefill)."""
+    """Within this context, attention (and the linear kernels) run blocks as one call (a prompt's prefill)."""
     old = getattr(_STATE, "prefill", False)
     _STATE.prefill = True
+    for fn in _SWITCHES:
+        fn(True)
     try:
         yield
     finally:
         _STATE.prefill = old
+        for fn in _SWITCHES:
+            fn(old)
 
 
 def in_prefill() -> bool:

@@ -8,16 +8,25 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .attention import in_prefill
+from .attention import add_prefill_switch, in_prefill
 
 LINEAR = torch.ops.aten.linear.default
 
 
 def block_linear_kernel() -> tuple[object | None, str]:
     """(the checked op or None, why not): building it takes ~20 s the first time on a machine."""
-    from ..kernels import block_linear_op, block_linear_status
+    from ..kernels import block_linear_op, block_linear_status, prefill_switch
     op = block_linear_op()
+    switch = prefill_switch()
+    if switch is not None:
+        add_prefill_switch(switch)
     return op, block_linear_status()
+
+
+def block_linear_fits(weight: torch.Tensor) -> bool:
+    """Whether the kernel reproduces plain decoding's one-row result for linears with this weight."""
+    from ..kernels import block_linear_fits as fits
+    return fits(weight)
 
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,7 +42,12 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     instead (see the pass)."""
     if x.dim() < 2 or x.shape[-2] == 1 or in_prefill():
         return LINEAR(x, weight, bias)
-    return torch.cat([LINEAR(x[..., i:i + 1, :], weight, bias) for i in range(x.shape[-2])], dim=-2)
+    # x[..., i, :], not a length-1 slice: a slice keeps the block's strides, and ATen then runs it as a
+    # batched matmul that repacks the weight on every call (~10x slower; docs/kernels.md). For a batch
+    # this is also one call over the batch's rows, as plain decoding's step is.
+    if x.dim() == 2:
+        return torch.cat([LINEAR(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
+    return torch.stack([LINEAR(x[..., i, :], weight, bias) for i in range(x.shape[-2])], dim=-2)
 
 
 @torch.library.custom_op("adadecode::row_linear", mutates_args=())

@@ -1,27 +1,26 @@
 """block_linear: run the bf16 linears of layers and epilogue with a kernel whose blocks are cheap and exact.
 
 Why: AdaDecode's deferred rows are supposed to ride along with the next token almost for free (a block
-of a few rows costs what one row costs on memory-bound hardware). On CPU, torch 2.13 runs bf16 linears
-as one fp32-accumulated dot product per (row, output): a block of T rows costs T times one row
-(measured, Qwen2.5 4864x896 projection: 0.57 ms per row for M = 1..128), so deferring saves nothing.
-`adadecode_fx.kernels` has a kernel that computes each output in exactly ATen's order (bit-identical
-rows, so parity with plain decoding holds) while reading each weight row once per block and converting
-it once for two rows at a time (see docs/kernels.md).
+of a few rows costs what one row costs on memory-bound hardware). On CPU, torch 2.13's bf16 linears
+either cost T rows for a block of T (AVX2: one dot product per row and output) or round a block's rows
+differently from the same rows alone (AVX-512 BF16: oneDNN), which breaks parity with plain decoding.
+`adadecode_fx.kernels` has a kernel per CPU kind that computes each output in exactly the order of
+ATen's one-row call (bit-identical rows) while reading each weight tile once per block (docs/kernels.md).
 
 Expects: the output of `deferred_batching`.
-Returns: the same module where every ``aten.linear`` in a layer segment or the epilogue whose weight is a
-bf16 ``[N, K]`` matrix with ``K % 64 == 0`` calls ``adadecode_kernels::block_linear`` instead, when the
-kernel built and passed its self-check on this machine. Every other bf16/fp16 CPU linear there (and all
-of them where the kernel is off, e.g. on AVX-512 CPUs, where ATen's blocks go to oneDNN and are not
-row-exact) calls ``adadecode::row_linear``: decode blocks one row at a time, exact but without the
-saving. ``gm.meta["block_linear"]`` records what happened.
+Returns: the same module where every ``aten.linear`` in a layer segment or the epilogue whose weight the
+kernel fits (bf16 ``[N, K]``; K a multiple of 64 on AVX2, of 32 on AVX-512, where the matrix must also
+be large enough for ATen to hand it to oneDNN) calls ``adadecode_kernels::block_linear`` instead, when
+the kernel built and passed its self-check on this machine. Every other bf16/fp16 CPU linear there (and
+all of them where the kernel is off) calls ``adadecode::row_linear``: decode blocks one row at a time,
+exact but without the saving. ``gm.meta["block_linear"]`` records what happened.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from ..ops.linear import LINEAR, ROW_LINEAR, block_linear_kernel
+from ..ops.linear import LINEAR, ROW_LINEAR, block_linear_fits, block_linear_kernel
 from .settings import PassSettings
 from .split_layers import fetch_attr, segment_calls
 
@@ -51,7 +50,7 @@ def block_linear(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     kernel = rows = 0
     for sub, node in nodes:
         w = _weight(sub, node)
-        fits = op is not None and w.dtype == torch.bfloat16 and w.shape[1] % 64 == 0
+        fits = op is not None and block_linear_fits(w)
         # otherwise still exact: a decode block's rows are computed one at a time
         node.target = op if fits else ROW_LINEAR
         node.args = (node.args + (None,))[:3]

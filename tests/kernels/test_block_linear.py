@@ -1,17 +1,27 @@
-"""block_linear: bit-identical to ATen's one-row bf16 linear, whatever the block size."""
+"""block_linear: bit-identical to ATen's one-row bf16 linear, whatever the block size, on the CPU kinds
+it has a kernel for (AVX2; AVX-512 BF16, where ATen runs oneDNN)."""
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from adadecode_fx.kernels import block_linear_op, block_linear_status, kernel_threads
+from adadecode_fx import kernels
+from adadecode_fx.kernels import block_linear_op, block_linear_status, cancelling, kernel_threads, rows_alone
+from adadecode_fx.ops.attention import prefill_block
+from adadecode_fx.ops.linear import block_linear_kernel
 
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
-needs_kernel = pytest.mark.skipif(not AVX2 or shutil.which("c++") is None,
-                                  reason="the kernel reproduces ATen's AVX2 order and needs a C++ compiler")
+VARIANT = kernels._variant()[0]
+needs_kernel = pytest.mark.skipif(VARIANT is None or shutil.which("c++") is None,
+                                  reason=f"no kernel for this CPU ({kernels._variant()[1]}) or no C++ compiler")
+needs_avx512 = pytest.mark.skipif(VARIANT is not kernels._AVX512 or shutil.which("c++") is None,
+                                  reason="the oneDNN-order kernel needs an AVX-512 BF16 CPU and a C++ compiler")
+
+
+def _fits(n, k):
+    return n * k > VARIANT.min_kn
 
 
 @needs_kernel
@@ -35,47 +45,85 @@ def test_runs_on_every_torch_thread():
 
 @needs_kernel
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 300), k64=st.integers(1, 12), m=st.integers(1, 11), bias=st.booleans(),
+@given(n=st.integers(1, 300), kmul=st.integers(1, 24), m=st.integers(1, 11), bias=st.booleans(),
        seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 0.05, 3.0]))
-def test_rows_equal_one_row_aten(n, k64, m, bias, seed, scale):
+def test_rows_equal_one_row_aten(n, kmul, m, bias, seed, scale):
+    k = VARIANT.k_multiple * kmul
+    assume(_fits(n, k))
     op = block_linear_op()
     g = torch.Generator().manual_seed(seed)
-    k = 64 * k64
     w = (torch.randn(n, k, generator=g) * scale).bfloat16()
     b = (torch.randn(n, generator=g) * scale).bfloat16() if bias else None
     x = torch.randn(1, m, k, generator=g).bfloat16()
-    rows = torch.cat([F.linear(x[:, i:i + 1], w, b) for i in range(m)], dim=1)
-    assert torch.equal(op(x, w, b), rows)
+    assert torch.equal(op(x, w, b), rows_alone(x, w, b))
+
+
+@needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 200), kmul=st.integers(1, 160), m=st.integers(1, 9), bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_rows_equal_one_row_aten_where_the_order_shows(n, kmul, m, bias, seed):
+    # a +2^20 ... -2^20 pair around each sum: any other grouping of the sum rounds differently, so this
+    # fails for a kernel whose K blocks or pair order differ from ATen's (random data mostly would not)
+    k = VARIANT.k_multiple * kmul
+    assume(_fits(n, k) and k >= 64)
+    x, w, b = cancelling(n, k, 1, m, bias, torch.Generator().manual_seed(seed))
+    assert torch.equal(block_linear_op()(x, w, b), rows_alone(x, w, b))
 
 
 @needs_kernel
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 120), k64=st.sampled_from([1, 14, 76]), m=st.integers(12, 150), bias=st.booleans(),
+@given(n=st.integers(8, 120), k64=st.sampled_from([1, 14, 76]), m=st.integers(12, 150), bias=st.booleans(),
        seed=st.integers(0, 1000))
-def test_long_blocks_are_tiled_and_still_equal_one_row_aten(n, k64, m, bias, seed):
-    # a prefill's block is cut into row and output tiles (K = 896: 26 rows; K = 4864: 4 rows per tile)
+def test_long_blocks_still_equal_one_row_aten(n, k64, m, bias, seed):
+    # the AVX2 kernel cuts a long block (a prefill) into row and output tiles
+    k = 64 * k64
+    assume(_fits(n, k))
     op = block_linear_op()
     g = torch.Generator().manual_seed(seed)
-    k = 64 * k64
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
     b = (torch.randn(n, generator=g) * 0.1).bfloat16() if bias else None
     x = torch.randn(1, m, k, generator=g).bfloat16()
-    rows = torch.cat([F.linear(x[:, i:i + 1], w, b) for i in range(m)], dim=1)
-    assert torch.equal(op(x, w, b), rows)
+    assert torch.equal(op(x, w, b), rows_alone(x, w, b))
+
+
+@needs_avx512
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_batch_block_equals_the_batch_steps(bias):
+    # plain decoding of a batch runs one ATen call over the batch's rows per step; its rounding depends
+    # on the batch size, so the kernel computes such a block one position (one call) at a time
+    x, w, b = cancelling(896, 4864 // 2, 3, 4, bias, torch.Generator().manual_seed(0))
+    assert torch.equal(block_linear_op()(x, w, b), rows_alone(x, w, b))
+
+
+@needs_avx512
+def test_a_prefill_is_one_aten_call():
+    block_linear_kernel()  # registers the kernel's prefill switch with prefill_block
+    x, w, b = cancelling(896, 4864, 1, 9, True, torch.Generator().manual_seed(2))
+    with prefill_block():
+        assert torch.equal(block_linear_op()(x, w, b), F.linear(x, w, b))
+    assert torch.equal(block_linear_op()(x, w, b), rows_alone(x, w, b))
+    assert not torch.equal(F.linear(x, w, b), rows_alone(x, w, b))  # the two differ here: the test can fail
 
 
 @needs_kernel
 def test_refuses_what_it_cannot_do():
     op = block_linear_op()
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        op(torch.zeros(2, 96).bfloat16(), torch.zeros(8, 96).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="multiple of"):
+        op(torch.zeros(2, 100).bfloat16(), torch.zeros(8, 100).bfloat16(), None)
     with pytest.raises(RuntimeError, match="bf16"):
         op(torch.zeros(2, 64), torch.zeros(8, 64), None)
 
 
 def test_disabled_by_environment(monkeypatch):
-    from adadecode_fx import kernels
     monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("ADADECODE_KERNELS", "0")
     assert kernels.block_linear_op() is None
     assert "ADADECODE_KERNELS=0" in kernels.block_linear_status()
+
+
+def test_off_on_avx512_without_bf16(monkeypatch):
+    # oneDNN emulates bf16 on such CPUs in another order: no kernel, blocks run one row at a time
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    assert kernels._variant()[0] is None and "avx512_bf16" in kernels._variant()[1]
