@@ -100,9 +100,10 @@ def build_program(model, heads: ExitHeads | None = None, config: AdaDecodeConfig
     if config.backend in _LOWERING_NOTICES:
         notice(_LOWERING_NOTICES[config.backend])
     if config.exit_layers and gm.meta.get("block_linear_rows"):
-        notice("no exact block kernel for this CPU and dtype (on AVX-512 BF16 CPUs ATen's blocks are not row-exact), "
-               "so deferred rows run one row at a time: exact, but the exits save little or cost time here; "
-               "compare with `adadecode bench` (heads_gain), or decode without heads (README, Limits)")
+        notice(f"{gm.meta['block_linear_rows']} bf16 linears have no exact block kernel on this CPU "
+               f"({gm.meta['block_linear']}), so their deferred rows run one row at a time: exact, but the "
+               "exits save less or cost time here; compare with `adadecode bench` (heads_gain), or decode "
+               "without heads (README, Limits)")
     program = lower(program, config)
     if program.needs_warm_up:
         program.warm_up()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""What a block of M decode rows costs through a real model's linears, ATen vs `block_linear`.
+"""What a block of M decode rows costs through a real model's linears: ATen (one call), ATen one row at
+a time (`row_linear`, the exact fallback) and `block_linear`.
 
 Runs every linear of every layer in sequence, as one decode step does, so weights stream from DRAM
 (a single matrix called in a loop sits in cache and flatters every kernel), then the LM head alone.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from adadecode_fx import models
 from adadecode_fx.kernels import block_linear_op, block_linear_status
+from adadecode_fx.ops.linear import row_linear
 
 
 def _timed(fn, repeats: int) -> float:
@@ -42,7 +44,7 @@ def main() -> None:
     linears = [m for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings().weight
     print(f"{len(linears)} linears in {model.config.num_hidden_layers} layers; LM head {tuple(head.shape)}")
-    print("M | ATen layers ms | block_linear layers ms | ATen LM head ms | block_linear LM head ms")
+    print("M | layers ms: ATen, ATen rows alone, block_linear | LM head ms: ATen, ATen rows alone, block_linear")
     with torch.no_grad():
         for M in (int(r) for r in args.rows.split(",")):
             xs = {k: torch.randn(1, M, k).bfloat16() for k in {m.in_features for m in linears}}
@@ -51,8 +53,9 @@ def main() -> None:
                 return lambda: [f(xs[m.in_features], m.weight, m.bias) for m in linears]
 
             x = xs[head.shape[1]] if head.shape[1] in xs else torch.randn(1, M, head.shape[1]).bfloat16()
-            row = [_timed(layers(F.linear), args.repeats), _timed(layers(op), args.repeats),
-                   _timed(lambda: F.linear(x, head), args.repeats), _timed(lambda: op(x, head, None), args.repeats)]
+            row = [_timed(layers(F.linear), args.repeats), _timed(layers(row_linear), args.repeats),
+                   _timed(layers(op), args.repeats), _timed(lambda: F.linear(x, head), args.repeats),
+                   _timed(lambda: row_linear(x, head), args.repeats), _timed(lambda: op(x, head, None), args.repeats)]
             print(f"{M} | " + " | ".join(f"{t:.1f}" for t in row), flush=True)
 
 

@@ -139,11 +139,11 @@ def rows_alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 def cancelling(n: int, k: int, batch: int, m: int, bias: bool, gen: torch.Generator, big: float = 2.0 ** 20):
     """bf16 (x, w, b) whose outputs are small sums after a +big at k = 0 and a -big at k = K-1: any change
     in the order or grouping of the sum changes the rounded result."""
-    w = torch.randn(n, k, generator=gen)
-    x = torch.randn(batch, m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen, dtype=torch.bfloat16)  # bf16 directly: LM heads are large
+    x = torch.randn(batch, m, k, generator=gen, dtype=torch.bfloat16)
     w[:, 0], w[:, -1], x[..., 0], x[..., -1] = big, -big, 1.0, 1.0
     b = (torch.randn(n, generator=gen) * 30).bfloat16() if bias else None
-    return x.bfloat16(), w.bfloat16(), b
+    return x, w, b
 
 
 def block_linear_op():
@@ -155,8 +155,22 @@ def block_linear_op():
 
 
 def block_linear_fits(weight: torch.Tensor) -> bool:
-    """Whether the built kernel reproduces ATen's one-row result for this ``[N, K]`` weight."""
-    return block_linear_op() is not None and _STATE["variant"].fits(weight)
+    """Whether the built kernel reproduces ATen's one-row result for this ``[N, K]`` weight.
+
+    On AVX-512 each new shape is also checked once (per thread count) against ATen on cancelling data:
+    oneDNN picks its blocking per shape, cache and thread count, so a shape the self-check did not cover
+    could be summed in another order on another machine. Such a shape keeps the exact one-row fallback."""
+    if block_linear_op() is None or not _STATE["variant"].fits(weight):
+        return False
+    if _STATE["variant"] is not _AVX512:
+        return True
+    key = (*weight.shape, torch.get_num_threads())
+    checked = _STATE.setdefault("shapes", {})
+    if key not in checked:
+        with torch.no_grad():
+            x, w, _ = cancelling(weight.shape[0], weight.shape[1], 1, 3, False, torch.Generator().manual_seed(1))
+            checked[key] = torch.equal(_STATE["op"](x, w, None), rows_alone(x, w, None))
+    return checked[key]
 
 
 def prefill_switch():

@@ -127,3 +127,17 @@ def test_off_on_avx512_without_bf16(monkeypatch):
     monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
     assert kernels._variant()[0] is None and "avx512_bf16" in kernels._variant()[1]
+
+
+@needs_avx512
+def test_each_model_shape_is_checked_once_and_a_failing_one_keeps_the_fallback(monkeypatch):
+    # oneDNN chooses its blocking per shape and thread count: a shape the kernel does not reproduce on
+    # some machine must stay on the one-row fallback, not break parity
+    monkeypatch.setitem(kernels._STATE, "shapes", {})
+    w = torch.zeros(640, 1024, dtype=torch.bfloat16)
+    assert kernels.block_linear_fits(w)
+    real = kernels._STATE["op"]
+    monkeypatch.setitem(kernels._STATE, "op", lambda x, w, b: real(x, w, b) + 1)  # a kernel that is wrong
+    assert kernels.block_linear_fits(w)  # cached: checked once per shape
+    assert not kernels.block_linear_fits(torch.zeros(640, 1056, dtype=torch.bfloat16))
+    assert not kernels.block_linear_fits(torch.zeros(2, 64, dtype=torch.bfloat16))  # too small for oneDNN
