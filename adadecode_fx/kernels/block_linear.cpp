@@ -19,8 +19,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <algorithm>
-#include <atomic>
 #include <cstring>
+
+#include "parallel_threads.h"
 
 namespace {
 
@@ -197,14 +198,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     }
   });
   return y.view(sizes);
-}
-
-// How many threads a parallel_for here really uses. ATen's parallel_for is inlined from its headers as
-// `#pragma omp parallel`: built without -fopenmp it silently runs on one thread (it did, sessions 4-6).
-int64_t parallel_threads() {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
-  return __builtin_popcountll(seen.load());
 }
 
 }  // namespace

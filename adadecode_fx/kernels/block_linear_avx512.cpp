@@ -20,9 +20,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
+
+#include "parallel_threads.h"
 
 namespace {
 
@@ -185,13 +186,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 }
 
 void set_prefill(bool on) { g_prefill = on; }
-
-// How many threads a parallel_for here really uses (built without -fopenmp it would be one).
-int64_t parallel_threads() {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
-  return __builtin_popcountll(seen.load());
-}
 
 }  // namespace
 
