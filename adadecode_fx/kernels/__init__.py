@@ -168,7 +168,7 @@ def block_linear_fits(weight: torch.Tensor) -> bool:
     checked = _STATE.setdefault("shapes", {})
     if key not in checked:
         with torch.no_grad():
-            x, w, _ = cancelling(weight.shape[0], weight.shape[1], 1, 3, False, torch.Generator().manual_seed(1))
+            x, w, _ = cancelling(weight.shape[0], weight.shape[1], 1, 4, False, torch.Generator().manual_seed(1))
             checked[key] = torch.equal(_STATE["op"](x, w, None), rows_alone(x, w, None))
     return checked[key]
 
