@@ -34,7 +34,6 @@ class _Variant:
     cflags: tuple[str, ...]
     k_multiple: int
     min_kn: int = 0
-    exact_batches: bool = True  # rows of a batch > 1 equal ATen's rows (False: the kernel defers to ATen)
 
     def fits(self, weight: torch.Tensor) -> bool:
         n, k = weight.shape
@@ -44,7 +43,7 @@ class _Variant:
 _AVX2 = _Variant("adadecode_block_linear", "block_linear.cpp", ("-O3", "-mavx2", "-mfma"), 64)
 _AVX512 = _Variant("adadecode_block_linear_avx512", "block_linear_avx512.cpp",
                    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"), 32,
-                   _ONEDNN_MIN_SIZE, exact_batches=False)
+                   _ONEDNN_MIN_SIZE)
 
 
 def _cpu_flags() -> set[str]:

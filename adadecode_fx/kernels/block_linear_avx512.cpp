@@ -130,7 +130,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   if (g_prefill) return aten(x);
   // A batch's decode step is one ATen call over its B rows, whose rounding depends on B: a block of
   // such steps is computed one position at a time, as plain decoding computes it.
-  if (x.dim() >= 3 && x.numel() / (x.size(-2) * K) > 1) {
+  if (x.dim() >= 3 && x.numel() > x.size(-2) * K) {
     std::vector<at::Tensor> steps;
     for (int64_t i = 0; i < x.size(-2); ++i) steps.push_back(aten(x.select(-2, i)));
     return at::stack(steps, -2);
