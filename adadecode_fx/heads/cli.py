@@ -12,15 +12,17 @@ def add_heads_commands(command) -> None:
 
     t = command("train-heads", "train exit heads by self-distillation")
     t.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
-    t.add_argument("--data", help="prompts the model continues greedily: mbpp | gsm8k | xsum | PATH.jsonl with a "
-                                   "'prompt' field (uses the train slice); optional with --corpus")
+    t.add_argument("--data", action="append", metavar="TASK[:chat]",
+                   help="prompts the model continues greedily: mbpp | gsm8k | xsum | PATH.jsonl with a 'prompt' field "
+                        "(the train slice); ':chat' wraps them in the chat template; repeat to mix sources "
+                        "(--max-prompts applies to each); optional with --corpus")
     t.add_argument("--corpus", action="append", metavar="PATH|GLOB|FILE.jsonl|python-stdlib|python-packages",
                    help=corpus_help)
     t.add_argument("--corpus-tokens", type=int, default=100_000,
                    help="corpus tokens to train on (rounded up to whole windows; an error if the corpus has fewer)")
     t.add_argument("--corpus-window", type=int, default=256, help="tokens per teacher-forced corpus window")
     t.add_argument("--layers", default="auto", help="auto (1/4, 1/2, 3/4 depth) or L1,L2,...")
-    t.add_argument("--max-prompts", type=int, default=128, help="train prompts to use, at most")
+    t.add_argument("--max-prompts", type=int, default=128, help="train prompts to use per --data source, at most")
     t.add_argument("--epochs", type=int, default=3, help="passes over the distillation tokens")
     t.add_argument("--gen-tokens", type=int, default=128, help="greedy continuation length per prompt")
     t.add_argument("--batch-tokens", type=int, default=256, help="tokens per optimiser step")
@@ -31,7 +33,8 @@ def add_heads_commands(command) -> None:
                    help="distil over the probe's shortlist (what it scores when decoding; fast) or the full vocabulary")
     t.add_argument("--dtype", default="float32", help="dtype of the model the heads are trained on")
     t.add_argument("--gen-dtype", default="float32",
-                   help="dtype of the copy that writes the greedy continuations (fp32 batches well on CPU)")
+                   help="dtype of the copy that writes the greedy continuations (on CPU: bfloat16 where the CPU has "
+                        "AVX-512 BF16, else float32, batches fastest)")
     t.add_argument("--seed", type=int, default=0, help="seeds the heads' training")
     t.add_argument("--out", required=True, help="directory for heads.safetensors (+ resumable train state)")
     t.set_defaults(func=_train_heads)
@@ -39,8 +42,10 @@ def add_heads_commands(command) -> None:
     e = command("eval-heads", "calibrate exit heads on held-out prompts; JSON + PNG report")
     e.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
     e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
-    e.add_argument("--data", required=True, help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice)")
-    e.add_argument("--n", type=int, default=16, help="number of held-out prompts")
+    e.add_argument("--data", required=True, action="append", metavar="TASK[:chat]",
+                   help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice); ':chat' wraps the prompts in the "
+                        "chat template; repeat to calibrate on a mix (--n prompts from each)")
+    e.add_argument("--n", type=int, default=16, help="number of held-out prompts per --data source")
     e.add_argument("--seed", type=int, default=0,
                    help="which prompts are drawn (bench --seed draws the same ones: calibrate on another seed to "
                         "keep the benchmark's prompts out of the choice of gamma)")
@@ -64,7 +69,7 @@ def auto_layers(num_layers: int) -> tuple[int, ...]:
 
 def _train_heads(args) -> int:
     from ..zoo import models
-    from ..zoo.data import load_prompts
+    from ..zoo.data import prompt_sources, source_texts
     from .corpus import corpus_files
     from .training import TrainConfig, train_heads
 
@@ -79,18 +84,19 @@ def _train_heads(args) -> int:
     given_layers = None if args.layers == "auto" else int_list(args.layers, "--layers")
     gen_dtype = canonical_dtype(args.gen_dtype)
     canonical_dtype(args.dtype)
-    records = load_prompts(args.data, n=None, split="train")[: args.max_prompts] if args.data else []
+    records = prompt_sources(args.data or (), "train", n=args.max_prompts)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
+    prompts = source_texts(tokenizer, records)
     layers = given_layers or auto_layers(model.config.num_hidden_layers)
     generator = None
     if gen_dtype != str(model.dtype).replace("torch.", ""):
         generator, _ = models.load(args.model, dtype=gen_dtype)
     cfg = TrainConfig(layers=layers, epochs=args.epochs, gen_tokens=args.gen_tokens, seed=args.seed,
-                      batch_tokens=args.batch_tokens, data=args.data or "", record_ids=[r["id"] for r in records],
+                      batch_tokens=args.batch_tokens, data=",".join(args.data or ()), record_ids=[r["id"] for r in records],
                       loss_vocab=args.loss_vocab, gen_dtype=gen_dtype, corpus=tuple(args.corpus or ()),
                       shortlist=args.shortlist,
                       corpus_tokens=args.corpus_tokens, corpus_window=args.corpus_window)
-    heads = train_heads(model, tokenizer, [r["prompt"] for r in records], cfg, args.out, generator=generator)
+    heads = train_heads(model, tokenizer, prompts, cfg, args.out, generator=generator)
     data = heads.metadata["training_data"]
     corpus = data["corpus"]
     print(f"[adadecode] heads for layers {list(heads.layers)} written to {args.out} "
@@ -102,7 +108,7 @@ def _train_heads(args) -> int:
 
 def _eval_heads(args) -> int:
     from ..zoo import models
-    from ..zoo.data import load_prompts
+    from ..zoo.data import prompt_sources, source_texts
     from .evaluation import head_records, measure_costs, report, write
     from ..build import build_program
     from ..config import AdaDecodeConfig
@@ -113,10 +119,10 @@ def _eval_heads(args) -> int:
     canonical_dtype(args.dtype)
     canonical_dtype(args.gen_dtype)
     heads = ExitHeads.load(args.heads)  # a broken heads folder fails before the model loads
-    records = load_prompts(args.data, n=args.n, split="eval", seed=args.seed)
+    records = prompt_sources(args.data, "eval", n=args.n, seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     heads.check(model)
-    prompts = [r["prompt"] for r in records]
+    prompts = source_texts(tokenizer, records)
     generator = model
     if canonical_dtype(args.gen_dtype) != str(model.dtype).replace("torch.", ""):
         generator, _ = models.load(args.model, dtype=canonical_dtype(args.gen_dtype))
@@ -126,7 +132,7 @@ def _eval_heads(args) -> int:
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
     rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
                  max_pending=args.max_pending, **measure_costs(program, heads))
-    rep.update(model=args.model, data=args.data, seed=args.seed, heads=str(args.heads),
+    rep.update(model=args.model, data=",".join(args.data), seed=args.seed, heads=str(args.heads),
                record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)
     rec = rep["recommended"]
@@ -135,7 +141,7 @@ def _eval_heads(args) -> int:
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
-        heads.metadata["calibration"] = {"data": args.data, "prompts": len(records), "seed": args.seed,
+        heads.metadata["calibration"] = {"data": ",".join(args.data), "prompts": len(records), "seed": args.seed,
                                          "record_ids": rep["record_ids"], "max_new_tokens": args.max_new_tokens,
                                          **next(r for r in rep["per_subset"] if r["layers"] == rec["exit_layers"]),
                                          "oracle_speedup_bound": rep["oracle_speedup_bound"]}

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_tokens: int = 256
     gen_tokens: int = 128         # greedy continuation length per training prompt
     gen_batch: int = 32            # rows per batched generate: 32 gives ~1.25x the tok/s of 16 on 2 cores (SmolLM2 fp32)
-    gen_dtype: str = "float32"    # continuations are generated in this dtype (bf16 batched generate is slow on CPU)
+    gen_dtype: str = "float32"    # continuations are generated in this dtype (docs/heads.md: which is fast where)
     seed: int = 0
     shortlist: int = 4096         # probe vocabulary: the most frequent final-layer tokens (0 = full vocab)
     loss_vocab: str = "shortlist"  # "shortlist": head and teacher over the probe's vocabulary (what the probe
@@ -121,8 +121,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
     """Train one adapter per layer in ``cfg.layers``; resumable from ``out_dir/train_state.pt``.
 
     ``generator`` (default: ``model``) writes the greedy continuations: the same weights in a dtype whose
-    batched generation is fast here (HF bf16 batch-8 generate runs no faster per row than batch 1 on this
-    CPU, fp32 runs ~2.5x faster). The teacher is always ``model`` itself, on those sequences and on the
+    batched generation is fast on the machine (on AVX2 CPUs fp32, on AVX-512 BF16 CPUs bf16: docs/heads.md).
+    The teacher is always ``model`` itself, on those sequences and on the
     windows of ``cfg.corpus`` (read, with its errors, before anything is written to ``out_dir``)."""
     from tqdm.auto import tqdm
 

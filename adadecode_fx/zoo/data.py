@@ -146,6 +146,31 @@ def load_prompts(task: str, n: int | None = None, split: str = "eval", seed: int
     return [records[i] for i in keep]
 
 
+def prompt_sources(specs, split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
+    """Prompts of several sources, each ``TASK`` or ``TASK:chat`` (a task or ``.jsonl`` path as in
+    `load_prompts`; ``:chat`` marks its prompts for the chat template, applied by `source_texts`). From each
+    source: all (``n=None``), its first ``n`` (``seed=None``: what training takes), or ``n`` drawn with
+    ``seed`` as `load_prompts` draws them (what evaluation takes). Records keep their source's ``chat``
+    flag; a source that cannot be read fails before anything else happens."""
+    out = []
+    for spec in specs:
+        task, chat = (spec[:-len(":chat")], True) if spec.endswith(":chat") else (spec, False)
+        if seed is None:
+            records = load_prompts(task, n=None, split=split)[:n]
+        else:
+            records = load_prompts(task, n=n, split=split, seed=seed)
+        out += [{**r, "chat": chat} for r in records]
+    return out
+
+
+def source_texts(tokenizer, records: list[dict]) -> list[str]:
+    """The text each record of `prompt_sources` is decoded from; a ``:chat`` source needs a chat template."""
+    if any(r["chat"] for r in records) and not getattr(tokenizer, "chat_template", None):
+        raise AdaDecodeError("a ':chat' source needs a tokenizer with a chat template, and this model's has none: "
+                             "drop ':chat' to use the raw prompts")
+    return [chat_prompt(tokenizer, r["prompt"]) if r["chat"] else r["prompt"] for r in records]
+
+
 def chat_prompt(tokenizer, text: str) -> str:
     """``text`` wrapped in the tokenizer's chat template as one user turn, ready for the reply; else ``text``."""
     if getattr(tokenizer, "chat_template", None):

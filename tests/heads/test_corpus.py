@@ -170,12 +170,13 @@ def test_cli_trains_on_prompts_and_corpus_then_eval_heads_reports_over_full_dept
 
     model_dir = save_tiny_model_dir(tmp_path / "model")
     prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": words(6, 7 * i)} for i in range(6)])
+    more = jsonl(tmp_path / "more.jsonl", [{"prompt": words(5, 5 * i)} for i in range(4)])
     corpus = jsonl(tmp_path / "corpus.jsonl", [{"text": words(30, 3 * i)} for i in range(10)])
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "m.py").write_text(words(200, 11))
     heads = tmp_path / "heads"
-    rc = cli.main(["train-heads", "--model", str(model_dir), "--data", str(prompts), "--max-prompts", "2",
-                   "--gen-tokens", "6", "--corpus", str(corpus), "--corpus", str(tmp_path / "src" / "*.py"),
+    rc = cli.main(["train-heads", "--model", str(model_dir), "--data", str(prompts), "--data", str(more),
+                   "--max-prompts", "2", "--gen-tokens", "6", "--corpus", str(corpus), "--corpus", str(tmp_path / "src" / "*.py"),
                    "--corpus-tokens", "300", "--corpus-window", "32", "--layers", "1,2", "--epochs", "1",
                    "--batch-tokens", "64", "--shortlist", "16", "--out", str(heads)])
     out, err = capsys.readouterr()
@@ -186,14 +187,28 @@ def test_cli_trains_on_prompts_and_corpus_then_eval_heads_reports_over_full_dept
     assert "320 from the corpus" in out and "[train-heads] corpus: 320 tokens in 10 windows of 32" in err
     meta = json.loads((heads / "heads.json").read_text())["metadata"]
     assert meta["training_data"]["corpus"]["files_matched"] == 2 and meta["train"]["corpus_window"] == 32
-    assert meta["training_data"]["continuations"]["sequences"] == 2
+    assert meta["training_data"]["continuations"]["sequences"] == 4  # --max-prompts from each --data source
+    assert meta["train"]["data"] == f"{prompts},{more}" and len(meta["train"]["record_ids"]) == 4
 
-    rc = cli.main(["eval-heads", "--model", str(model_dir), "--heads", str(heads), "--data", str(prompts), "--n", "1",
-                   "--max-new-tokens", "6", "--json", str(tmp_path / "eval.json")])
+    rc = cli.main(["eval-heads", "--model", str(model_dir), "--heads", str(heads), "--data", str(prompts),
+                   "--data", str(more), "--n", "1", "--max-new-tokens", "6", "--json", str(tmp_path / "eval.json")])
     out, err = capsys.readouterr()
     assert rc == 0, err
+    assert len(json.loads((tmp_path / "eval.json").read_text())["record_ids"]) == 2
     assert "over the same program at full depth" in out
     assert "full depth" in json.loads((tmp_path / "eval.json").read_text())["bound_over"]
+
+
+def test_a_chat_source_without_a_chat_template_is_refused_before_anything_is_written(tmp_path, capsys):
+    from adadecode_fx import cli
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")  # its tokenizer has no chat template
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": words(6, 7 * i)} for i in range(4)])
+    rc = cli.main(["train-heads", "--model", str(model_dir), "--data", f"{prompts}:chat", "--layers", "1",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "chat template" in err and "drop ':chat'" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_budget_beyond_free_memory_is_refused_up_front(tmp_path, monkeypatch):

@@ -115,3 +115,26 @@ class _Tok:
 def test_chat_prompt():
     assert data.chat_prompt(_Tok("{{ x }}"), "hi") == "<user>hi</user><assistant>"
     assert data.chat_prompt(_Tok(None), "hi") == "hi"
+
+
+def test_prompt_sources_mix_tasks_and_mark_chat(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}"}) for i in range(8)) + "\n")
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"prompt": f"o{i}"}) for i in range(6)) + "\n")
+    train = data.prompt_sources([str(path), f"{other}:chat"], "train", n=3)
+    assert [r["prompt"] for r in train] == ["p0", "p1", "p2", "o0", "o1", "o2"]  # the first n of each source
+    assert [r["chat"] for r in train] == [False] * 3 + [True] * 3
+    every = data.prompt_sources([str(path)], "train")
+    assert [r["prompt"] for r in every] == ["p0", "p1", "p2", "p3"]
+    drawn = data.prompt_sources([f"{path}:chat", str(other)], "eval", n=2, seed=5)
+    assert [r["prompt"] for r in drawn] == ([r["prompt"] for r in data.load_prompts(str(path), n=2, seed=5)]
+                                          + [r["prompt"] for r in data.load_prompts(str(other), n=2, seed=5)])
+    with pytest.raises(AdaDecodeError, match="has only 3"):
+        data.prompt_sources([str(other)], "eval", n=4, seed=0)
+    with pytest.raises(AdaDecodeError, match="does not exist"):
+        data.prompt_sources([str(path), f"{tmp_path / 'nope.jsonl'}:chat"], "train")
+    assert data.source_texts(_Tok("{{ x }}"), train)[2:4] == ["p2", "<user>o0</user><assistant>"]
+    with pytest.raises(AdaDecodeError, match="chat template.*drop ':chat'"):
+        data.source_texts(_Tok(None), train)
+    assert data.source_texts(_Tok(None), every) == ["p0", "p1", "p2", "p3"]
