@@ -215,6 +215,10 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
                 loss, _ = kl_loss(head, adapters[l], hidden[l][idx], teacher)
                 loss.backward()
                 losses.append(loss.item())
+            stuck = [l for l, a in adapters.items() if a.grad is None]
+            if stuck:  # an op without a gradient in the program's epilogue would leave the heads at identity
+                raise AdaDecodeError(f"no gradient reaches the heads of layers {stuck}: an operation of the "
+                                     "model's final norm / LM head has no backward; train with --dtype float32")
             opt.step()
             step += 1
             seen += len(idx)

@@ -90,6 +90,7 @@ def _build():
         return None, None, f"building the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     op = torch.ops.adadecode_kernels.block_linear.default
     torch.library.register_fake("adadecode_kernels::block_linear")(_fake)
+    torch.library.register_autograd("adadecode_kernels::block_linear", linear_backward, setup_context=save_linear_inputs)
     problem = _self_check(op, variant)
     return (None, None, problem) if problem else (op, variant, "ok")
 
@@ -105,6 +106,22 @@ def _built(name: str) -> bool:
 
 def _fake(x, w, b=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def save_linear_inputs(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = b is not None
+
+
+def linear_backward(ctx, grad):
+    """The gradients of ``x @ w.T + b`` for the exact linears (ATen's matmuls, not order-exact: training
+    heads through a bf16 program needs gradients, not bit parity; without this autograd drops them)."""
+    x, w = ctx.saved_tensors
+    gx = grad @ w if ctx.needs_input_grad[0] else None
+    gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb
 
 
 def _self_check(op, variant: _Variant) -> str | None:

@@ -60,6 +60,12 @@ def _(x, weight, bias=None):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
+def _row_linear_autograd():
+    from ..kernels import linear_backward, save_linear_inputs
+    row_linear_op.register_autograd(linear_backward, setup_context=save_linear_inputs)
+
+
+_row_linear_autograd()
 ROW_LINEAR = torch.ops.adadecode.row_linear.default
 
 

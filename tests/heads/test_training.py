@@ -48,3 +48,24 @@ def test_training_resumes_from_its_state(tmp_path):
     second = train_heads(model, None, _prompts(1, 8), cfg2, tmp_path, progress=False)
     assert second.metadata["steps"] == 2 * steps  # picked up where the first run stopped
     assert first.vocab is not None and len(first.vocab) <= 32
+
+
+def test_bf16_training_moves_the_heads(tmp_path):
+    # in bf16 the epilogue's linears may be the block_linear kernel: its gradients must reach the adapters
+    model = tiny_model("llama", seed=3, dtype=torch.bfloat16)
+    cfg = TrainConfig(layers=(1,), epochs=2, lr=2e-2, gen_tokens=16, batch_tokens=64, shortlist=0)
+    heads = train_heads(model, None, _prompts(2, 12), cfg, tmp_path, progress=False)
+    assert not torch.equal(heads.weight(1).float(), torch.eye(heads.weight(1).shape[0]))
+
+
+def test_an_epilogue_without_gradients_is_an_error_not_identity_heads(tmp_path, monkeypatch):
+    from adadecode_fx.errors import AdaDecodeError
+    from adadecode_fx.heads import training
+
+    real, leaf = training.loss_head, torch.zeros((), requires_grad=True)
+    # what an op without a backward does: the loss still has a graph, but nothing flows to the adapters
+    monkeypatch.setattr(training, "loss_head", lambda program, vocab: (lambda x: real(program, vocab)(x.detach()) + leaf))
+    model = tiny_model("llama", seed=3, dtype=torch.float32)
+    cfg = TrainConfig(layers=(1, 2), epochs=1, gen_tokens=8, batch_tokens=64, shortlist=0)
+    with pytest.raises(AdaDecodeError, match=r"no gradient reaches the heads of layers \[1, 2\]"):
+        train_heads(model, None, _prompts(1, 4), cfg, tmp_path, progress=False)

@@ -154,3 +154,18 @@ def test_each_model_shape_is_checked_once_and_a_failing_one_keeps_the_fallback(m
     assert kernels.block_linear_fits(w)  # cached: checked once per shape
     assert not kernels.block_linear_fits(torch.zeros(640, 1056, dtype=torch.bfloat16))
     assert not kernels.block_linear_fits(torch.zeros(2, 64, dtype=torch.bfloat16))  # too small for oneDNN
+
+
+@needs_kernel
+def test_gradients_are_aten_linears():
+    # heads train through the program's epilogue: without a backward the kernel would drop the gradients
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 256, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(96, 256, generator=gen) * 0.05).bfloat16().requires_grad_()
+    b = torch.randn(96, generator=gen).bfloat16().requires_grad_()
+    grad = torch.randn(2, 3, 96, generator=gen).bfloat16()
+    block_linear_op()(x, w, b).backward(grad)
+    ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    F.linear(*ref).backward(grad)
+    for got, want in zip((x, w, b), ref):
+        assert torch.equal(got.grad, want.grad)
