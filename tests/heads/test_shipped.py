@@ -26,4 +26,6 @@ def test_shipped_smollm2_heads(smol):
         assert out.new_tokens == ref[0, ids.shape[1]:].tolist()
         early += out.stats.early_emitted
         accepted += out.stats.accepted
-    assert early >= 10 and accepted >= 0.6 * early, (early, accepted)
+    # the default exits at layer 7 of 30, where about 2 in 3 early tokens are accepted on the bench's 20 HumanEval
+    # x 256 (docs/benchmarks.md) and fewer on these three short prompts; untrained heads agree on 2-10% there
+    assert early >= 10 and accepted >= 0.4 * early, (early, accepted)
