@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..kernels import linear_backward, save_linear_inputs
 from .attention import add_prefill_switch, in_prefill
 
 LINEAR = torch.ops.aten.linear.default
@@ -60,12 +61,7 @@ def _(x, weight, bias=None):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
-def _row_linear_autograd():
-    from ..kernels import linear_backward, save_linear_inputs
-    row_linear_op.register_autograd(linear_backward, setup_context=save_linear_inputs)
-
-
-_row_linear_autograd()
+row_linear_op.register_autograd(linear_backward, setup_context=save_linear_inputs)
 ROW_LINEAR = torch.ops.adadecode.row_linear.default
 
 
