@@ -294,3 +294,12 @@ def test_bench_accepts_its_default_methods_and_full_depth():
     runner.add_arguments(p)
     for argv in ([], ["--methods", "hf_greedy,full_depth", "--backends", "eager"]):
         runner._check_args(p.parse_args(argv), ())  # raises AdaDecodeError on a name it does not know
+
+
+def test_bench_chat_needs_a_chat_template(model_dir, tmp_path, capsys):
+    # the tiny tokenizer has none: --chat must refuse, not benchmark raw prompts labelled as chat
+    rc = cli.main(["bench", "--model", str(model_dir), "--task", "gsm8k", "--n", "2", "--chat", "--backends", "eager",
+                   "--max-new-tokens", "2", "--json", str(tmp_path / "b.json")])
+    out, err = capsys.readouterr()
+    assert_clean_failure(rc, out, err, "chat template")
+    assert not (tmp_path / "b.json").exists()

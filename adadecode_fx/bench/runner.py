@@ -303,8 +303,8 @@ def add_arguments(p) -> None:
                    help="at most this many early tokens wait for verification (0: no early exits)")
     p.add_argument("--early-exit-layers", type=int, default=None,
                    help="E for hf_early_exit (layers the draft uses); default: our first exit layer + 1")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw prompts, "
-                                                      "as the heads were trained and calibrated)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw prompts; "
+                                                      "an error for a tokenizer without one)")
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     p.add_argument("--batch-sizes", default="", help="also measure batched throughput at these batch sizes "
                                                       "(e.g. 1,4,8; each at most --n) against HF greedy")
@@ -323,7 +323,7 @@ def main(args, argv=None) -> int:
     import torch
 
     from ..zoo import models
-    from ..zoo.data import chat_prompt, load_prompts
+    from ..zoo.data import prompt_sources, source_texts
     from ..heads import ExitHeads, shipped_heads
 
     def names(text):
@@ -334,15 +334,13 @@ def main(args, argv=None) -> int:
     _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
     device = check_device(args.device)
     torch.manual_seed(0)
-    records = load_prompts(args.task, n=args.n, split="eval", seed=args.seed)
+    records = prompt_sources([args.task + (":chat" if args.chat else "")], "eval", n=args.n, seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     model = model.to(device)
     heads_dir = args.heads or shipped_heads(args.model)
     heads = ExitHeads.load(heads_dir, model) if heads_dir else None
-    prompts = []
-    for r in records:
-        text = chat_prompt(tokenizer, r["prompt"]) if args.chat else r["prompt"]
-        prompts.append({"id": r["id"], "input_ids": tokenizer(text).input_ids})
+    prompts = [{"id": r["id"], "input_ids": tokenizer(text).input_ids}
+               for r, text in zip(records, source_texts(tokenizer, records))]  # --chat needs a chat template
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, methods=names(args.methods), backends=names(args.backends),
                       threshold=args.threshold, exit_layers=exit_layers, max_pending=args.max_pending,
                       early_exit_layers=args.early_exit_layers, warmup=not args.no_warmup, oracle=not args.no_oracle,

@@ -13,8 +13,9 @@ def add_heads_commands(command) -> None:
     t = command("train-heads", "train exit heads by self-distillation")
     t.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
     t.add_argument("--data", action="append", metavar="TASK[:chat]",
-                   help="prompts the model continues greedily: mbpp | gsm8k | xsum | PATH.jsonl with a 'prompt' field "
-                        "(the train slice); ':chat' wraps them in the chat template; repeat to mix sources "
+                   help="prompts the model continues greedily: mbpp | stdlib-functions (HumanEval-shaped: a standard "
+                        "library function's signature and docstring) | gsm8k | xsum | PATH.jsonl with a 'prompt' "
+                        "field (the train slice); ':chat' wraps them in the chat template; repeat to mix sources "
                         "(--max-prompts applies to each); optional with --corpus")
     t.add_argument("--corpus", action="append", metavar="PATH|GLOB|FILE.jsonl|python-stdlib|python-packages",
                    help=corpus_help)
@@ -44,7 +45,8 @@ def add_heads_commands(command) -> None:
     e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
     e.add_argument("--data", required=True, action="append", metavar="TASK[:chat]",
                    help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice); ':chat' wraps the prompts in the "
-                        "chat template; repeat to calibrate on a mix (--n prompts from each)")
+                        "chat template; repeat to calibrate on a mix (--n prompts from each; gamma is chosen for "
+                        "the source it serves worst)")
     e.add_argument("--n", type=int, default=16, help="number of held-out prompts per --data source")
     e.add_argument("--seed", type=int, default=0,
                    help="which prompts are drawn (bench --seed draws the same ones: calibrate on another seed to "
@@ -130,7 +132,7 @@ def _eval_heads(args) -> int:
     del generator
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
-    rep = report(head_records(program, heads, seqs, lens), model.config.num_hidden_layers,
+    rep = report(head_records(program, heads, seqs, lens, [r["source"] for r in records]), model.config.num_hidden_layers,
                  max_pending=args.max_pending, **measure_costs(program, heads))
     rep.update(model=args.model, data=",".join(args.data), seed=args.seed, heads=str(args.heads),
                record_ids=[r["id"] for r in records])
@@ -138,6 +140,9 @@ def _eval_heads(args) -> int:
     rec = rep["recommended"]
     print(f"recommended: exit layers {rec['exit_layers']} at gamma {rec['gamma']} (modelled gain "
           f"{rec['modelled_gain']:.2f}x, bound {rec['speedup_bound']:.2f}x over the same program at full depth)")
+    if rec["per_source"]:
+        print("  chosen for the worst source; modelled per source: "
+              + ", ".join(f"{src} {g:.2f}x" for src, g in rec["per_source"].items()))
     if args.set_threshold:
         heads.metadata["recommended_threshold"] = rec["gamma"]
         heads.metadata["recommended_exit_layers"] = rec["exit_layers"]
@@ -147,7 +152,8 @@ def _eval_heads(args) -> int:
                                          "oracle_speedup_bound": rep["oracle_speedup_bound"]}
         heads.save(args.heads)
     for l, d in rep["per_layer"].items():
-        print(f"layer {l}: agreement {d['agreement']:.1%}")
+        print(f"layer {l}: agreement {d['agreement']:.1%}" + "".join(
+            f", {src} {v:.1%}" for src, v in d.get("per_source", {}).items()))
     for r in rep["per_gamma"]:
         print(f"gamma {r['gamma']:.2f}: early-exit {r['early_exit_rate']:.1%}, acceptance "
               f"{(r['acceptance'] or 0):.1%}, {r['layers_per_token']:.1f} layers/token, "

@@ -121,10 +121,15 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
     subset of heads, ``speedup_bound`` (layers and probes only) and ``modelled_gain`` (all four costs,
     against full depth at ``num_layers + epilogue_cost`` per token); the recommendation maximises the
     modelled gain (one gamma per layer where that models better). ``perfect_confidence``: the best
-    subset's modelled gain if each head were confident exactly when it agrees with the final layer."""
+    subset's modelled gain if each head were confident exactly when it agrees with the final layer.
+
+    Records tagged with a ``"source"`` (several --data sources) are also scored per source, and the choice
+    maximises the *worst* source's modelled gain (``worst_source_gain``): pooled tokens would let the larger
+    or easier source pick gammas that cost the other one."""
     layers = sorted(records[0]["conf"])
     flat_conf = {l: torch.tensor([c for r in records for c in r["conf"][l]]) for l in layers}
     flat_agree = {l: torch.tensor([a for r in records for a in r["agree"][l]]) for l in layers}
+    sources = list(dict.fromkeys(r.get("source") for r in records))
     per_layer = {}
     for l in layers:
         c, a = flat_conf[l], flat_agree[l].float()
@@ -134,17 +139,21 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             rows.append({"gamma": g, "coverage": m.float().mean().item(),
                          "precision": a[m].mean().item() if m.any() else None})
         per_layer[str(l)] = {"agreement": a.mean().item(), "curve": rows}
+        if len(sources) > 1:
+            per_layer[str(l)]["per_source"] = {
+                src: sum(sum(r["agree"][l]) for r in records if r.get("source") == src)
+                / max(1, sum(len(r["agree"][l]) for r in records if r.get("source") == src)) for src in sources}
     costs = (probe_cost, row_cost, epilogue_cost)
     per_gamma = _sweep(records, layers, num_layers, costs, max_pending)
     subsets, perfect = [], []  # a weak early head can cost more than it saves: try every subset of the heads
     for mask in range(1, 1 << len(layers)):
         sub = [l for i, l in enumerate(layers) if mask >> i & 1]
-        best_row = max(_sweep(records, sub, num_layers, costs, max_pending), key=lambda r: r["modelled_gain"])
+        best_row = max(_sweep(records, sub, num_layers, costs, max_pending), key=_objective)
         subsets.append({"layers": sub, **_per_layer_gammas(records, sub, num_layers, costs, max_pending, best_row)})
-        sure = [{"conf": {l: [float(a) for a in r["agree"][l]] for l in sub}, "agree": r["agree"]} for r in records]
+        sure = [{**r, "conf": {l: [float(a) for a in r["agree"][l]] for l in sub}} for r in records]
         perfect.append({"exit_layers": sub, **_replayed(sure, sub, num_layers, costs, max_pending, 0.5)})
-    chosen = max(subsets, key=lambda r: r["modelled_gain"])
-    best = max(per_gamma, key=lambda r: r["modelled_gain"])
+    chosen = max(subsets, key=_objective)
+    best = max(per_gamma, key=_objective)
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
     oracle /= sum(len(r["agree"][layers[0]]) for r in records)
     return {"bound_over": BOUND_OVER, "layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
@@ -153,7 +162,8 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             "per_layer": per_layer,
             "per_gamma": per_gamma, "recommended_gamma": best["gamma"], "per_subset": subsets,
             "recommended": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"],
-                            "speedup_bound": chosen["speedup_bound"], "modelled_gain": chosen["modelled_gain"]},
+                            "speedup_bound": chosen["speedup_bound"], "modelled_gain": chosen["modelled_gain"],
+                            "per_source": chosen.get("per_source")},
             "oracle_layers_per_token": oracle, "oracle_speedup_bound": num_layers / oracle,
             # the same heads with a perfect exit decision (confident exactly when right): how much of the gap
             # to the oracle is the confidence signal rather than the heads' agreement
@@ -193,7 +203,18 @@ def _sweep(records, layers, num_layers, costs, max_pending) -> list[dict]:
 def _replayed(records, layers, num_layers, costs, max_pending, gamma) -> dict:
     runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers},
                      num_layers, gamma, max_pending) for r in records]
-    return {"gamma": gamma, **schedule_summary(runs, num_layers, costs)}
+    row = {"gamma": gamma, **schedule_summary(runs, num_layers, costs)}
+    sources = list(dict.fromkeys(r.get("source") for r in records))
+    if len(sources) > 1:
+        row["per_source"] = {src: schedule_summary([s for s, r in zip(runs, records) if r.get("source") == src],
+                                                   num_layers, costs)["modelled_gain"] for src in sources}
+        row["worst_source_gain"] = min(row["per_source"].values())
+    return row
+
+
+def _objective(row: dict) -> float:
+    """What the calibration maximises: the worst source's modelled gain (the pooled one for one source)."""
+    return row.get("worst_source_gain", row["modelled_gain"])
 
 
 def _per_layer_gammas(records, layers, num_layers, costs, max_pending, row: dict, rounds: int = 2) -> dict:
@@ -207,7 +228,7 @@ def _per_layer_gammas(records, layers, num_layers, costs, max_pending, row: dict
         for l in layers:
             for g in GAMMAS:
                 trial = _replayed(records, layers, num_layers, costs, max_pending, {**gamma, l: g})
-                if trial["modelled_gain"] > best["modelled_gain"] + 1e-9:
+                if _objective(trial) > _objective(best) + 1e-9:
                     best, gamma = trial, {**gamma, l: g}
     if best is not row:
         best = {**best, "gamma": {str(l): g for l, g in gamma.items()}}  # JSON keys, as heads.json stores them
@@ -343,19 +364,20 @@ def heads_dtype(program):
 
 
 @torch.no_grad()
-def head_records(program, heads, seqs: list[list[int]], prompt_lens: list[int]) -> list[dict]:
+def head_records(program, heads, seqs: list[list[int]], prompt_lens: list[int], sources=None) -> list[dict]:
     """Per sequence: each head's confidence and agreement with the final argmax at every position that
-    predicts a generated token. The last layer is always scored too: a probe there drafts from the
+    predicts a generated token, and its ``source`` (from ``sources``, for `report`'s worst-source choice). The last layer is always scored too: a probe there drafts from the
     model's own head over the shortlist and defers only the LM head."""
     from .readout import agreement, collect_hidden
 
     out = []
     dtype = heads_dtype(program)
     layers = tuple(sorted({*heads.layers, program.num_layers - 1}))
-    for ids, p in zip(seqs, prompt_lens):
+    for i, (ids, p) in enumerate(zip(seqs, prompt_lens)):
         hidden, final = collect_hidden(program, [ids], heads.layers, program.gm.meta["kv_shapes"], dtype)
         res, _ = agreement(program, heads, hidden, final, layers=layers)
         sl = slice(p - 1, len(ids) - 1)
         out.append({"conf": {l: r["conf"][sl].tolist() for l, r in res.items()},
-                    "agree": {l: r["agree"][sl].tolist() for l, r in res.items()}})
+                    "agree": {l: r["agree"][sl].tolist() for l, r in res.items()},
+                    **({"source": sources[i]} if sources else {})})
     return out

@@ -75,21 +75,49 @@ def distillation_sequences(model, tokenizer, prompts: list, gen_tokens: int, bat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    seqs = []
+    # batches of similar lengths: every row of a batch is padded to its longest prompt
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i]).input_ids))
+    seqs = [None] * len(prompts)
     try:
         for i in tqdm(range(0, len(prompts), batch), desc="continuations", unit="batch", disable=not progress):
-            enc = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True)
+            rows = order[i:i + batch]
+            enc = tokenizer([prompts[k] for k in rows], return_tensors="pt", padding=True)
             with torch.no_grad():
                 out = model.generate(**enc, do_sample=False, max_new_tokens=gen_tokens, pad_token_id=pad)
-            for row, mask in zip(out, enc.attention_mask):
+            for k, row, mask in zip(rows, out, enc.attention_mask):
                 n_pad = int((mask == 0).sum())
                 ids = row[n_pad:].tolist()
                 while len(ids) > 1 and ids[-1] == pad:  # right padding after an early EOS
                     ids.pop()
-                seqs.append(ids)
+                seqs[k] = ids
     finally:
         tokenizer.padding_side = side
     return seqs
+
+
+def _continuations(model, tokenizer, prompts: list[str], cfg: TrainConfig, path: Path, fingerprints,
+                   progress: bool) -> list[list[int]]:
+    """`distillation_sequences` of ``prompts``, reusing those ``path`` holds from an earlier run of the same
+    model and length (so adding a --data source generates only its prompts), and saving them all there."""
+    def key(p):  # prompts are strings or token-id lists
+        return p if isinstance(p, str) else tuple(p)
+
+    known = {}
+    saved = torch.load(path, weights_only=False) if path.exists() else None
+    if saved is not None and saved["recipe"]["fingerprint"] in fingerprints and (
+            saved["recipe"]["gen_tokens"] == cfg.gen_tokens):
+        known = dict(zip(map(key, saved["recipe"]["prompts"]), saved["seqs"]))
+    missing = list(dict.fromkeys(k for k in map(key, prompts) if k not in known))
+    if known and prompts:
+        print(f"[train-heads] reusing {len(prompts) - len(missing)} of {len(prompts)} continuations from {path}",
+              file=sys.stderr)
+    if missing:
+        new = distillation_sequences(model, tokenizer, [m if isinstance(m, str) else list(m) for m in missing],
+                                     cfg.gen_tokens, cfg.gen_batch, progress)
+        known.update(zip(missing, new))
+        torch.save({"recipe": {"prompts": list(known), "gen_tokens": cfg.gen_tokens,
+                               "fingerprint": model_fingerprint(model)}, "seqs": list(known.values())}, path)
+    return [known[key(p)] for p in prompts]
 
 
 def kl_loss(head, adapter: torch.Tensor, h: torch.Tensor, teacher_logp: torch.Tensor):
@@ -157,16 +185,8 @@ def train_heads(model, tokenizer, prompts: list[str], cfg: TrainConfig, out_dir,
         seqs, corpus_record = resume["seqs"], resume.get("corpus")
         n_generated = resume.get("generated", len(seqs))  # states from before corpora hold continuations only
     else:
-        seqs, corpus_record = [], corpus.record if corpus else None
-        recipe = {"prompts": list(prompts), "gen_tokens": cfg.gen_tokens, "fingerprint": model_fingerprint(model)}
-        saved = torch.load(seqs_path, weights_only=False) if seqs_path.exists() else None
-        if saved is not None and saved["recipe"]["fingerprint"] in fingerprints and (
-                {**saved["recipe"], "fingerprint": recipe["fingerprint"]} == recipe):
-            seqs = saved["seqs"]
-        elif prompts:
-            seqs = distillation_sequences(generator or model, tokenizer, prompts, cfg.gen_tokens, cfg.gen_batch,
-                                          progress)
-            torch.save({"recipe": recipe, "seqs": seqs}, seqs_path)
+        corpus_record = corpus.record if corpus else None
+        seqs = _continuations(generator or model, tokenizer, prompts, cfg, seqs_path, fingerprints, progress)
         n_generated = len(seqs)
         seqs = seqs + (corpus.windows if corpus else [])
 

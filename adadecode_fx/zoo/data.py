@@ -3,7 +3,8 @@
 GSM8K, XSum and MBPP ship only one split here, so ``split="train"`` is the first half of the file and
 ``split="eval"`` the second half minus any prompt that also occurs in the first: exit heads trained on one
 half are never evaluated on it. HumanEval is
-evaluation only (the AdaDecode paper trains code heads on MBPP). ``split="all"`` returns every record.
+evaluation only (the AdaDecode paper trains code heads on MBPP). ``stdlib-functions`` is HumanEval-shaped
+training text cut from the standard library (`stdlib_functions`). ``split="all"`` returns every record.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdaDecodeError, MissingPackageError
+from .stdlib_functions import TASK as STDLIB_FUNCTIONS, stdlib_function_prompts
 
 SPLITS = ("train", "eval", "all")
 
@@ -125,11 +127,13 @@ def load_prompts(task: str, n: int | None = None, split: str = "eval", seed: int
         if task == "humaneval" and split == "train":
             raise AdaDecodeError("HumanEval is evaluation-only: train code exit heads on 'mbpp' and evaluate "
                                  "on 'humaneval' (as the AdaDecode paper does)")
+    elif task == STDLIB_FUNCTIONS:
+        records = stdlib_function_prompts()
     elif str(task).endswith((".jsonl", ".jsonl.gz")):
         records = _from_file(Path(task).expanduser())
     else:
-        raise AdaDecodeError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or a path to a .jsonl file "
-                             "whose lines have a 'prompt' field")
+        raise AdaDecodeError(f"unknown task {task!r}: use one of {', '.join([*TASKS, STDLIB_FUNCTIONS])} or a path "
+                             "to a .jsonl file whose lines have a 'prompt' field")
     if split != "all" and task != "humaneval":
         half = len(records) // 2
         train = records[:half]
@@ -151,7 +155,7 @@ def prompt_sources(specs, split: str, n: int | None = None, seed: int | None = N
     `load_prompts`; ``:chat`` marks its prompts for the chat template, applied by `source_texts`). From each
     source: all (``n=None``), its first ``n`` (``seed=None``: what training takes), or ``n`` drawn with
     ``seed`` as `load_prompts` draws them (what evaluation takes). Records keep their source's ``chat``
-    flag; a source that cannot be read fails before anything else happens."""
+    flag and spec (``source``); a source that cannot be read fails before anything else happens."""
     out = []
     for spec in specs:
         task, chat = (spec[:-len(":chat")], True) if spec.endswith(":chat") else (spec, False)
@@ -159,7 +163,7 @@ def prompt_sources(specs, split: str, n: int | None = None, seed: int | None = N
             records = load_prompts(task, n=None, split=split)[:n]
         else:
             records = load_prompts(task, n=n, split=split, seed=seed)
-        out += [{**r, "chat": chat} for r in records]
+        out += [{**r, "chat": chat, "source": spec} for r in records]
     return out
 
 

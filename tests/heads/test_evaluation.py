@@ -116,3 +116,23 @@ def test_perfect_confidence_separates_the_exit_decision_from_the_heads():
     pc = rep["perfect_confidence"]
     assert pc["exit_layers"] == [1] and pc["modelled_gain"] > max(r["modelled_gain"] for r in rep["per_subset"])
     assert 0.4 < pc["early_exit_rate"] <= 0.5
+
+
+def test_calibration_over_several_sources_serves_the_worst_one():
+    # source "a" (four prompts) is always right at confidence 0.7; source "b" is wrong whenever its head
+    # says 0.75. Pooled tokens pick gamma <= 0.7, which makes b slower than full depth; the worst-source
+    # choice takes 0.8, where b gains and a loses only its probes
+    n = 60
+    a = [{"conf": {1: [0.7] * n}, "agree": {1: [True] * n}, "source": "a"} for _ in range(4)]
+    b = [{"conf": {1: [0.99 if t % 3 == 0 else 0.75 for t in range(n)]}, "agree": {1: [t % 3 == 0 for t in range(n)]},
+          "source": "b"}]
+    kw = dict(probe_cost=0.1, max_pending=3, row_cost=0.1, epilogue_cost=2.0)
+    pooled = report([{k: v for k, v in r.items() if k != "source"} for r in a + b], 6, **kw)
+    assert pooled["recommended"]["gamma"] <= 0.7 and pooled["recommended"]["per_source"] is None
+    rep = report(a + b, 6, **kw)
+    rec = rep["recommended"]
+    assert rec["gamma"] == 0.8 and set(rec["per_source"]) == {"a", "b"}
+    low = next(r for r in rep["per_gamma"] if r["gamma"] == 0.7)
+    assert low["per_source"]["b"] < 1 < rec["per_source"]["b"]
+    assert min(rec["per_source"].values()) == max(r["worst_source_gain"] for r in rep["per_gamma"])
+    assert rep["per_layer"]["1"]["per_source"] == {"a": 1.0, "b": pytest.approx(1 / 3)}

@@ -69,3 +69,27 @@ def test_an_epilogue_without_gradients_is_an_error_not_identity_heads(tmp_path, 
     cfg = TrainConfig(layers=(1, 2), epochs=1, gen_tokens=8, batch_tokens=64, shortlist=0)
     with pytest.raises(AdaDecodeError, match=r"no gradient reaches the heads of layers \[1, 2\]"):
         train_heads(model, None, _prompts(1, 4), cfg, tmp_path, progress=False)
+
+
+def test_continuations_are_reused_per_prompt_when_a_source_is_added(tmp_path, monkeypatch):
+    from adadecode_fx.heads import training
+
+    model = tiny_model("llama", seed=3, dtype=torch.float32)
+    cfg = TrainConfig(layers=(1,), epochs=1, gen_tokens=8, batch_tokens=64, shortlist=32)
+    first, extra = _prompts(4, 6), _prompts(5, 3)
+    train_heads(model, None, first, cfg, tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / training.SEQS_FILE).write_bytes((tmp_path / "a" / training.SEQS_FILE).read_bytes())
+    generated = []
+    real = training.distillation_sequences
+    monkeypatch.setattr(training, "distillation_sequences",
+                        lambda m, t, prompts, *a: generated.extend(prompts) or real(m, t, prompts, *a))
+    heads = train_heads(model, None, extra[:1] + first + extra[1:], cfg, tmp_path / "b", progress=False)
+    assert generated == extra  # only the new prompts were generated
+    assert heads.metadata["training_data"]["continuations"]["sequences"] == 9
+    longer = TrainConfig(layers=(1,), epochs=1, gen_tokens=10, batch_tokens=64, shortlist=32)
+    generated.clear()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / training.SEQS_FILE).write_bytes((tmp_path / "b" / training.SEQS_FILE).read_bytes())
+    train_heads(model, None, first, longer, tmp_path / "c", progress=False)
+    assert generated == first  # another continuation length reuses nothing
