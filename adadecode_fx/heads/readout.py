@@ -46,7 +46,13 @@ def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_sha
 
 @torch.no_grad()
 def final_argmax(program: DecodeProgram, final: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([program.epilogue(final[i:i + chunk][None])[0].argmax(-1) for i in range(0, len(final), chunk)])
+    # written into one tensor made up front: a small result kept per chunk would land in the hole each
+    # chunk's logits leave, so glibc could not reuse it and the heap grew by a chunk's logits every step
+    # (SmolLM2, 256 x 49,152 bf16: 25 MB a chunk, 20 GB over 200k tokens; docs/heads.md)
+    out = torch.empty(len(final), dtype=torch.long, device=final.device)
+    for i in range(0, len(final), chunk):
+        torch.argmax(program.epilogue(final[i:i + chunk][None])[0], dim=-1, out=out[i:i + chunk])
+    return out
 
 
 @torch.no_grad()
@@ -66,7 +72,12 @@ def agreement(program: DecodeProgram, heads: ExitHeads, hidden: dict, final: tor
         dev = hidden[l].device
         vocab = None if heads.vocab is None else heads.vocab.to(dev)
         probe = ExitProbe(heads.weight(l).to(device=dev, dtype=hidden[l].dtype), head, vocab)
-        toks, confs = zip(*(probe(hidden[l][i:i + chunk][None]) for i in range(0, len(final), chunk)))
-        tok = torch.cat([t[0] for t in toks])
-        result[l] = {"token": tok, "conf": torch.cat([c[0] for c in confs]), "agree": tok == target}
+        tok, conf = None, None
+        for i in range(0, len(final), chunk):  # into tensors made once, as in `final_argmax`
+            t, c = probe(hidden[l][i:i + chunk][None])
+            if tok is None:
+                tok = torch.empty(len(final), dtype=t.dtype, device=t.device)
+                conf = torch.empty(len(final), dtype=c.dtype, device=c.device)
+            tok[i:i + chunk], conf[i:i + chunk] = t[0], c[0]
+        result[l] = {"token": tok, "conf": conf, "agree": tok == target}
     return result, target
