@@ -132,8 +132,9 @@ def _eval_heads(args) -> int:
     del generator
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     program = build_program(model, heads, AdaDecodeConfig(exit_layers=heads.layers))
-    rep = report(head_records(program, heads, seqs, lens, [r["source"] for r in records]), model.config.num_hidden_layers,
-                 max_pending=args.max_pending, **measure_costs(program, heads))
+    records_per_seq = head_records(program, heads, seqs, lens, [r["source"] for r in records])
+    rep = report(records_per_seq, model.config.num_hidden_layers, max_pending=args.max_pending,
+                 **measure_costs(program, heads))
     rep.update(model=args.model, data=",".join(args.data), seed=args.seed, heads=str(args.heads),
                record_ids=[r["id"] for r in records])
     write(rep, args.json, args.plot)

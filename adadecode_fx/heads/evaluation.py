@@ -208,7 +208,9 @@ def _replayed(records, layers, num_layers, costs, max_pending, gamma) -> dict:
     if len(sources) > 1:
         row["per_source"] = {src: schedule_summary([s for s, r in zip(runs, records) if r.get("source") == src],
                                                    num_layers, costs)["modelled_gain"] for src in sources}
-        row["worst_source_gain"] = min(row["per_source"].values())
+        gains = [g for g in row["per_source"].values() if g is not None]  # None: a source without tokens
+        if gains:
+            row["worst_source_gain"] = min(gains)
     return row
 
 
@@ -366,8 +368,9 @@ def heads_dtype(program):
 @torch.no_grad()
 def head_records(program, heads, seqs: list[list[int]], prompt_lens: list[int], sources=None) -> list[dict]:
     """Per sequence: each head's confidence and agreement with the final argmax at every position that
-    predicts a generated token, and its ``source`` (from ``sources``, for `report`'s worst-source choice). The last layer is always scored too: a probe there drafts from the
-    model's own head over the shortlist and defers only the LM head."""
+    predicts a generated token, and its ``source`` (from ``sources``, for `report`'s worst-source choice).
+    The last layer is always scored too: a probe there drafts from the model's own head over the
+    shortlist and defers only the LM head."""
     from .readout import agreement, collect_hidden
 
     out = []
