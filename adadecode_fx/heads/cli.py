@@ -12,11 +12,13 @@ def add_heads_commands(command) -> None:
 
     t = command("train-heads", "train exit heads by self-distillation")
     t.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
-    t.add_argument("--data", action="append", metavar="TASK[:chat]",
-                   help="prompts the model continues greedily: mbpp | stdlib-functions (HumanEval-shaped: a standard "
-                        "library function's signature and docstring) | gsm8k | xsum | PATH.jsonl with a 'prompt' "
-                        "field (the train slice); ':chat' wraps them in the chat template; repeat to mix sources "
-                        "(--max-prompts applies to each); optional with --corpus")
+    t.add_argument("--data", action="append", metavar="TASK[:chat][:N]",
+                   help="prompts the model continues greedily: mbpp | stdlib-functions | package-functions "
+                        "(HumanEval-shaped: a documented function's signature and docstring, from the standard "
+                        "library or from torch, transformers and their dependencies) | gsm8k | xsum | PATH.jsonl "
+                        "with a 'prompt' field (the train slice); ':chat' wraps them in the chat template; ':N' "
+                        "takes at most N of that source instead of --max-prompts; repeat to mix sources; optional "
+                        "with --corpus")
     t.add_argument("--corpus", action="append", metavar="PATH|GLOB|FILE.jsonl|python-stdlib|python-packages",
                    help=corpus_help)
     t.add_argument("--corpus-tokens", type=int, default=100_000,
@@ -43,7 +45,7 @@ def add_heads_commands(command) -> None:
     e = command("eval-heads", "calibrate exit heads on held-out prompts; JSON + PNG report")
     e.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
     e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
-    e.add_argument("--data", required=True, action="append", metavar="TASK[:chat]",
+    e.add_argument("--data", required=True, action="append", metavar="TASK[:chat][:N]",
                    help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice); ':chat' wraps the prompts in the "
                         "chat template; repeat to calibrate on a mix (--n prompts from each; gamma is chosen for "
                         "the source it serves worst)")

@@ -3,8 +3,9 @@
 GSM8K, XSum and MBPP ship only one split here, so ``split="train"`` is the first half of the file and
 ``split="eval"`` the second half minus any prompt that also occurs in the first: exit heads trained on one
 half are never evaluated on it. HumanEval is
-evaluation only (the AdaDecode paper trains code heads on MBPP). ``stdlib-functions`` is HumanEval-shaped
-training text cut from the standard library (`stdlib_functions`). ``split="all"`` returns every record.
+evaluation only (the AdaDecode paper trains code heads on MBPP). ``stdlib-functions`` and ``package-functions``
+are HumanEval-shaped training text cut from installed Python source (`python_functions`). ``split="all"``
+returns every record.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdaDecodeError, MissingPackageError
-from .stdlib_functions import TASK as STDLIB_FUNCTIONS, stdlib_function_prompts
+from .python_functions import (PACKAGE_FUNCTIONS, STDLIB_FUNCTIONS, package_function_prompts,
+                               stdlib_function_prompts)
 
 SPLITS = ("train", "eval", "all")
 
@@ -129,10 +131,12 @@ def load_prompts(task: str, n: int | None = None, split: str = "eval", seed: int
                                  "on 'humaneval' (as the AdaDecode paper does)")
     elif task == STDLIB_FUNCTIONS:
         records = stdlib_function_prompts()
+    elif task == PACKAGE_FUNCTIONS:
+        records = package_function_prompts()
     elif str(task).endswith((".jsonl", ".jsonl.gz")):
         records = _from_file(Path(task).expanduser())
     else:
-        raise AdaDecodeError(f"unknown task {task!r}: use one of {', '.join([*TASKS, STDLIB_FUNCTIONS])} or a path "
+        raise AdaDecodeError(f"unknown task {task!r}: use one of {', '.join([*TASKS, STDLIB_FUNCTIONS, PACKAGE_FUNCTIONS])} or a path "
                              "to a .jsonl file whose lines have a 'prompt' field")
     if split != "all" and task != "humaneval":
         half = len(records) // 2
@@ -150,19 +154,34 @@ def load_prompts(task: str, n: int | None = None, split: str = "eval", seed: int
     return [records[i] for i in keep]
 
 
+def parse_source(spec: str) -> tuple[str, bool, int | None]:
+    """``TASK[:chat][:N]`` -> (task, chat, N or None): ``:chat`` applies the chat template, ``:N`` takes at
+    most N prompts of that source instead of the run's ``n``."""
+    task, count = spec, None
+    head, _, tail = spec.rpartition(":")
+    if head and tail.isdigit():
+        task, count = head, int(tail)
+        if count < 1:
+            raise AdaDecodeError(f"--data {spec}: the count after ':' must be at least 1")
+    chat = task.endswith(":chat")
+    return (task[:-len(":chat")] if chat else task), chat, count
+
+
 def prompt_sources(specs, split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
-    """Prompts of several sources, each ``TASK`` or ``TASK:chat`` (a task or ``.jsonl`` path as in
-    `load_prompts`; ``:chat`` marks its prompts for the chat template, applied by `source_texts`). From each
-    source: all (``n=None``), its first ``n`` (``seed=None``: what training takes), or ``n`` drawn with
-    ``seed`` as `load_prompts` draws them (what evaluation takes). Records keep their source's ``chat``
-    flag and spec (``source``); a source that cannot be read fails before anything else happens."""
+    """Prompts of several sources, each ``TASK[:chat][:N]`` (a task or ``.jsonl`` path as in `load_prompts`;
+    ``:chat`` marks its prompts for the chat template, applied by `source_texts`; ``:N`` replaces ``n`` for
+    that source). From each source: all (``n=None``), its first ``n`` (``seed=None``: what training takes),
+    or ``n`` drawn with ``seed`` as `load_prompts` draws them (what evaluation takes). Records keep their
+    source's ``chat`` flag and spec (``source``); a source that cannot be read fails before anything else
+    happens."""
     out = []
     for spec in specs:
-        task, chat = (spec[:-len(":chat")], True) if spec.endswith(":chat") else (spec, False)
+        task, chat, count = parse_source(spec)
+        take = count or n
         if seed is None:
-            records = load_prompts(task, n=None, split=split)[:n]
+            records = load_prompts(task, n=None, split=split)[:take]
         else:
-            records = load_prompts(task, n=n, split=split, seed=seed)
+            records = load_prompts(task, n=take, split=split, seed=seed)
         out += [{**r, "chat": chat, "source": spec} for r in records]
     return out
 
