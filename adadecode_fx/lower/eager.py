@@ -12,7 +12,8 @@ import torch
 from torch import fx
 
 from ..ops.attention import ROW_EXACT, row_exact
-from ..ops.linear import ROW_LINEAR, row_linear
+from ..ops.linear import ROW_LINEAR, block_linear_fits, block_linear_kernel, row_linear
+from ..passes.insert_exit_probes import ExitProbe
 from ..passes.split_layers import copy_graph
 from .scripted_rows import script_decode_rows
 
@@ -86,5 +87,22 @@ def lower_eager(program, config):
             continue
         layer = private_copy(layer, _plain_calls)
         layer_fns[i] = layer
-    program = program.replace(layer_fns=layer_fns, backend="eager")
+    program = program.replace(layer_fns=layer_fns, probe_fns=_kernel_adapters(program), backend="eager")
     return script_decode_rows(program) if config.script_rows else program
+
+
+def _kernel_adapters(program) -> dict:
+    """The probes, each bf16 CPU adapter through the block kernel where the kernel fits it.
+
+    Why: ATen's one-row bf16 matmul reads Qwen2.5's 896 x 896 adapter at ~4 GB/s, a third of the kernel's
+    rate and a third of the probe's time (docs/heads.md). A probe only proposes a token and verification
+    decides it, so the probe's rounding need not match anything."""
+    probes = dict(program.probe_fns)
+    for layer, probe in probes.items():
+        adapter = probe.adapter if isinstance(probe, ExitProbe) and probe.linear is None else None
+        if adapter is None or adapter.dtype != torch.bfloat16 or adapter.device.type != "cpu":
+            continue
+        op, _ = block_linear_kernel()  # built and checked already by the block_linear pass
+        if op is not None and block_linear_fits(adapter):
+            probes[layer] = ExitProbe(adapter.data, probe.epilogue, probe.vocab, linear=op)
+    return probes

@@ -27,14 +27,16 @@ class ExitProbe(nn.Module):
     over the shortlist. Verification keeps the output exact whatever the probe says.
     """
 
-    def __init__(self, adapter: torch.Tensor, epilogue: nn.Module, vocab: torch.Tensor | None = None):
+    def __init__(self, adapter: torch.Tensor, epilogue: nn.Module, vocab: torch.Tensor | None = None,
+                 linear=None):
         super().__init__()
         self.adapter = nn.Parameter(adapter, requires_grad=False)
         self.epilogue = epilogue
         self.register_buffer("vocab", vocab, persistent=False)
+        self.linear = linear  # ``(x, weight, bias) -> x @ weight.T`` for the adapter; None: torch.matmul
 
     def forward(self, hidden):
-        return self.apply(self.epilogue, self.vocab, self.adapter, hidden)
+        return self.apply(self.epilogue, self.vocab, self.adapter, hidden, self.linear)
 
     def logits(self, hidden, vocab_size: int):
         """The head's logits over the full vocabulary, ``-inf`` outside the shortlist (for sampling: the
@@ -46,9 +48,10 @@ class ExitProbe(nn.Module):
         return full.index_copy_(-1, self.vocab.to(logits.device), logits)
 
     @staticmethod
-    def apply(epilogue, vocab, adapter, hidden):
+    def apply(epilogue, vocab, adapter, hidden, linear=None):
         """The probe as a function of its adapter: every exit layer shares one compiled copy of it."""
-        logits = epilogue(torch.matmul(hidden, adapter.t()))[0]
+        adapted = torch.matmul(hidden, adapter.t()) if linear is None else linear(hidden, adapter, None)
+        logits = epilogue(adapted)[0]
         conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         if vocab is not None:
             token = vocab[token]

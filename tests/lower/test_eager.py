@@ -1,4 +1,5 @@
 """Eager lowering: layers call the row-exact attention body directly, the shared segments keep the op."""
+import pytest
 import torch
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
@@ -41,3 +42,24 @@ def test_eager_lowering_changes_no_token():
     assert out.stats.early_emitted > 5 and out.stats.rejected > 0
     dec.program = DecodeProgram(dec.gm)  # the unlowered segments: every attention through the op
     assert dec.generate([5, 6, 7, 8], max_new_tokens=24).new_tokens == out.new_tokens
+
+
+def test_bf16_probes_read_their_adapter_through_the_block_kernel():
+    from adadecode_fx.ops.linear import block_linear_kernel
+    from tests.runtime.test_parity_bf16 import bf16_model
+
+    op, why = block_linear_kernel()
+    if op is None:
+        pytest.skip(f"the block kernel is off here: {why}")
+    model = bf16_model("qwen2")
+    dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), seed=0), AdaDecodeConfig(threshold=0.5))
+    h = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for layer, probe in dec.program.probe_fns.items():
+        assert probe.linear is op
+        plain = dec.program.probe_modules[layer]  # what sampling and the other lowerings start from
+        assert plain.linear is None and plain.adapter.data_ptr() == probe.adapter.data_ptr()  # shared weights
+        (tok, conf), (plain_tok, plain_conf) = probe(h), plain(h)
+        assert torch.allclose(conf, plain_conf, rtol=0.05) and conf.shape == plain_conf.shape == tok.shape
+    fp32 = tiny_model("qwen2", dtype=torch.float32)
+    dec32 = AdaDecoder(fp32, ExitHeads.random(fp32, (1,), seed=0), AdaDecodeConfig(threshold=0.5))
+    assert all(p.linear is None for p in dec32.program.probe_fns.values())
