@@ -47,8 +47,8 @@ def add_heads_commands(command) -> None:
     e.add_argument("--heads", required=True, help="directory with the exit heads to evaluate")
     e.add_argument("--data", required=True, action="append", metavar="TASK[:chat][:N]",
                    help="humaneval | mbpp | gsm8k | xsum | PATH.jsonl (eval slice); ':chat' wraps the prompts in the "
-                        "chat template; repeat to calibrate on a mix (--n prompts from each; gamma is chosen for "
-                        "the source it serves worst)")
+                        "chat template; ':N' draws N of that source instead of --n; repeat to calibrate on a mix "
+                        "(gamma is chosen for the source it serves worst)")
     e.add_argument("--n", type=int, default=16, help="number of held-out prompts per --data source")
     e.add_argument("--seed", type=int, default=0,
                    help="which prompts are drawn (bench --seed draws the same ones: calibrate on another seed to "

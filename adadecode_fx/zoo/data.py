@@ -136,8 +136,9 @@ def load_prompts(task: str, n: int | None = None, split: str = "eval", seed: int
     elif str(task).endswith((".jsonl", ".jsonl.gz")):
         records = _from_file(Path(task).expanduser())
     else:
-        raise AdaDecodeError(f"unknown task {task!r}: use one of {', '.join([*TASKS, STDLIB_FUNCTIONS, PACKAGE_FUNCTIONS])} or a path "
-                             "to a .jsonl file whose lines have a 'prompt' field")
+        known = ", ".join([*TASKS, STDLIB_FUNCTIONS, PACKAGE_FUNCTIONS])
+        raise AdaDecodeError(f"unknown task {task!r}: use one of {known} or a path to a .jsonl file whose lines "
+                             "have a 'prompt' field")
     if split != "all" and task != "humaneval":
         half = len(records) // 2
         train = records[:half]

@@ -9,7 +9,7 @@ end of its docstring, and the model writes the rest.
 
 - ``stdlib-functions``: the running interpreter's standard library (829 functions on Python 3.11.7).
 - ``package-functions``: the packages that installing adadecode-fx brings (`PACKAGES`: torch, transformers
-  and their dependencies; ~8,000 functions with torch 2.13 and transformers 5.24).
+  and their dependencies; ~7,600 functions with torch 2.13 and transformers 5.24).
 
 Which functions there are depends on the installed versions; the records name them (``<task>/<module>.
 <name>``) so a run can be traced, and the order is a seeded shuffle of the sorted list, so that "the first n"
