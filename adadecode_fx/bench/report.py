@@ -132,6 +132,10 @@ def heads_gain_lines(rep: dict) -> list[str]:
         if pc:
             lines.append(f"these heads with a perfect exit decision (confident exactly when right): "
                          f"{pc['modelled_gain']:.2f}x modelled (exit layers {pc['exit_layers']})")
+        free = ob["replayed"].get("modelled_gain_free_exits")
+        if free:
+            lines.append(f"this config with free probes and deferred rows (the most cheaper exits can buy): "
+                         f"{free:.2f}x modelled")
     return lines
 
 
@@ -139,7 +143,7 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold, max_pendin
     """On the reference (HF greedy) sequences: the oracle bound (every token exits at the first head
     that agrees with the final layer) and the replayed schedule of the benchmarked configuration,
     both from `adadecode_fx.evaluation`."""
-    from ..heads.evaluation import head_records, measure_costs, report, schedule_summary, simulate
+    from ..heads.evaluation import free_exits, head_records, measure_costs, report, schedule_summary, simulate
 
     seqs, lens = [], []
     for p in per_prompt:
@@ -158,13 +162,15 @@ def oracle_bound(decoder, heads, per_prompt: list, layers, threshold, max_pendin
     runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, L, threshold, max_pending)
             for r in records]
     replayed = schedule_summary(runs, L, (costs["probe_cost"], costs["row_cost"], costs["epilogue_cost"]))
+    free = free_exits(records, list(layers), threshold, L, costs["epilogue_cost"], max_pending)
     return {"bound_over": rep["bound_over"], "oracle_layers_per_token": rep["oracle_layers_per_token"],
             "oracle_speedup_bound": rep["oracle_speedup_bound"], "perfect_confidence": rep["perfect_confidence"],
             "probe_cost_layers": costs["probe_cost"], "row_cost_layers": costs["row_cost"],
             "epilogue_cost_layers": costs["epilogue_cost"], "costs_error": costs_error, "head_layers": rep["layers"],
             "agreement_per_layer": {l: d["agreement"] for l, d in rep["per_layer"].items()},
             "replayed": {"exit_layers": list(layers), "threshold": threshold,
-                         **{k: replayed[k] for k in ("layers_per_token", "speedup_bound", "modelled_gain")}},
+                         **{k: replayed[k] for k in ("layers_per_token", "speedup_bound", "modelled_gain")},
+                         "modelled_gain_free_exits": free},
             "best_replayed": rep["recommended"]}
 
 

@@ -167,7 +167,8 @@ def _eval_heads(args) -> int:
           f"{rep['row_cost_layers']:.2f}, final norm + LM head {rep['epilogue_cost_layers']:.2f}")
     pc = rep["perfect_confidence"]
     print(f"with a perfect exit decision (confident exactly when right) these heads would model "
-          f"{pc['modelled_gain']:.2f}x (exit layers {pc['exit_layers']})")
+          f"{pc['modelled_gain']:.2f}x (exit layers {pc['exit_layers']}); with free probes and deferred rows "
+          f"the recommended configuration {rep['free_exits']['modelled_gain']:.2f}x (the most cheaper exits can buy)")
     print("gains are over the same program at full depth, i.e. on what `adadecode bench` measures as heads_gain; "
           "the bound counts layers and probes, the modelled gain also deferred rows and LM-head calls")
     return 0

@@ -154,6 +154,7 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
         perfect.append({"exit_layers": sub, **_replayed(sure, sub, num_layers, costs, max_pending, 0.5)})
     chosen = max(subsets, key=_objective)
     best = max(per_gamma, key=_objective)
+    free = free_exits(records, chosen["layers"], chosen["gamma"], num_layers, epilogue_cost, max_pending)
     oracle = sum(oracle_layers_per_token(r["agree"], num_layers) * len(r["agree"][layers[0]]) for r in records)
     oracle /= sum(len(r["agree"][layers[0]]) for r in records)
     return {"bound_over": BOUND_OVER, "layers": layers, "num_layers": num_layers, "tokens": sum(len(r["agree"][layers[0]]) for r in records),
@@ -168,7 +169,18 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
             # the same heads with a perfect exit decision (confident exactly when right): how much of the gap
             # to the oracle is the confidence signal rather than the heads' agreement
             "perfect_confidence": {k: v for k, v in max(perfect, key=lambda r: r["modelled_gain"]).items()
-                                   if k in ("exit_layers", "modelled_gain", "early_exit_rate", "layers_per_token")}}
+                                   if k in ("exit_layers", "modelled_gain", "early_exit_rate", "layers_per_token")},
+            # the recommended configuration if probes and deferred rows cost nothing: what cheaper exits can reach
+            "free_exits": {"exit_layers": chosen["layers"], "gamma": chosen["gamma"], "modelled_gain": free}}
+
+
+def free_exits(records, layers, gamma, num_layers: int, epilogue_cost: float, max_pending: int) -> float:
+    """The modelled gain of exiting at ``layers`` with ``gamma`` (one, or per layer; JSON string keys
+    accepted) if probes and deferred rows were free: the ceiling of every cost-side improvement, since
+    the layers on the critical path, the rollbacks and the LM-head calls stay."""
+    if isinstance(gamma, dict):
+        gamma = {int(l): g for l, g in gamma.items()}
+    return _replayed(records, layers, num_layers, (0.0, 0.0, epilogue_cost), max_pending, gamma)["modelled_gain"]
 
 
 def modelled_gain(num_layers: int, layers_per_token: float, per_token: tuple, costs: tuple) -> float:

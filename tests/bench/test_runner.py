@@ -7,7 +7,7 @@ import pytest
 from adadecode_fx import ExitHeads
 from adadecode_fx.bench import BenchConfig, run_bench
 from adadecode_fx.bench.methods import Method
-from adadecode_fx.bench.report import summary_table, write
+from adadecode_fx.bench.report import heads_gain_lines, summary_table, write
 from tests.conftest import hf_greedy, tiny_model
 
 T = 10
@@ -88,6 +88,8 @@ def test_report_fields_and_parity(report, tmp_path):
     ob = rep["oracle_bound"]
     assert ob["oracle_speedup_bound"] >= 1.0 and ob["replayed"]["exit_layers"] == [1, 2]
     assert ob["costs_error"] is None and ob["epilogue_cost_layers"] > 0 and ob["replayed"]["modelled_gain"] > 0
+    assert ob["replayed"]["modelled_gain_free_exits"] >= ob["replayed"]["modelled_gain"]
+    assert any("free probes and deferred rows" in ln for ln in heads_gain_lines(rep))
     # rotated order per prompt
     assert rep["per_prompt"][0]["order"] != rep["per_prompt"][1]["order"]
 

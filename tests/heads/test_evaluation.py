@@ -2,7 +2,8 @@
 import pytest
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.heads.evaluation import _sweep, head_records, oracle_layers_per_token, report, simulate
+from adadecode_fx.heads.evaluation import (_replayed, _sweep, free_exits, head_records, oracle_layers_per_token,
+                                          report, simulate)
 from tests.conftest import hf_greedy, tiny_model
 
 
@@ -81,9 +82,11 @@ def test_eval_heads_cli_reports_the_measured_costs_and_modelled_gain(tmp_path, c
     rc = cli.main(["eval-heads", "--model", str(tmp_path / "m"), "--heads", str(tmp_path / "heads"), "--data",
                    "humaneval", "--n", "2", "--max-new-tokens", "8", "--dtype", "fp64", "--json", str(tmp_path / "r.json")])
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rc == 0 and "modelled gain" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "modelled gain" in out and "with free probes and deferred rows" in out
     assert rep["probe_cost_layers"] > 0 and rep["epilogue_cost_layers"] > 0 and rep["row_cost_layers"] >= 0
     assert rep["recommended"]["modelled_gain"] == max(r["modelled_gain"] for r in rep["per_subset"])
+    assert rep["free_exits"]["modelled_gain"] >= rep["recommended"]["modelled_gain"]
 
 
 def test_report_finds_one_gamma_per_layer_when_that_pays():
@@ -116,6 +119,22 @@ def test_perfect_confidence_separates_the_exit_decision_from_the_heads():
     pc = rep["perfect_confidence"]
     assert pc["exit_layers"] == [1] and pc["modelled_gain"] > max(r["modelled_gain"] for r in rep["per_subset"])
     assert 0.4 < pc["early_exit_rate"] <= 0.5
+
+
+def test_free_exits_is_the_recommended_configuration_with_free_probes_and_rows():
+    # a head right on two tokens of three, confident on all: costly probes and rows eat part of its gain
+    n = 60
+    recs = [{"conf": {1: [0.9] * n, 3: [0.95] * n}, "agree": {1: [t % 3 != 0 for t in range(n)], 3: [True] * n}}]
+    rep = report(recs, 6, probe_cost=0.5, max_pending=3, row_cost=0.3, epilogue_cost=2.0)
+    rec, free = rep["recommended"], rep["free_exits"]
+    assert free["exit_layers"] == rec["exit_layers"] and free["gamma"] == rec["gamma"]
+    assert free["modelled_gain"] > rec["modelled_gain"]
+    gamma = rec["gamma"]
+    gamma = {int(l): g for l, g in gamma.items()} if isinstance(gamma, dict) else gamma
+    assert free["modelled_gain"] == pytest.approx(
+        _replayed(recs, rec["exit_layers"], 6, (0.0, 0.0, 2.0), 3, gamma)["modelled_gain"])
+    # a per-layer gamma as heads.json stores it (string keys) means the same as integer keys
+    assert free_exits(recs, [1, 3], {"1": 0.9, "3": 0.9}, 6, 2.0, 3) == free_exits(recs, [1, 3], {1: 0.9, 3: 0.9}, 6, 2.0, 3)
 
 
 def test_calibration_over_several_sources_serves_the_worst_one():
