@@ -176,8 +176,8 @@ def report(records: list[dict], num_layers: int, probe_cost: float, max_pending:
 
 def free_exits(records, layers, gamma, num_layers: int, epilogue_cost: float, max_pending: int) -> float:
     """The modelled gain of exiting at ``layers`` with ``gamma`` (one, or per layer; JSON string keys
-    accepted) if probes and deferred rows were free: the ceiling of every cost-side improvement, since
-    the layers on the critical path, the rollbacks and the LM-head calls stay."""
+    accepted) if probes and deferred rows were free: the most that making the exits themselves cheaper
+    can buy, since the layers on the critical path, the rollbacks and the LM-head calls stay."""
     if isinstance(gamma, dict):
         gamma = {int(l): g for l, g in gamma.items()}
     return _replayed(records, layers, num_layers, (0.0, 0.0, epilogue_cost), max_pending, gamma)["modelled_gain"]
