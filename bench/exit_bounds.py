@@ -34,7 +34,7 @@ from adadecode_fx.build import build_program
 from adadecode_fx.config import AdaDecodeConfig
 from adadecode_fx.heads import ExitHeads
 from adadecode_fx.heads.format import shipped_heads
-from adadecode_fx.heads.evaluation import report, schedule_summary, simulate
+from adadecode_fx.heads.evaluation import _replayed, report
 from adadecode_fx.heads.readout import agreement, collect_hidden, final_argmax
 from adadecode_fx.heads.training import distillation_sequences
 from adadecode_fx.zoo import models
@@ -119,9 +119,7 @@ class Replay:
                  "agree": {l: s["agree"][l].int().tolist() for l in layers}} for s in self.sets[name]["seqs"]]
 
     def gain(self, recs, layers, gamma, max_pending=5, costs=None):
-        runs = [simulate({l: r["conf"][l] for l in layers}, {l: r["agree"][l] for l in layers}, self.L, gamma,
-                         max_pending) for r in recs]
-        return schedule_summary(runs, self.L, costs or self.costs)
+        return _replayed(recs, layers, self.L, costs or self.costs, max_pending, gamma)
 
     def choose(self, key="conf"):
         """Exit layers and gammas as `eval-heads --set-threshold` picks them, on the fit prompts."""
