@@ -131,10 +131,10 @@ def capture(model) -> torch.fx.GraphModule:
     try:
         ep = _export(wrapper, args, _named_dims(len(shapes)))
     except Exception as first:  # noqa: BLE001
-        if args[0].device.type == "cpu":
+        if "Constraints violated" not in str(first):
             raise _capture_error(model, first) from first
-        # torch 2.11 on CUDA cannot prove its own symbolic-stride guards (Min(8*S, 16*S) == 8*S) for
-        # a ranged K/V width; an unranged one accepts them. CPU keeps the ranged, checked form.
+        # torch 2.11 cannot prove its own symbolic-stride guards (Min(8*S, 16*S) == 8*S) for a ranged
+        # K/V width, on CUDA and CPU alike; an unranged one accepts them. Newer torch takes the ranged form.
         try:
             ep = _export(wrapper, args, _named_dims(len(shapes), s_unranged=True))
         except Exception as e:  # noqa: BLE001

@@ -215,9 +215,18 @@ def encode(gm: fx.GraphModule, model: nn.Module) -> dict:
         hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
         for sym, hint in hints.items():
             rng = env.var_to_range.get(sym)
-            symbols[sym] = (int(hint), int(rng.lower) if rng is not None else 0,
-                            int(rng.upper) if rng is not None and rng.upper.is_finite else None)
+            symbols[sym] = (int(hint), _bound(rng.lower, 0) if rng is not None else 0,
+                            _bound(rng.upper, None) if rng is not None else None)
     return {"format": FORMAT, "nodes": nodes, "attrs": attrs, "symbols": symbols, "meta": dict(gm.meta)}
+
+
+def _bound(value, unbounded):
+    """A range bound as an int, or ``unbounded`` for an infinite one. torch's ``int_oo`` (the upper bound of
+    an unranged export dim) answers ``is_finite`` with True and fails ``int()``."""
+    try:
+        return int(value) if value.is_finite else unbounded
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return unbounded
 
 
 # ---------------------------------------------------------------- decoding

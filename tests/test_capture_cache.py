@@ -169,3 +169,41 @@ def test_a_graph_the_cache_cannot_store_is_still_built(cache, monkeypatch, capsy
     gm = capture_cache.cached_capture(model)
     assert "could not cache the capture" in capsys.readouterr().err
     assert gm.code == capture(model).code and list(cache.iterdir()) == []
+
+
+
+def test_an_unranged_capture_is_retried_stored_and_decodes(cache, monkeypatch):
+    """torch 2.11 refuses the ranged K/V width ("Constraints violated"): capture retries with it unranged,
+    and that graph (an ``int_oo`` bound) is stored, reloaded and decodes like any other. Other export
+    errors are not retried."""
+    import adadecode_fx.capture as cap
+    from adadecode_fx.errors import UnsupportedModelError
+
+    real, widths = cap._export, []
+
+    def refuse_the_ranged_width(wrapper, args, dyn):
+        widths.append(dyn[3][1])
+        if widths[-1] is not torch.export.Dim.DYNAMIC:
+            raise RuntimeError("Constraints violated (S)! For more information, run with TORCH_LOGS=+dynamic")
+        return real(wrapper, args, dyn)
+
+    monkeypatch.setattr(cap, "_export", refuse_the_ranged_width)
+    model = tiny_model.__wrapped__("llama", seed=3)  # an object no other test built
+    heads = ExitHeads.random(model, (1, 3), seed=0)
+    config = AdaDecodeConfig(threshold=0.02, max_pending=3)
+    prompt = [5, 6, 7]
+    out = AdaDecoder(model, heads, config).generate(prompt, 16, eos_token_id=None)
+    assert len(widths) == 2 and widths[1] is torch.export.Dim.DYNAMIC
+    assert out.new_tokens == hf_greedy(model, prompt, 16) and out.stats.early_emitted > 0
+    assert len(list(cache.glob("*.pkl"))) == 1, "the unranged capture was not stored"
+
+    def boom(*args):
+        widths.append("boom")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cap, "_export", boom)  # a rebuild must read the stored graph, not export
+    again = AdaDecoder(model, heads, config).generate(prompt, 16, eos_token_id=None)
+    assert again.new_tokens == out.new_tokens and len(widths) == 2
+    with pytest.raises(UnsupportedModelError, match="boom"):
+        capture(model)
+    assert widths[2:] == ["boom"], "an error other than the constraint violation was retried"
