@@ -101,6 +101,9 @@ class AdaDecodeConfig:
     max_cache_len: backend "cudagraphs": slots in its static K/V buffers (prompt + new tokens + 1 must
         fit). None: 256, grown to the next multiple of 256 when a generation needs more (which recaptures
         every graph). Attention reads all of them at every step, so do not make it much larger than needed.
+    compile_segments: backend "cudagraphs": compile the static segments with inductor (fused kernels, one
+        template per kind of layer, as backend "inductor" does) before capturing them; without it the
+        graphs replay ATen's kernels one by one. Costs the compile at construction (minutes on a GPU).
     onnx_dir: backend "onnxruntime": export the segments here (default: a temporary directory).
     onnx_providers: backend "onnxruntime": ORT execution providers (default: CUDA if present, else CPU).
     extra: the same three options as a dict (older spelling); any other key is an error.
@@ -114,6 +117,7 @@ class AdaDecodeConfig:
     kv_bucket: int = 1
     script_rows: bool = True
     max_cache_len: int | None = None
+    compile_segments: bool = False
     onnx_dir: str | None = None
     onnx_providers: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
@@ -146,6 +150,11 @@ class AdaDecodeConfig:
                 raise AdaDecodeError(f"threshold must be in (0, 1], got {t!r}; the paper uses {DEFAULT_THRESHOLD}")
         if not isinstance(self.script_rows, bool):
             raise AdaDecodeError(f"script_rows must be True or False, got {self.script_rows!r}")
+        if not isinstance(self.compile_segments, bool):
+            raise AdaDecodeError(f"compile_segments must be True or False, got {self.compile_segments!r}")
+        if self.compile_segments and self.backend != "cudagraphs":
+            raise AdaDecodeError(f"compile_segments applies to backend='cudagraphs' only, not {self.backend!r} "
+                                 "(backend='inductor' compiles every segment already)")
         if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 0:
             raise AdaDecodeError(f"max_pending must be an integer >= 0, got {self.max_pending!r}")
         if self.backend not in BACKENDS:

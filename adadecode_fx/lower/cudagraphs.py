@@ -15,6 +15,10 @@ whole stretches of a step can be captured once and replayed:
 - **Probes and epilogue** are static calls of their own (one row per probe; T rows for the epilogue),
   so the exit decision keeps its seam (the decoder's probe) and verification stays in the runtime.
 
+- **Kernels.** By default a graph replays ATen's kernels, as eager PyTorch launches them (~50 a layer).
+  ``config.compile_segments`` first compiles the static segments with inductor (`lower_with`: one
+  template per kind of layer, dynamic T and capacity), so the graphs replay fused kernels.
+
 On CUDA every static call is captured with ``torch.cuda.graph`` on first use and replayed after
 (`adadecode_fx.lower.static_graphs`); warm-up makes all of them at construction. Elsewhere the same
 calls run uncaptured over the same buffers, which is what CI tests. A prefill longer than
@@ -31,6 +35,7 @@ from ..errors import AdaDecodeError
 from ..ops.attention import plain_attention
 from ..runtime.kv_state import KVState
 from .eager import private_copy
+from .inductor import compile_segment, lower_with
 from .static_graphs import GraphBook
 
 DEFAULT_CAPACITY = 256  # slots; capacity grows in steps of this many when a generation needs more
@@ -175,8 +180,15 @@ def lower_cudagraphs(program, config):
     static = program.replace(
         prologue_fn=static_segment(program.prologue_fn), epilogue_fn=static_segment(program.epilogue_fn),
         layer_fns=[static_segment(f) for f in program.layer_fns])
+    compiled = {}
+    if config.compile_segments:
+        # fused kernels inside the graphs: each (run, T) graph then replays a few kernels per layer instead
+        # of ATen's ~50; dynamic shapes, so one compile per template serves every T and capacity
+        static = lower_with(static, config, compile_segment, name="cudagraphs")
+        compiled = {"compiled_templates": static.lowering["compiled_templates"]}
     runner = StaticRunner(static, config)
     return static.replace(
         runner=runner, epilogue_fn=runner.epilogue, probe_fns=dict(runner.probes), backend="cudagraphs",
         needs_warm_up=True,
-        lowering={"runs": runner.runs, "max_rows": runner.max_rows, "captured": runner.device.type == "cuda"})
+        lowering={"runs": runner.runs, "max_rows": runner.max_rows, "captured": runner.device.type == "cuda",
+                  "compile_segments": config.compile_segments, **compiled})

@@ -103,7 +103,7 @@ class _SharedProbe(torch.nn.Module):
         return ExitProbe.apply(self.head, self.vocab, adapter, hidden)
 
 
-def _compile(fn, config):
+def compile_segment(fn, config):
     options = {}
     if str(config.dtype) in ("bfloat16", "float16"):
         # Round after every op like eager does: fused fp32 intermediates flip near-ties vs HF greedy.
@@ -114,7 +114,7 @@ def _compile(fn, config):
 def lower_inductor(program, config):
     """Replace the program's segment callables by inductor-compiled ones. Compilation happens on first
     call; `adadecode_fx.lower.warm_up` triggers every variant a generation needs."""
-    return lower_with(program, config, _compile, name="inductor")
+    return lower_with(program, config, compile_segment, name="inductor")
 
 
 def lower_with(program, config, compile_fn, name: str):

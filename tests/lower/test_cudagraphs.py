@@ -6,6 +6,7 @@ the end (skipped without a GPU) check that the captured graphs replay the same t
 nothing is captured after warm-up."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import adadecode_fx
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
@@ -19,10 +20,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 FORCED = dict(threshold=0.02, max_pending=3)  # random heads at a tiny gamma: many exits, many rollbacks
 
 
-def _pair(model, layers=(1, 3), seed=1, **config):
+def _pair(model, layers=(1, 3), seed=1, compile_segments=False, **config):
     heads = ExitHeads.random(model, layers, scale=0.5, seed=seed)
     settings = {**FORCED, **config}
-    return (AdaDecoder(model, heads, AdaDecodeConfig(backend="cudagraphs", **settings)),
+    static = AdaDecodeConfig(backend="cudagraphs", compile_segments=compile_segments, **settings)
+    return (AdaDecoder(model, heads, static),
             AdaDecoder(model, heads, AdaDecodeConfig(**settings)))
 
 
@@ -120,6 +122,34 @@ def test_batches_are_refused_and_options_checked():
         static.generate([[1, 2, 3], [4, 5]], 4)
     with pytest.raises(AdaDecodeError, match="max_cache_len"):
         AdaDecodeConfig(backend="cudagraphs", max_cache_len=0)
+    with pytest.raises(AdaDecodeError, match="backend='cudagraphs' only"):
+        AdaDecodeConfig(backend="eager", compile_segments=True)
+    with pytest.raises(AdaDecodeError, match="compile_segments must be"):
+        AdaDecodeConfig(backend="cudagraphs", compile_segments="yes")
+
+
+def test_compiled_segments_match_eager_and_hf_without_recompiling():
+    """compile_segments: the static segments through inductor (shared layer template, dynamic T and
+    capacity), run by the same static calls; same tokens and schedule, nothing compiled or made after
+    warm-up."""
+    model = tiny_model("llama", dtype=torch.float32)
+    static, eager = _pair(model, compile_segments=True)
+    assert static.program.lowering["compiled_templates"] == 4  # one layer kind, prologue, epilogue, probe
+    runner = static.program.runner
+    before = counters["stats"]["unique_graphs"]
+    assert before > 0 and runner.made == _expected_calls(static)
+    early = rejected = 0
+    for prompt, new in (([5, 6, 7], 25), (list(range(20, 45)), 25), ([1], 6)):
+        out = static.generate(prompt, new, eos_token_id=None)
+        ref = eager.generate(prompt, new, eos_token_id=None)
+        assert out.new_tokens == ref.new_tokens == hf_greedy(model, prompt, new)
+        for key in ("early_emitted", "accepted", "rejected", "steps", "critical_path_layers"):
+            assert getattr(out.stats, key) == getattr(ref.stats, key), key
+        early += out.stats.early_emitted
+        rejected += out.stats.rejected
+    assert counters["stats"]["unique_graphs"] == before, "a generation recompiled after warm-up"
+    assert runner.made == _expected_calls(static), "a generation made a static call after warm-up"
+    assert early >= 20 and rejected >= 5, (early, rejected)
 
 
 def test_compile_backend_and_custom_generate_reach_it():
@@ -185,6 +215,23 @@ def test_cuda_graphs_replay_the_eager_tokens_and_capture_only_at_warm_up(family)
         early += out.stats.early_emitted
     assert runner.made == _expected_calls(static), "captured again after warm-up"
     assert early > 10
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cuda_compiled_segments_replay_the_eager_tokens(family):
+    """Inductor's kernels captured in our graphs: fp32 tokens equal our eager path's, every static call
+    captured, nothing compiled or captured after warm-up."""
+    model = cuda_model(family)
+    static, eager = _pair(model, compile_segments=True)
+    runner = static.program.runner
+    assert all(call.graph is not None for call in runner.book.calls.values()), "a static call was not captured"
+    before = counters["stats"]["unique_graphs"]
+    for prompt, new in (([5, 6, 7], 30), (list(range(20, 45)), 30)):
+        out = static.generate(prompt, new, eos_token_id=None)
+        assert out.new_tokens == eager.generate(prompt, new, eos_token_id=None).new_tokens
+    assert runner.made == _expected_calls(static), "captured again after warm-up"
+    assert counters["stats"]["unique_graphs"] == before, "recompiled after warm-up"
 
 
 @cuda
