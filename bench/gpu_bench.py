@@ -14,9 +14,12 @@ recorded outcomes. Results are written after every prompt, so a run cut short st
 """
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
@@ -28,11 +31,30 @@ from adadecode_fx.heads import shipped_heads
 from adadecode_fx.heads.format import model_fingerprint
 from adadecode_fx.zoo.shapes import random_model
 
-METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_eager")
+METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_cudagraphs_inductor",
+           "adadecode_eager")
+# AdaDecode variants: method name -> config options besides the schedule's
+VARIANTS = {"adadecode_cudagraphs": {"backend": "cudagraphs"},
+            "adadecode_cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True},
+            "adadecode_eager": {"backend": "eager"}}
 
 
 def log(msg: str) -> None:
     print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def code_commit() -> str | None:
+    """The commit this runs: ADADECODE_COMMIT (the GPU machine gets the tree without .git, so bench/gpu.sh
+    passes what bench/gpu_wheels.sh wrote), else git's HEAD, with "+changes" for a dirty tree."""
+    if os.environ.get("ADADECODE_COMMIT"):
+        return os.environ["ADADECODE_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def replay_method(name, decoder: ReplayDecoder, records: dict, max_new_tokens: int) -> Method:
@@ -56,18 +78,26 @@ def build(args, schedule):
     if "hf_static_compile" in args.methods:
         methods["hf_static_compile"] = static_compile_method(model, T, device)
     records = {tuple(r["prompt_ids"]): r for r in schedule["records"]}
-    decoders = {}
-    for backend in ("cudagraphs", "eager"):
-        name = f"adadecode_{backend}"
+    decoders, failed = {}, {}
+    for name, options in VARIANTS.items():
         if name not in args.methods:
             continue
+        if time.time() - args.started > args.build_deadline:
+            failed[name] = f"not built: {args.build_deadline} s had passed"
+            continue
         t0 = time.perf_counter()
-        extra = {"max_cache_len": -(-longest // 256) * 256} if backend == "cudagraphs" else {}
-        dec = ReplayDecoder(AdaDecoder(model, heads, AdaDecodeConfig(backend=backend, **settings, **extra)).program)
+        if options["backend"] == "cudagraphs":
+            options = {**options, "max_cache_len": -(-longest // 256) * 256}
+        try:  # one variant that fails to build (a capture or a compile) must not cost the others' figures
+            dec = ReplayDecoder(AdaDecoder(model, heads, AdaDecodeConfig(**options, **settings)).program)
+        except Exception as e:
+            traceback.print_exc()
+            failed[name] = f"{type(e).__name__}: {e}"[:2000]
+            continue
         log(f"{name}: built and warmed in {time.perf_counter() - t0:.1f} s")
         decoders[name] = dec
         methods[name] = replay_method(name, dec, records, T)
-    return model, methods, decoders
+    return model, methods, decoders, failed
 
 
 def summarize(report: dict) -> None:
@@ -99,6 +129,8 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--eager-prompts", type=int, default=1, help="adadecode_eager only on this many prompts (slow)")
     p.add_argument("--deadline", type=float, default=300.0, help="seconds; no new prompt starts after it")
+    p.add_argument("--build-deadline", type=float, default=200.0,
+                   help="seconds; no AdaDecode variant starts building after it (compiles take minutes)")
     args = p.parse_args()
     started = time.time()
     schedule = json.load(open(args.schedule))
@@ -109,35 +141,56 @@ def main() -> int:
     args.methods = tuple(m for m in args.methods.split(",") if m)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    model, methods, decoders = build(args, schedule)
-    report = {"machine": machine_info(args.device), "argv": sys.argv, "schedule": args.schedule,
+    args.started = started
+    model, methods, decoders, failed = build(args, schedule)
+    report = {"machine": machine_info(args.device), "commit": code_commit(), "argv": sys.argv,
+              "schedule": args.schedule,
               "schedule_config": schedule["config"], "recorded_with": schedule["recorded_with"],
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "methods": list(methods),
-              "setup_s": round(time.time() - started, 1), "prompts": []}
+              "failed": failed, "setup_s": round(time.time() - started, 1), "prompts": []}
     first = torch.tensor([schedule["records"][0]["prompt_ids"]], device=args.device)
-    for name, method in methods.items():  # untimed: compiles, captures, lazy CUDA initialisation
+    for name, method in list(methods.items()):  # untimed: compiles, captures, lazy CUDA initialisation
         t0 = time.perf_counter()
-        method.run(first)
+        try:
+            method.run(first)
+        except Exception as e:
+            if name == "hf_greedy":  # the reference every other method is compared with
+                raise
+            traceback.print_exc()
+            failed[name] = f"warm-up: {type(e).__name__}: {e}"[:2000]
+            del methods[name]
+            decoders.pop(name, None)
+            continue
         report.setdefault("warmup_s", {})[name] = round(time.perf_counter() - t0, 1)
         log(f"{name}: warm-up call {report['warmup_s'][name]} s")
+    report["methods"] = list(methods)
     made = {name: dec.program.runner.made for name, dec in decoders.items() if dec.program.runner is not None}
     for k, rec in enumerate(schedule["records"]):
-        if time.time() - started > args.deadline:
+        if k and time.time() - started > args.deadline:  # the first prompt always runs: no figure without it
             report["stopped"] = f"deadline {args.deadline} s reached after {k} prompts"
             break
         ids = torch.tensor([rec["prompt_ids"]], device=args.device)
         runs = {}
-        for name, method in methods.items():
+        for name, method in list(methods.items()):
             if name == "adadecode_eager" and k >= args.eager_prompts:
                 continue
-            runs[name] = run_timed(method, ids, args.device, 0.005)
+            try:
+                runs[name] = run_timed(method, ids, args.device, 0.005)
+            except Exception as e:
+                if name == "hf_greedy":
+                    raise
+                traceback.print_exc()
+                failed[name] = f"prompt {k}: {type(e).__name__}: {e}"[:2000]
+                del methods[name]
+                decoders.pop(name, None)
         ref = runs["hf_greedy"]["tokens"]
         for run in runs.values():
             run["same_as_hf_greedy"] = run["tokens"] == ref
             run["tokens"] = run["tokens"][:8]  # enough to see what was emitted; the JSON stays small
         report["prompts"].append({"id": rec["id"], "prompt_len": len(rec["prompt_ids"]),
                                   "recorded_stats": rec["stats"], "runs": runs})
-        report["graphs_made_after_warm_up"] = {n: decoders[n].program.runner.made - m for n, m in made.items()}
+        report["graphs_made_after_warm_up"] = {n: decoders[n].program.runner.made - m for n, m in made.items()
+                                               if n in decoders}
         summarize(report)
         report["wall_s"] = round(time.time() - started, 1)
         with open(args.json, "w") as f:
@@ -145,8 +198,10 @@ def main() -> int:
         log(f"prompt {k}: " + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in runs.items()))
     for name, s in report.get("summary", {}).items():
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
-        print(f"{name:22s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
+        print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
               f"{s['same_tokens_as_hf_greedy']}/{s['prompts']}")
+    for name, why in failed.items():
+        print(f"{name:30s} FAILED {why.splitlines()[0][:200]}")
     return 0
 
 

@@ -11,5 +11,7 @@ pip download -q "${common[@]}" --platform manylinux_2_17_x86_64 --platform manyl
     transformers==5.24.0 regex==2026.11.19
 pip download -q "${common[@]}" --platform any pytest==9.2.0 pluggy iniconfig pygments packaging 2>/dev/null \
     || pip download -q --no-deps --only-binary=:all: -d "$dest" pytest==9.2.0 pluggy iniconfig pygments packaging
+# the commit these checks run (the GPU machine gets the working tree without .git); "+changes": uncommitted edits
+echo "$(git rev-parse HEAD)$([ -n "$(git status --porcelain --untracked-files=no)" ] && echo +changes)" > .gpu/commit
 ls -l "$dest"
 du -sh "$dest"
