@@ -183,8 +183,10 @@ def block_linear_fits(weight: torch.Tensor) -> bool:
     key = (*weight.shape, torch.get_num_threads())
     checked = _STATE.setdefault("shapes", {})
     if key not in checked:
+        # each row is a draw of its own: cancelling data shows an order difference for most draws, not all
+        # (2 x 2048, where oneDNN splits K across threads, passed 4 rows once and failed another draw)
         with torch.no_grad():
-            x, w, _ = cancelling(weight.shape[0], weight.shape[1], 1, 4, False, torch.Generator().manual_seed(1))
+            x, w, _ = cancelling(weight.shape[0], weight.shape[1], 1, 8, False, torch.Generator().manual_seed(1))
             checked[key] = torch.equal(_STATE["op"](x, w, None), rows_alone(x, w, None))
     return checked[key]
 
