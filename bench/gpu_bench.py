@@ -101,6 +101,28 @@ def build(args, schedule):
     return model, methods, decoders, failed
 
 
+def graph_times(decoder, repeats: int = 20) -> dict:
+    """Milliseconds per replay of each captured graph of a cudagraphs decoder (CUDA events, median of
+    ``repeats``), by static call: what the GPU spends per run, probe and epilogue, to set against the
+    wall time per step (the rest is the runtime's Python, copies and the probes' read-backs). Run after
+    the timed prompts: a replay rewrites K/V rows that the next prefill overwrites."""
+    times = {}
+    for key, call in decoder.program.runner.book.calls.items():
+        if call.graph is None:
+            continue
+        call.graph.replay()
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call.graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[repr(key)] = round(statistics.median(samples), 4)
+    return times
+
+
 def summarize(report: dict) -> None:
     """Per method: median tok/s, median per-prompt speed-up against each HF method, token agreement."""
     rows = report["prompts"]
@@ -208,6 +230,15 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         log(f"prompt {k}: " + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in runs.items()))
+    if args.device.startswith("cuda"):
+        for name, dec in decoders.items():
+            if dec.program.runner is not None:
+                try:
+                    report.setdefault("graph_ms", {})[name] = graph_times(dec)
+                except Exception as e:  # a figure about the figures: never worth the run
+                    report.setdefault("graph_ms", {})[name] = f"{type(e).__name__}: {e}"[:500]
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     for name, s in report.get("summary", {}).items():
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
         print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
