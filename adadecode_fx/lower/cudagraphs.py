@@ -121,6 +121,13 @@ class StaticRunner:
         self.pad.fill_(pad[0])
         return KVState.over(self.buffers, self.mask, pad)
 
+    def step_inputs(self, ids, start: int) -> dict:
+        """What the runs read of a step: token ids ``[1, T]`` and their slots ``[T]``. Positions, mask and
+        K/V are computed or held inside the runs (`_body`), so a step builds nothing per layer."""
+        rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+        return {"input_ids": torch.tensor(rows, dtype=torch.long, device=self.device),
+                "cache_position": torch.arange(start, start + len(rows[0]), device=self.device)}
+
     def run(self, first: int, last: int, hidden, n: int, top: dict, kv) -> torch.Tensor:
         if kv[0][0].data_ptr() != self.buffers[0][0].data_ptr():
             raise AdaDecodeError("a static program runs on its own K/V buffers: make the state with "
@@ -143,8 +150,7 @@ class StaticRunner:
         self.pad.zero_()
         like = None  # a run's output: the residual stream's width and dtype
         for t in range(1, self.max_rows + 1):
-            top = {"cache_position": torch.arange(t, device=self.device),
-                   "input_ids": torch.zeros(1, t, dtype=torch.long, device=self.device)}
+            top = self.step_inputs([0] * t, 0)
             for first, last in self.runs:
                 if first == 0 and t > 1:
                     continue

@@ -263,7 +263,7 @@ class AdaDecoder:
         stats.steps += count
         if a <= p_end:  # rows to walk (a flush of rows drafted after the last layer has none)
             kv = state.views(p_end + 1)
-            top = prog.top_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
+            top = prog.step_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
             pro = prog.step_prologue(top)
             for first, last in prog.runs:
                 parked = state.take_parked(first - 1) if first else None

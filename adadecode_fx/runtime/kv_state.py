@@ -30,6 +30,7 @@ class KVState:
             self.attention_mask[b, :p] = 0
         self.fill = [0] * len(kv_shapes)
         self.parked: dict[int, torch.Tensor] = {}
+        self.whole = False  # `views` gives the buffers themselves (a state `over` a static program's)
 
     @classmethod
     def over(cls, buffers, attention_mask: torch.Tensor, pad=(0,)) -> "KVState":
@@ -44,6 +45,7 @@ class KVState:
         state.attention_mask = attention_mask
         state.fill = [0] * len(state.buffers)
         state.parked = {}
+        state.whole = True
         return state
 
     @property
@@ -60,12 +62,15 @@ class KVState:
         view.attention_mask = self.attention_mask[b:b + 1]
         view.fill = [self.pad[b]] * len(self.fill)
         view.parked = {}
+        view.whole = self.whole
         return view
 
     def views(self, upto: int):
         """Buffers cut to ``upto`` positions rounded up to the bucket (attention reads only that much)."""
         if upto > self.capacity:
             raise RuntimeError(f"KV capacity {self.capacity} exceeded ({upto})")
+        if self.whole:  # a static program reads its whole buffers: no slice to make per layer and step
+            return self.buffers
         s = self._width(upto)
         return [(k[:, :, :s], v[:, :, :s]) for k, v in self.buffers]
 

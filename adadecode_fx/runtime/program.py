@@ -105,7 +105,8 @@ class DecodeProgram:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,
-        # ``run(first, last, hidden, n, top, kv)``, ``warm_up()`` (see adadecode_fx.lower.cudagraphs)
+        # ``step_inputs(ids, start)``, ``run(first, last, hidden, n, top, kv)``, ``warm_up()``
+        # (see adadecode_fx.lower.cudagraphs)
         self.runner = None
 
     def replace(self, **changes) -> "DecodeProgram":
@@ -204,6 +205,13 @@ class DecodeProgram:
         for i, (k, v) in enumerate(kv):
             top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
         return top
+
+    def step_inputs(self, ids, start: int, kv, attention_mask=None, pad=None) -> dict:
+        """A step's graph inputs (`top_inputs`); a runner computes positions, mask and K/V inside its runs
+        and takes only the token ids and their slots."""
+        if self.runner is not None:
+            return self.runner.step_inputs(ids, start)
+        return self.top_inputs(ids, start, kv, attention_mask, pad)
 
     # --- calls -----------------------------------------------------------------------------------
     def prologue(self, top: dict) -> PrologueOut:

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""The CPU time a cudagraphs decode step spends outside its static calls: the runtime's own Python.
+
+On a GPU a static call is one graph replay, so what a step costs the host is everything else: building
+the step's inputs, the copies in and out of the static buffers, the exit decision, verification and
+bookkeeping. While the host does that after a probe's read-back, the GPU waits. This measures that
+part on the CPU, where it can be told apart: each static call's body is timed and subtracted from the
+generation's wall time. The model is a random Qwen2-shaped decoder with many layers and a tiny width
+(so the bodies are cheap and the runtime's per-layer work shows), random heads that exit often.
+
+    PYTHONPATH=$PWD python bench/step_overhead.py --layers 24 --repeats 5
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers as tf
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.lower import static_graphs
+
+
+def small_decoder(layers: int):
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            tie_word_embeddings=False)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+class BodyTimer:
+    """Replaces `StaticCall.__call__` with the same steps, timing the body (what a GPU replays)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.original = static_graphs.StaticCall.__call__
+
+    def __enter__(self):
+        timer = self
+
+        @torch.no_grad()
+        def call(call_self, *args):
+            call_self._load(args)
+            t0 = time.perf_counter()
+            outputs = tuple(call_self.fn(*call_self.inputs))
+            timer.seconds += time.perf_counter() - t0
+            return tuple(o.clone() for o in outputs)
+
+        static_graphs.StaticCall.__call__ = call
+        return self
+
+    def __exit__(self, *exc):
+        static_graphs.StaticCall.__call__ = self.original
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--exit-layers", default="7,19")
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = small_decoder(args.layers)
+    layers = tuple(int(x) for x in args.exit_layers.split(","))
+    heads = ExitHeads.random(model, layers, scale=2.0, seed=1)
+    decoder = AdaDecoder(model, heads, AdaDecodeConfig(backend="cudagraphs", threshold=0.01, max_pending=5))
+    prompt = list(range(5, 40))
+    decoder.generate(prompt, 20, eos_token_id=None)
+    per_step, stats = [], None
+    for _ in range(args.repeats):
+        with BodyTimer() as timer:
+            t0 = time.perf_counter()
+            out = decoder.generate(prompt, args.new_tokens, eos_token_id=None)
+            wall = time.perf_counter() - t0
+        stats = out.stats
+        per_step.append(1e6 * (wall - timer.seconds) / stats.steps)
+    result = {"layers": args.layers, "exit_layers": list(layers), "steps": stats.steps,
+              "early_emitted": stats.early_emitted, "rejected": stats.rejected, "threads": args.threads,
+              "outside_static_calls_us_per_step": {"median": round(statistics.median(per_step), 1),
+                                                   "all": [round(x, 1) for x in per_step]}}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
