@@ -169,6 +169,20 @@ def test_compile_backend_and_custom_generate_reach_it():
     assert seq[0, 4:].tolist() == ref
 
 
+def test_a_step_builds_nothing_per_layer():
+    """The host's part of a step is what a GPU waits for: a static program's step takes token ids and
+    slots only, and its K/V state hands out the runner's buffers, not a view per layer."""
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    program = static.program
+    top = program.step_inputs([[5, 6]], 3, None)
+    assert set(top) == {"input_ids", "cache_position"} and top["cache_position"].tolist() == [3, 4]
+    state = program.kv_state(40, 1)
+    views = state.views(7)
+    assert len(views) == len(program.runner.buffers)
+    assert all(mine is theirs for mine, theirs in zip(views, program.runner.buffers))
+
+
 def test_static_call_outputs_survive_the_next_call():
     """Parked rows are kept across steps while the same call runs again: outputs must be copies."""
     buffer = torch.zeros(3)
