@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""GPU bench: HF eager greedy, HF static cache + compile, AdaDecode cudagraphs (and eager, on fewer prompts),
-on a random model of a zoo model's shape, replaying an exit schedule recorded on the real model on a CPU.
+"""GPU bench: HF eager greedy, HF static cache + compile, AdaDecode cudagraphs with ATen's and inductor's
+kernels (and eager, on fewer prompts), on a random model of a zoo model's shape, replaying an exit schedule
+recorded on the real model on a CPU.
 
 Why not the real weights: they are 491 MB for Qwen2.5-Coder and a GPU call here carries 64 MiB. The time of a
 greedy step depends on shapes and on the schedule (exits, block sizes, rollbacks), not on the weights' values;
 the model is made decisive (`adadecode_fx.zoo.shapes.make_decisive`) so that every method emits the same tokens
 in bf16 and the replay follows the recorded schedule step for step (`adadecode_fx.bench.replay`). The shipped
 heads' adapters and shortlist are used, so the probes cost what they cost; their guesses are replaced by the
-recorded outcomes. Results are written after every prompt, so a run cut short still leaves its numbers.
+recorded outcomes.
+
+The device is lent for minutes, so a figure must come out early and survive what fails after it: the
+results are written after every prompt; the variants that compile (``compile_segments``) are built only
+after the first prompt has been timed, and not at all past ``--build-deadline``; a variant that fails to
+build, warm up or run is recorded under ``failed`` and the others go on.
 
     PYTHONPATH=$PWD python bench/gpu_bench.py --schedule bench/data/qwen2.5-coder-0.5b.schedule.json \
         --json out/gpu/bench.json
@@ -58,49 +64,6 @@ def code_commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
-def replay_method(name, decoder: ReplayDecoder, records: dict, max_new_tokens: int) -> Method:
-    def run(ids):
-        prompt = ids[0].tolist()
-        out, followed = decoder.replay(prompt, records[tuple(prompt)], max_new_tokens)
-        return list(out.new_tokens), {**out.stats.to_dict(), "replay": followed}
-    return Method(name, run, {"config": json.loads(decoder.config.to_json())})
-
-
-def build(args, schedule):
-    device = args.device
-    model = random_model(schedule["model"], dtype=args.dtype, device=device)
-    heads = ExitHeads.load(shipped_heads(schedule["model"]))
-    heads.fingerprint = model_fingerprint(model)  # the shipped adapters, on a model they were not trained for
-    cfg = schedule["config"]
-    longest = max(len(r["prompt_ids"]) for r in schedule["records"]) + args.max_new_tokens + 1
-    settings = dict(exit_layers=tuple(cfg["exit_layers"]), threshold=cfg["threshold"], max_pending=cfg["max_pending"])
-    T = args.max_new_tokens
-    methods = {"hf_greedy": hf_method("hf_greedy", model, T)}
-    if "hf_static_compile" in args.methods:
-        methods["hf_static_compile"] = static_compile_method(model, T, device)
-    records = {tuple(r["prompt_ids"]): r for r in schedule["records"]}
-    decoders, failed = {}, {}
-    for name, options in VARIANTS.items():
-        if name not in args.methods:
-            continue
-        if time.time() - args.started > args.build_deadline:
-            failed[name] = f"not built: {args.build_deadline} s had passed"
-            continue
-        t0 = time.perf_counter()
-        if options["backend"] == "cudagraphs":
-            options = {**options, "max_cache_len": -(-longest // 256) * 256}
-        try:  # one variant that fails to build (a capture or a compile) must not cost the others' figures
-            dec = ReplayDecoder(AdaDecoder(model, heads, AdaDecodeConfig(**options, **settings)).program)
-        except Exception as e:
-            traceback.print_exc()
-            failed[name] = f"{type(e).__name__}: {e}"[:2000]
-            continue
-        log(f"{name}: built and warmed in {time.perf_counter() - t0:.1f} s")
-        decoders[name] = dec
-        methods[name] = replay_method(name, dec, records, T)
-    return model, methods, decoders, failed
-
-
 def graph_times(decoder, repeats: int = 20) -> dict:
     """Milliseconds per replay of each captured graph of a cudagraphs decoder (CUDA events, median of
     ``repeats``), by static call: what the GPU spends per run, probe and epilogue, to set against the
@@ -121,6 +84,120 @@ def graph_times(decoder, repeats: int = 20) -> dict:
             samples.append(start.elapsed_time(end))
         times[repr(key)] = round(statistics.median(samples), 4)
     return times
+
+
+class Bench:
+    """The methods of one run, what failed, and the report written after every prompt."""
+
+    def __init__(self, args, schedule):
+        self.args, self.schedule, self.started = args, schedule, time.time()
+        self.model = random_model(schedule["model"], dtype=args.dtype, device=args.device)
+        self.heads = ExitHeads.load(shipped_heads(schedule["model"]))
+        self.heads.fingerprint = model_fingerprint(self.model)  # the shipped adapters, on a model not theirs
+        self.records = {tuple(r["prompt_ids"]): r for r in schedule["records"]}
+        cfg = schedule["config"]
+        self.settings = dict(exit_layers=tuple(cfg["exit_layers"]), threshold=cfg["threshold"],
+                             max_pending=cfg["max_pending"])
+        prompts = [torch.tensor([r["prompt_ids"]], device=args.device) for r in schedule["records"]]
+        self.longest = max(prompts, key=lambda ids: ids.shape[1])
+        self.shortest = min(prompts, key=lambda ids: ids.shape[1])
+        self.methods: dict[str, Method] = {"hf_greedy": hf_method("hf_greedy", self.model, args.max_new_tokens)}
+        if "hf_static_compile" in args.methods:
+            self.methods["hf_static_compile"] = static_compile_method(self.model, args.max_new_tokens, args.device)
+        self.decoders, self.failed, self.made = {}, {}, {}
+        self.report = {"machine": machine_info(args.device), "commit": code_commit(), "argv": sys.argv,
+                       "schedule": args.schedule, "schedule_config": cfg, "recorded_with": schedule["recorded_with"],
+                       "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "failed": self.failed,
+                       "prompts": []}
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def _drop(self, name: str, when: str, e: Exception) -> None:
+        if name == "hf_greedy":  # the reference every other method is compared with
+            raise e
+        traceback.print_exc()
+        self.failed[name] = f"{when}: {type(e).__name__}: {e}"[:2000]
+        self.methods.pop(name, None)
+        self.decoders.pop(name, None)
+
+    def add_variant(self, name: str) -> None:
+        """Build an AdaDecode variant (capture, lowering, graphs: its construction warms it up)."""
+        if self.elapsed() > self.args.build_deadline:
+            self.failed[name] = f"not built: {self.args.build_deadline} s had passed"
+            return
+        options = dict(VARIANTS[name])
+        if options["backend"] == "cudagraphs":
+            slots = len(self.longest[0]) + self.args.max_new_tokens + 1
+            options["max_cache_len"] = -(-slots // 256) * 256
+        t0 = time.perf_counter()
+        try:
+            dec = ReplayDecoder(AdaDecoder(self.model, self.heads, AdaDecodeConfig(**options, **self.settings)).program)
+        except Exception as e:
+            self._drop(name, "build", e)
+            return
+        log(f"{name}: built and warmed in {time.perf_counter() - t0:.1f} s")
+        self.decoders[name] = dec
+        records, T = self.records, self.args.max_new_tokens
+
+        def run(ids):
+            prompt = ids[0].tolist()
+            out, followed = dec.replay(prompt, records[tuple(prompt)], T)
+            return list(out.new_tokens), {**out.stats.to_dict(), "replay": followed}
+
+        self.methods[name] = Method(name, run, {"config": json.loads(dec.config.to_json())})
+
+    def warm(self, name: str) -> None:
+        """One untimed call: compiles, captures, lazy CUDA initialisation. On the longest prompt, since HF's
+        static cache keeps the largest max_cache_len it has seen; HF static compile also on the shortest, so
+        that torch.compile marks the prefill length dynamic before timing (else timed calls recompile)."""
+        t0 = time.perf_counter()
+        try:
+            self.methods[name].run(self.longest)
+            if name == "hf_static_compile" and self.shortest.shape[1] != self.longest.shape[1]:
+                self.methods[name].run(self.shortest)
+        except Exception as e:
+            self._drop(name, "warm-up", e)
+            return
+        self.report.setdefault("warmup_s", {})[name] = round(time.perf_counter() - t0, 1)
+        log(f"{name}: warm-up {self.report['warmup_s'][name]} s")
+        dec = self.decoders.get(name)
+        if dec is not None and dec.program.runner is not None:
+            self.made[name] = dec.program.runner.made
+
+    def time_prompt(self, k: int, rec: dict) -> None:
+        """One timed call of each method on prompt ``rec``, interleaved; then the report is written."""
+        ids = torch.tensor([rec["prompt_ids"]], device=self.args.device)
+        runs = {}
+        for name, method in list(self.methods.items()):
+            if name == "adadecode_eager" and k >= self.args.eager_prompts:
+                continue
+            graphs = counters["stats"]["unique_graphs"]
+            try:
+                runs[name] = run_timed(method, ids, self.args.device, 0.005)
+            except Exception as e:
+                self._drop(name, f"prompt {k}", e)
+                continue
+            # a compile inside a timed call makes its time worthless: the JSON says so
+            runs[name]["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
+        ref = runs["hf_greedy"]["tokens"]
+        for run in runs.values():
+            run["same_as_hf_greedy"] = run["tokens"] == ref
+            run["tokens"] = run["tokens"][:8]  # enough to see what was emitted; the JSON stays small
+        self.report["prompts"].append({"id": rec["id"], "prompt_len": len(rec["prompt_ids"]),
+                                       "recorded_stats": rec["stats"], "runs": runs})
+        self.report["graphs_made_after_warm_up"] = {
+            n: self.decoders[n].program.runner.made - m for n, m in self.made.items() if n in self.decoders}
+        log(f"prompt {k}: " + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in runs.items()))
+        self.write()
+
+    def write(self) -> None:
+        self.report["methods"] = sorted({n for p in self.report["prompts"] for n in p["runs"]} | set(self.methods),
+                                        key=METHODS.index)
+        summarize(self.report)
+        self.report["wall_s"] = round(self.elapsed(), 1)
+        with open(self.args.json, "w") as f:
+            json.dump(self.report, f, indent=1)
 
 
 def summarize(report: dict) -> None:
@@ -152,100 +229,56 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the schedule's")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--eager-prompts", type=int, default=1, help="adadecode_eager only on this many prompts (slow)")
-    p.add_argument("--deadline", type=float, default=300.0, help="seconds; no new prompt starts after it")
+    p.add_argument("--deadline", type=float, default=300.0,
+                   help="seconds; no prompt after the first starts after it")
     p.add_argument("--build-deadline", type=float, default=200.0,
                    help="seconds; no AdaDecode variant starts building after it (compiles take minutes)")
     args = p.parse_args()
-    started = time.time()
     schedule = json.load(open(args.schedule))
     schedule["records"] = schedule["records"][:args.prompts]
     args.max_new_tokens = args.max_new_tokens or schedule["max_new_tokens"]
     if args.max_new_tokens > schedule["max_new_tokens"]:
         raise SystemExit(f"the schedule covers {schedule['max_new_tokens']} new tokens at most")
     args.methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    args.started = started
-    model, methods, decoders, failed = build(args, schedule)
-    report = {"machine": machine_info(args.device), "commit": code_commit(), "argv": sys.argv,
-              "schedule": args.schedule,
-              "schedule_config": schedule["config"], "recorded_with": schedule["recorded_with"],
-              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "methods": list(methods),
-              "failed": failed, "setup_s": round(time.time() - started, 1), "prompts": []}
-    # untimed: compiles, captures, lazy CUDA initialisation. On the longest prompt, since HF's static cache
-    # keeps the largest max_cache_len it has seen; HF static compile also sees the shortest, so that
-    # torch.compile marks the prefill length dynamic before timing starts (else the timed calls recompile)
-    prompts = [torch.tensor([r["prompt_ids"]], device=args.device) for r in schedule["records"]]
-    longest = max(prompts, key=lambda ids: ids.shape[1])
-    shortest = min(prompts, key=lambda ids: ids.shape[1])
-    for name, method in list(methods.items()):
-        t0 = time.perf_counter()
-        try:
-            method.run(longest)
-            if name == "hf_static_compile" and shortest.shape[1] != longest.shape[1]:
-                method.run(shortest)
-        except Exception as e:
-            if name == "hf_greedy":  # the reference every other method is compared with
-                raise
-            traceback.print_exc()
-            failed[name] = f"warm-up: {type(e).__name__}: {e}"[:2000]
-            del methods[name]
-            decoders.pop(name, None)
-            continue
-        report.setdefault("warmup_s", {})[name] = round(time.perf_counter() - t0, 1)
-        log(f"{name}: warm-up call {report['warmup_s'][name]} s")
-    report["methods"] = list(methods)
-    made = {name: dec.program.runner.made for name, dec in decoders.items() if dec.program.runner is not None}
+
+    bench = Bench(args, schedule)
+    compiling = [n for n in VARIANTS if n in args.methods and VARIANTS[n].get("compile_segments")]
+    for name in VARIANTS:
+        if name in args.methods and name not in compiling:
+            bench.add_variant(name)
+    bench.report["setup_s"] = round(bench.elapsed(), 1)
+    for name in list(bench.methods):
+        bench.warm(name)
     for k, rec in enumerate(schedule["records"]):
-        if k and time.time() - started > args.deadline:  # the first prompt always runs: no figure without it
-            report["stopped"] = f"deadline {args.deadline} s reached after {k} prompts"
+        if k and bench.elapsed() > args.deadline:  # the first prompt always runs: no figure without it
+            bench.report["stopped"] = f"deadline {args.deadline} s reached after {k} prompts"
             break
-        ids = torch.tensor([rec["prompt_ids"]], device=args.device)
-        runs = {}
-        for name, method in list(methods.items()):
-            if name == "adadecode_eager" and k >= args.eager_prompts:
-                continue
-            graphs = counters["stats"]["unique_graphs"]
-            try:
-                runs[name] = run_timed(method, ids, args.device, 0.005)
-                # a compile inside a timed call makes its time worthless: say so in the JSON
-                runs[name]["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
-            except Exception as e:
-                if name == "hf_greedy":
-                    raise
-                traceback.print_exc()
-                failed[name] = f"prompt {k}: {type(e).__name__}: {e}"[:2000]
-                del methods[name]
-                decoders.pop(name, None)
-        ref = runs["hf_greedy"]["tokens"]
-        for run in runs.values():
-            run["same_as_hf_greedy"] = run["tokens"] == ref
-            run["tokens"] = run["tokens"][:8]  # enough to see what was emitted; the JSON stays small
-        report["prompts"].append({"id": rec["id"], "prompt_len": len(rec["prompt_ids"]),
-                                  "recorded_stats": rec["stats"], "runs": runs})
-        report["graphs_made_after_warm_up"] = {n: decoders[n].program.runner.made - m for n, m in made.items()
-                                               if n in decoders}
-        summarize(report)
-        report["wall_s"] = round(time.time() - started, 1)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        log(f"prompt {k}: " + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in runs.items()))
+        bench.time_prompt(k, rec)
+        if k == 0:  # a figure is on disk: now the variants whose compile takes minutes
+            for name in compiling:
+                bench.add_variant(name)
+                if name in bench.methods:
+                    bench.warm(name)
     if args.device.startswith("cuda"):
-        for name, dec in decoders.items():
+        for name, dec in bench.decoders.items():
             if dec.program.runner is not None:
                 try:
-                    report.setdefault("graph_ms", {})[name] = graph_times(dec)
+                    bench.report.setdefault("graph_ms", {})[name] = graph_times(dec)
                 except Exception as e:  # a figure about the figures: never worth the run
-                    report.setdefault("graph_ms", {})[name] = f"{type(e).__name__}: {e}"[:500]
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    for name, s in report.get("summary", {}).items():
+                    bench.report.setdefault("graph_ms", {})[name] = f"{type(e).__name__}: {e}"[:500]
+    bench.write()
+    for name, s in bench.report.get("summary", {}).items():
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
         print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
               f"{s['same_tokens_as_hf_greedy']}/{s['prompts']}"
               + (f"  COMPILED {s['graphs_compiled_in_timed_calls']} graphs while timed"
                  if s["graphs_compiled_in_timed_calls"] else ""))
-    for name, why in failed.items():
+    for name, why in bench.failed.items():
         print(f"{name:30s} FAILED {why.splitlines()[0][:200]}")
     return 0
 

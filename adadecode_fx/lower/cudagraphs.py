@@ -14,7 +14,6 @@ whole stretches of a step can be captured once and replayed:
   the runtime calls it through `DecodeProgram.run_layers` (the hook this lowering fills).
 - **Probes and epilogue** are static calls of their own (one row per probe; T rows for the epilogue),
   so the exit decision keeps its seam (the decoder's probe) and verification stays in the runtime.
-
 - **Kernels.** By default a graph replays ATen's kernels, as eager PyTorch launches them (~50 a layer).
   ``config.compile_segments`` first compiles the static segments with inductor (`lower_with`: one
   template per kind of layer, dynamic T and capacity), so the graphs replay fused kernels.
