@@ -1,0 +1,40 @@
+"""bench/gpu_bench.py, the script a lent GPU runs once: its whole flow on the CPU (Qwen2.5-Coder's shape with
+random weights, the recorded schedule, a few tokens), so a broken script is found here, not in the lease."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_gpu_bench_runs_its_flow_on_the_cpu(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    gpu_bench = _gpu_bench()
+    monkeypatch.setitem(gpu_bench.VARIANTS, "adadecode_eager", {"backend": "eager", "max_pending": "many"})
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_bench", "--device", "cpu", "--json", str(out), "--prompts", "2", "--max-new-tokens", "6",
+        "--schedule", str(ROOT / "bench/data/qwen2.5-coder-0.5b.schedule.json"),
+        "--methods", "hf_greedy,adadecode_cudagraphs,adadecode_eager"])
+    assert gpu_bench.main() == 0
+    report = json.loads(out.read_text())
+    assert [p["id"] for p in report["prompts"]] == ["humaneval/HumanEval/10", "humaneval/HumanEval/66"]
+    for prompt in report["prompts"]:
+        run = prompt["runs"]["adadecode_cudagraphs"]
+        assert run["same_as_hf_greedy"] and run["graphs_compiled"] == 0
+        assert run["stats"]["replay"]["diverged"] == 0 and run["stats"]["new_tokens"] == 6
+    assert report["graphs_made_after_warm_up"] == {"adadecode_cudagraphs": 0}
+    assert report["summary"]["adadecode_cudagraphs"]["prompts"] == 2
+    # a variant that cannot be built is recorded, and the others' figures stand
+    assert set(report["failed"]) == {"adadecode_eager"} and "max_pending" in report["failed"]["adadecode_eager"]
+    assert report["methods"] == ["hf_greedy", "adadecode_cudagraphs"]
