@@ -41,7 +41,9 @@ tail -n 6 "$OUT/bench.txt"
 # 2. correctness: fp32 graphs == our eager path token for token (ATen's and inductor's kernels), nothing
 #    captured or compiled after warm-up, bf16 runs; and the older CUDA tests, since the decode loop walks
 #    runs of layers
-timeout 130 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k test_cuda_ \
+# (no plugin autoloading: the image has pytest-xdist, -cov, -timeout and -benchmark for its own pytest, and
+# the carried pytest 9.2 stands ahead of it)
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 130 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k test_cuda_ \
     tests/runtime/test_cuda.py > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 tail -n 3 "$OUT/tests.txt"
