@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of the cudagraphs backend, in one call of at most ~9 minutes (20 s + 380 s + 130 s). UNTESTED on a GPU: written on
-# a machine without one (its CPU fallbacks ran there, under torch 2.13 and the image's 2.11). Run from the
-# repository root on the GPU machine, after bench/gpu_wheels.sh filled .gpu/wheels here:
+# The GPU checks of the cudagraphs backend, in one call of at most ~9 minutes (20 s + 380 s + 130 s).
+# UNTESTED on a GPU: written on a machine without one (its CPU fallbacks ran there, under torch 2.13 and the
+# image's 2.11). Run from the repository root on the GPU machine, after bench/gpu_wheels.sh filled
+# .gpu/wheels here:
 #     run(command="bash bench/gpu.sh", carry=[".gpu"], timeout_s=560)
 # A dry run of its flow on a CPU: GPU_BENCH_ARGS="--device cpu --prompts 1 --max-new-tokens 16" bash bench/gpu.sh
 # Writes into $OUT (the folder that comes back; out/gpu when unset): machine.txt, install.txt, bench.json,

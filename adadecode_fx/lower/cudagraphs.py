@@ -33,6 +33,7 @@ from torch import fx
 from ..errors import AdaDecodeError
 from ..ops.attention import plain_attention
 from ..runtime.kv_state import KVState
+from ..runtime.program import token_rows
 from .eager import private_copy
 from .inductor import compile_segment, lower_with
 from .static_graphs import GraphBook
@@ -123,7 +124,7 @@ class StaticRunner:
     def step_inputs(self, ids, start: int) -> dict:
         """What the runs read of a step: token ids ``[1, T]`` and their slots ``[T]``. Positions, mask and
         K/V are computed or held inside the runs (`_body`), so a step builds nothing per layer."""
-        rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+        rows = token_rows(ids)
         return {"input_ids": torch.tensor(rows, dtype=torch.long, device=self.device),
                 "cache_position": torch.arange(start, start + len(rows[0]), device=self.device)}
 

@@ -28,6 +28,11 @@ class PrologueOut:
     rows: int      # number of positions it was run on
 
 
+def token_rows(ids) -> list:
+    """Token ids as ``[B][T]``: a batch of rows as it is, one flat row wrapped."""
+    return ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+
+
 def _narrow_last(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     size = x.shape[dim]
     return x if size == n else x.narrow(dim, size - n, n)
@@ -193,7 +198,7 @@ class DecodeProgram:
         over K/V views ``kv``. ``attention_mask`` ``[B, S]`` (default: all ones) hides pad slots; ``pad[b]``
         is row b's first real slot, so its positions are ``slot - pad[b]``."""
         dev = kv[0][0].device
-        rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+        rows = token_rows(ids)
         top = {"input_ids": torch.tensor(rows, dtype=torch.long, device=dev),
                "cache_position": torch.arange(start, start + len(rows[0]), device=dev)}
         top["position_ids"] = top["cache_position"][None].repeat(len(rows), 1)
