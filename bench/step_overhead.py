@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""The CPU time a cudagraphs decode step spends outside its static calls: the runtime's own Python.
+"""The host's part of a cudagraphs decode step: CPU time and kernels outside its static calls.
 
 On a GPU a static call is one graph replay, so what a step costs the host is everything else: building
 the step's inputs, the copies in and out of the static buffers, the exit decision, verification and
 bookkeeping. While the host does that after a probe's read-back, the GPU waits. This measures that
-part on the CPU, where it can be told apart: each static call's body is timed and subtracted from the
-generation's wall time. The model is a random Qwen2-shaped decoder with many layers and a tiny width
-(so the bodies are cheap and the runtime's per-layer work shows), random heads that exit often.
+part on the CPU, where it can be told apart: each static call's body (what a replay does) is timed and
+subtracted from the generation's wall time, and the ATen operations dispatched outside the bodies are
+counted (views apart): each one is a kernel launch on a GPU. The model is a random Qwen2-shaped decoder
+with many layers and a tiny width (so the bodies are cheap and the runtime's per-layer work shows), and
+random heads that exit often.
 
     PYTHONPATH=$PWD python bench/step_overhead.py --layers 24 --repeats 5
 """
@@ -17,6 +19,7 @@ import time
 
 import torch
 import transformers as tf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.lower import static_graphs
@@ -33,28 +36,44 @@ def small_decoder(layers: int):
 
 
 class BodyTimer:
-    """Replaces `StaticCall.__call__` with the same steps, timing the body (what a GPU replays)."""
+    """Times `StaticCall.run_uncaptured` (the body: what a GPU replays) and counts the calls."""
 
-    def __init__(self):
-        self.seconds = 0.0
-        self.original = static_graphs.StaticCall.__call__
+    def __init__(self, ops=None):
+        self.seconds, self.calls, self.ops = 0.0, 0, ops
+        self.original = static_graphs.StaticCall.run_uncaptured
 
     def __enter__(self):
-        timer = self
+        timer, original = self, self.original
 
-        @torch.no_grad()
-        def call(call_self, *args):
-            call_self._load(args)
+        def run_uncaptured(call_self):
+            timer.calls += 1
+            if timer.ops is not None:
+                timer.ops.on = False
             t0 = time.perf_counter()
-            outputs = tuple(call_self.fn(*call_self.inputs))
+            original(call_self)
             timer.seconds += time.perf_counter() - t0
-            return tuple(o.clone() for o in outputs)
+            if timer.ops is not None:
+                timer.ops.on = True
 
-        static_graphs.StaticCall.__call__ = call
+        static_graphs.StaticCall.run_uncaptured = run_uncaptured
         return self
 
     def __exit__(self, *exc):
-        static_graphs.StaticCall.__call__ = self.original
+        static_graphs.StaticCall.run_uncaptured = self.original
+
+
+class OpCounter(TorchDispatchMode):
+    """ATen operations dispatched while ``on``, views apart (they launch no kernel), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.on, self.by_name = True, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and not func.is_view:
+            name = str(func.overloadpacket.__name__)
+            self.by_name[name] = self.by_name.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -81,10 +100,17 @@ def main() -> None:
             wall = time.perf_counter() - t0
         stats = out.stats
         per_step.append(1e6 * (wall - timer.seconds) / stats.steps)
-    result = {"layers": args.layers, "exit_layers": list(layers), "steps": stats.steps,
+    # one more generation, not timed: what a step launches outside its graphs
+    with OpCounter() as ops, BodyTimer(ops) as timer:
+        decoder.generate(prompt, args.new_tokens, eos_token_id=None)
+    steps = stats.steps
+    result = {"layers": args.layers, "exit_layers": list(layers), "steps": steps,
               "early_emitted": stats.early_emitted, "rejected": stats.rejected, "threads": args.threads,
               "outside_static_calls_us_per_step": {"median": round(statistics.median(per_step), 1),
-                                                   "all": [round(x, 1) for x in per_step]}}
+                                                   "all": [round(x, 1) for x in per_step]},
+              "static_calls_per_step": round(timer.calls / steps, 2),
+              "kernels_outside_static_calls_per_step": round(sum(ops.by_name.values()) / steps, 2),
+              "kernels_outside_by_op": dict(sorted(ops.by_name.items(), key=lambda kv: -kv[1])[:8])}
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,8 +12,13 @@ whole stretches of a step can be captured once and replayed:
   to the next the block length T is constant (`DecodeProgram.runs`). Each run, with its own prologue
   (positions, masks, rotary tables for its T rows), is one static call per T = 1..max_pending + 1;
   the runtime calls it through `DecodeProgram.run_layers` (the hook this lowering fills).
-- **Probes and epilogue** are static calls of their own (one row per probe; T rows for the epilogue),
-  so the exit decision keeps its seam (the decoder's probe) and verification stays in the runtime.
+- **Probes inside the runs.** A run that ends at an exit layer also computes that layer's probe on its
+  last row, in the same graph; the decoder's probe call then reads what the run computed
+  (`_FoldedProbe`), so the exit decision keeps its seam and costs no replay of its own. The epilogue is a
+  static call per T; verification and rollback stay in the runtime.
+- **One step input.** A step writes ``[end, newest token]`` into one static tensor; the graphs derive
+  slots, positions and masks from it. Outputs are the graphs' own buffers, not copies: only a parked
+  block outlives the next replay of its graph, and `KVState.park` copies it.
 - **Kernels.** By default a graph replays ATen's kernels, as eager PyTorch launches them (~50 a layer).
   ``config.compile_segments`` first compiles the static segments with inductor (`lower_with`: one
   template per kind of layer, dynamic T and capacity), so the graphs replay fused kernels.
@@ -26,6 +31,8 @@ Attention is plain SDPA over the block: one call per block, not `row_exact`'s on
 masked read of the whole capacity is not row-exact in bf16 anyway (docs/gpu.md).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -57,8 +64,8 @@ def static_segment(gm):
 
 
 class _Segment:
-    """A probe or the epilogue as a static call per block length (``rows`` up to ``limit``); one-row
-    batches only, larger inputs run uncaptured."""
+    """The epilogue as a static call per block length (``rows`` up to ``limit``); one-row batches only,
+    larger inputs run uncaptured."""
 
     def __init__(self, runner: "StaticRunner", name, fn):
         self.runner, self.name, self.fn = runner, name, fn
@@ -70,12 +77,53 @@ class _Segment:
         return self.runner.book.call((self.name, t), self.fn, (hidden,))
 
 
+class _FoldedProbe:
+    """An exit probe computed inside the run that ends at its layer (`StaticRunner._body`): asked about
+    the last row of that run's output, it answers with what the run's graph computed, so a probe costs
+    no replay, copy or launch of its own. Anything else (never asked in decoding) runs uncaptured and is
+    counted in ``runner.unfolded_probes``."""
+
+    def __init__(self, runner: "StaticRunner", layer: int, fn):
+        self.runner, self.layer, self.fn = runner, layer, fn
+
+    def __call__(self, hidden_last: torch.Tensor):
+        folded = self.runner.fold_of(self.layer, hidden_last)
+        if folded is not None:
+            return folded.token, folded.confidence
+        self.runner.unfolded_probes += 1
+        return self.fn(hidden_last)
+
+    def read(self, hidden_last: torch.Tensor) -> tuple[list, list]:
+        """Tokens and confidences as lists, from one read-back of the run's packed pair (a GPU waits for
+        each read-back, so the pair travels together)."""
+        folded = self.runner.fold_of(self.layer, hidden_last)
+        if folded is None:
+            token, conf = self(hidden_last)
+            return token.reshape(-1).tolist(), conf.reshape(-1).tolist()
+        tokens, confs = folded.packed.tolist()
+        return [int(t) for t in tokens], confs
+
+
+class _Fold(NamedTuple):
+    """What a run that ends at an exit layer computed for that layer's probe."""
+    layer: int
+    last_row: int             # address of the block's last row: the probe must be asked about that very row
+    token: torch.Tensor       # [1, 1]
+    confidence: torch.Tensor  # [1, 1]
+    packed: torch.Tensor      # [2, 1] float64: token and confidence, read back together
+
+
 class StaticRunner:
     """Runs whole runs of layers over static buffers (`DecodeProgram.runner`).
 
     ``program``: the static segments, without a runner of their own. ``made`` counts the static calls
     made so far (graph captures on CUDA); it stays flat once `warm_up` has run, unless a generation needs
     more K/V slots than there are (the buffers grow and everything is captured again, before decoding).
+
+    What a step hands the graphs is one static tensor, ``step = [end, token]``: the slot after the
+    step's last row and the newest token, written once per step (`step_inputs`). A run of ``T`` rows
+    covers slots ``end - T .. end - 1``; layer 0's graph reads the token. The only other input is the
+    block entering a deeper run.
     """
 
     def __init__(self, program, config):
@@ -86,7 +134,13 @@ class StaticRunner:
         self.runs = program.runs
         self.bodies = {first: self._body(first, last) for first, last in self.runs}
         self.epilogue = _Segment(self, "epilogue", program.epilogue_fn)
-        self.probes = {l: _Segment(self, ("probe", l), fn) for l, fn in program.probe_fns.items()}
+        self.probes = {l: _FoldedProbe(self, l, fn) for l, fn in program.probe_fns.items()}
+        self.folded: _Fold | None = None  # of the last run, if it ended at a probe
+        self.unfolded_probes = 0
+        self.step = torch.zeros(2, dtype=torch.long, device=self.device)
+        self.end, self.token = self.step[:1], self.step[1:].view(1, 1)
+        self.staging = torch.zeros(2, dtype=torch.long)  # the step's values on the host, written through numpy
+        self.staging_np = self.staging.numpy()
         self.capacity = 0
         self._allocate(config.max_cache_len or DEFAULT_CAPACITY)
 
@@ -122,28 +176,52 @@ class StaticRunner:
         return KVState.over(self.buffers, self.mask, pad)
 
     def step_inputs(self, ids, start: int) -> dict:
-        """What the runs read of a step: token ids ``[1, T]`` and their slots ``[T]``. Positions, mask and
-        K/V are computed or held inside the runs (`_body`), so a step builds nothing per layer."""
+        """Writes ``step = [end, newest token]`` (one host-to-device copy); the runs compute slots,
+        positions and mask from it inside their graphs. A prefill of several tokens, whose layer 0 runs
+        uncaptured, also reads the token rows (``rows``)."""
         rows = token_rows(ids)
-        return {"input_ids": torch.tensor(rows, dtype=torch.long, device=self.device),
-                "cache_position": torch.arange(start, start + len(rows[0]), device=self.device)}
+        # a blocking copy: on a GPU it waits for work that a step's read-back has already waited for, and
+        # the staging buffer is free again when it returns
+        self.staging_np[0], self.staging_np[1] = start + len(rows[0]), rows[0][-1]
+        self.step.copy_(self.staging)
+        return {"rows": rows}
 
     def run(self, first: int, last: int, hidden, n: int, top: dict, kv) -> torch.Tensor:
         if kv[0][0].data_ptr() != self.buffers[0][0].data_ptr():
             raise AdaDecodeError("a static program runs on its own K/V buffers: make the state with "
                                  "program.kv_state(...)")
-        cache_position = top["cache_position"][-n:]
-        x = top["input_ids"][:, -n:] if first == 0 else hidden
         body = self.bodies[first]
-        # layer 0 sees a new token (T = 1) except in a prefill; deeper runs see T <= max_pending + 1
-        if x.shape[0] == 1 and n <= (1 if first == 0 else self.max_rows):
-            return self.book.call(("run", first, n), body, (cache_position, x))[0]
-        return body(cache_position, x)[0]
+        self.folded = None
+        # layer 0 sees the new token (T = 1) except in a prefill; deeper runs see T <= max_pending + 1
+        if first == 0:
+            out = (self.book.call(("run", 0, 1), self._layer0) if n == 1
+                   else body(torch.tensor([r[-n:] for r in top["rows"]], dtype=torch.long, device=self.device)))
+        elif hidden.shape[0] == 1 and n <= self.max_rows:
+            out = self.book.call(("run", first, n), body, (hidden,))
+        else:
+            out = body(hidden)
+        if len(out) > 1:
+            h = out[0]
+            self.folded = _Fold(last, h.data_ptr() + (h.shape[1] - 1) * h.stride(1) * h.element_size(), *out[1:])
+        return out[0]
+
+    def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
+        return self.probes[layer].read(hidden_last)
+
+    def fold_of(self, layer: int, hidden_last: torch.Tensor):
+        """What the last run computed for the probe at ``layer``, if ``hidden_last`` is its block's last row."""
+        f = self.folded
+        if f is None or f.layer != layer or hidden_last.data_ptr() != f.last_row or hidden_last.shape[1] != 1:
+            return None
+        return f
+
+    def _layer0(self):
+        return self.bodies[0](self.token)
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Make every static call a generation uses: runs for T = 1..max_pending + 1 (layer 0: T = 1),
-        the epilogue for as many rows, every probe for one. The K/V rows this writes at slots
+        """Make every static call a generation uses: runs for T = 1..max_pending + 1 (layer 0: T = 1,
+        probes inside), the epilogue for as many rows. The K/V rows this writes at slots
         0..max_pending are garbage that the next prefill overwrites and the mask hides until then; they
         are computed without padding, so they are finite (a masked row must be: 0 x NaN is NaN)."""
         self.mask.fill_(1)
@@ -157,15 +235,17 @@ class StaticRunner:
                 hidden = None if first == 0 else like.new_zeros(1, t, like.shape[-1])
                 like = self.run(first, last, hidden, t, top, self.buffers)
             self.epilogue(like.new_zeros(1, t, like.shape[-1]))
-        for probe in self.probes.values():
-            probe(like[:, -1:])
+        self.folded = None
 
     # --- one run's body ----------------------------------------------------------------------------
     def _body(self, first: int, last: int):
         prog = self.program
+        probe = prog.probe_fns.get(last)
 
-        def body(cache_position, x):
-            n = cache_position.shape[0]
+        def body(x):
+            # x: token ids [1, T] at layer 0, else the block entering layer `first` [1, T, d]
+            n = x.shape[1]
+            cache_position = self.end - n + torch.arange(n, device=x.device)  # [T]: slots end-T .. end-1
             # runs past layer 0 ignore the embeddings; the prologue still wants token ids
             ids = x if first == 0 else torch.zeros(1, n, dtype=torch.long, device=x.device)
             top = {"input_ids": ids, "cache_position": cache_position,
@@ -175,13 +255,18 @@ class StaticRunner:
             hidden = prog.embeddings(pro, n) if first == 0 else x
             for i in range(first, last + 1):
                 hidden = prog.layer(i, hidden, pro, top, self.buffers)
-            return (hidden,)
+            if probe is None:
+                return (hidden,)
+            token, confidence = probe(hidden[:, -1:])  # the exit decision's input, read back by the runtime
+            # float64 holds every token id and confidence exactly: one tensor, one read-back
+            packed = torch.stack([token.reshape(-1).to(torch.float64), confidence.reshape(-1).to(torch.float64)])
+            return (hidden, token, confidence, packed)
 
         return body
 
 
 def lower_cudagraphs(program, config):
-    """A static program: static segments, a `StaticRunner` for its runs, static probes and epilogue;
+    """A static program: static segments, a `StaticRunner` for its runs (probes inside) and epilogue;
     warm-up (`DecodeProgram.warm_up`) makes every graph."""
     static = program.replace(
         prologue_fn=static_segment(program.prologue_fn), epilogue_fn=static_segment(program.epilogue_fn),

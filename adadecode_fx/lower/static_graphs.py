@@ -1,9 +1,11 @@
-"""Calls over static input buffers: captured as CUDA graphs on a GPU, run as they are elsewhere.
+"""Calls over static buffers: captured as CUDA graphs on a GPU, run as they are elsewhere.
 
-A `StaticCall` owns one buffer per tensor argument. Every call copies the arguments into them, then on
-CUDA replays the graph captured on the first call, elsewhere runs the function on the same buffers, and
-returns copies of the outputs. CPU runs thus take the path a GPU replays (argument copies, fixed
-buffers, outputs that the next replay overwrites), so CI tests that logic without a GPU.
+A `StaticCall` owns one input buffer per tensor argument and one output buffer per output. Every call
+copies the arguments into the input buffers, then on CUDA replays the graph captured on the first call
+(which writes the output buffers), elsewhere runs the function on the same inputs and copies its
+results into the output buffers; either way it returns the output buffers themselves. CPU runs thus
+take the path a GPU replays (argument copies, fixed buffers, outputs that the next call overwrites), so
+CI tests that logic, a caller that keeps an output too long included, without a GPU.
 
 `GraphBook` keeps the calls of one decoder by key (segment, block length) and counts how many it made:
 on CUDA each one is a capture, so a count that stays flat after warm-up means nothing was recaptured.
@@ -16,21 +18,23 @@ import torch
 
 
 class StaticCall:
-    """``fn(*buffers) -> tuple of tensors`` over buffers shaped like ``args``.
+    """``fn(*buffers) -> tuple of tensors`` over buffers shaped like ``args`` (possibly none).
 
-    ``fn`` may also write tensors it closes over (the K/V buffers); they must stay at the same address
-    for as long as the call is used, because a graph reads and writes them where they were at capture.
+    ``fn`` may also read and write tensors it closes over (the K/V buffers, a step's token and slot);
+    they must stay at the same address for as long as the call is used, because a graph reads and
+    writes them where they were at capture. The outputs are the call's own buffers: the next call
+    overwrites them, so a caller that keeps one longer (a parked block) copies it.
     """
 
-    @torch.no_grad()  # inference only: a graph captured with autograd on would record its bookkeeping too
-    def __init__(self, fn: Callable, args, pool=None):
+    def __init__(self, fn: Callable, args, device, pool=None):
         self.fn = fn
         self.inputs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in args]
-        self._load(args)
         self.graph = None
-        self.outputs = None
-        if self.inputs[0].is_cuda:
-            self._capture(pool)
+        self.outputs: tuple | None = None
+        with torch.no_grad():  # inference only: a graph captured with autograd on records its bookkeeping
+            self._load(args)
+            if torch.device(device).type == "cuda":
+                self._capture(pool)
 
     def _load(self, args) -> None:
         for buffer, a in zip(self.inputs, args):
@@ -38,8 +42,8 @@ class StaticCall:
 
     def _capture(self, pool) -> None:
         # One eager run on a side stream first: lazy initialisation (cuBLAS handles and workspaces, SDPA
-        # kernel choice) must not happen inside a capture. It computes what the replay below computes,
-        # so the K/V rows it writes are the ones the replay writes again.
+        # kernel choice, compiled kernels' first launch) must not happen inside a capture. It computes
+        # what the replay below computes, so the K/V rows it writes are the ones the replay writes again.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -49,16 +53,25 @@ class StaticCall:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = tuple(self.fn(*self.inputs))
 
-    @torch.no_grad()
+    def run_uncaptured(self) -> None:
+        """What a replay does, without a graph: the outputs land in the same buffers every call."""
+        outputs = self.fn(*self.inputs)
+        if self.outputs is None:
+            self.outputs = tuple(o.clone() for o in outputs)
+        else:
+            for buffer, o in zip(self.outputs, outputs):
+                buffer.copy_(o)
+
     def __call__(self, *args) -> tuple:
+        if torch.is_grad_enabled():  # a decode runs under no_grad already; entering it costs microseconds
+            with torch.no_grad():
+                return self(*args)
         self._load(args)
         if self.graph is None:
-            outputs = tuple(self.fn(*self.inputs))
+            self.run_uncaptured()
         else:
             self.graph.replay()
-            outputs = self.outputs
-        # the next replay overwrites the graph's outputs; callers keep rows across steps (parked rows)
-        return tuple(o.clone() for o in outputs)
+        return self.outputs
 
 
 class GraphBook:
@@ -67,7 +80,8 @@ class GraphBook:
     On CUDA they share one memory pool: each graph's outputs stay referenced here (so no other graph is
     given their memory) and its intermediates are dead once it has run, so graphs that run one after
     another on one stream may reuse each other's intermediate memory, in any order (vLLM captures its
-    per-batch-size graphs the same way).
+    per-batch-size graphs the same way). For the same reason one call's outputs stay valid while other
+    calls run; only its own next call overwrites them.
     """
 
     def __init__(self, device: torch.device):
@@ -76,12 +90,12 @@ class GraphBook:
         self.made = 0  # StaticCalls made; on CUDA, graph captures
         self.pool = None
 
-    def call(self, key, fn: Callable, args) -> tuple:
+    def call(self, key, fn: Callable, args=()) -> tuple:
         static = self.calls.get(key)
         if static is None:
             if self.device.type == "cuda" and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            static = self.calls[key] = StaticCall(fn, args, self.pool)
+            static = self.calls[key] = StaticCall(fn, args, self.device, self.pool)
             self.made += 1
         return static(*args)
 

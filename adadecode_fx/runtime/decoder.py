@@ -263,7 +263,7 @@ class AdaDecoder:
         stats.steps += count
         if a <= p_end:  # rows to walk (a flush of rows drafted after the last layer has none)
             kv = state.views(p_end + 1)
-            top = prog.step_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state.mask(p_end + 1), state.pad)
+            top = prog.step_inputs([row[a:p_end + 1] for row in run.rows], a, kv, state)
             pro = prog.step_prologue(top)
             for first, last in prog.runs:
                 parked = state.take_parked(first - 1) if first else None
@@ -338,8 +338,7 @@ class AdaDecoder:
         ``rows`` are the sequences so far (the prediction is for slot ``len(rows[b])``); the heads ignore
         them, but tests override this method with oracle or adversarial probes that use them.
         """
-        token, conf = self.program.probe(layer, hidden_last)
-        return token.reshape(-1).tolist(), conf.reshape(-1).tolist()
+        return self.program.read_probe(layer, hidden_last)
 
     def exit_logits(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         """Sampling's exit input: the head's logits ``[B, V]`` for the newest slot (``-inf`` outside a

@@ -82,6 +82,8 @@ class KVState:
         return min(self.capacity, -(-upto // self.bucket) * self.bucket)
 
     def park(self, layer: int, hidden: torch.Tensor) -> None:
+        if self.whole:  # a static program's output buffer, which the next call of its graph overwrites
+            hidden = hidden.clone()
         old = self.parked.get(layer)
         self.parked[layer] = hidden if old is None else torch.cat([old, hidden], dim=1)
 

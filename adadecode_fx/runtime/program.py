@@ -110,7 +110,8 @@ class DecodeProgram:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,
-        # ``step_inputs(ids, start)``, ``run(first, last, hidden, n, top, kv)``, ``warm_up()``
+        # ``step_inputs(ids, start)``, ``run(first, last, hidden, n, top, kv)``, ``read_probe(layer,
+        # hidden_last)``, ``warm_up()``
         # (see adadecode_fx.lower.cudagraphs)
         self.runner = None
 
@@ -211,12 +212,12 @@ class DecodeProgram:
             top[f"kv_{i}_0"], top[f"kv_{i}_1"] = k, v
         return top
 
-    def step_inputs(self, ids, start: int, kv, attention_mask=None, pad=None) -> dict:
-        """A step's graph inputs (`top_inputs`); a runner computes positions, mask and K/V inside its runs
-        and takes only the token ids and their slots."""
+    def step_inputs(self, ids, start: int, kv, state: KVState) -> dict:
+        """A step's graph inputs (`top_inputs` over ``state``'s mask and padding); a runner computes
+        slots, positions, mask and K/V inside its runs and takes only what the step adds."""
         if self.runner is not None:
             return self.runner.step_inputs(ids, start)
-        return self.top_inputs(ids, start, kv, attention_mask, pad)
+        return self.top_inputs(ids, start, kv, state.mask(start + len(token_rows(ids)[0])), state.pad)
 
     # --- calls -----------------------------------------------------------------------------------
     def prologue(self, top: dict) -> PrologueOut:
@@ -262,6 +263,13 @@ class DecodeProgram:
 
     def probe(self, layer: int, hidden_last: torch.Tensor):
         return self.probe_fns[layer](hidden_last)
+
+    def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
+        """`probe` read back to the host: per row, the token and its confidence."""
+        if self.runner is not None:  # its probes bring both back in one read-back
+            return self.runner.read_probe(layer, hidden_last)
+        token, conf = self.probe(layer, hidden_last)
+        return token.reshape(-1).tolist(), conf.reshape(-1).tolist()
 
     def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""

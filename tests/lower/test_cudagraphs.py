@@ -29,10 +29,10 @@ def _pair(model, layers=(1, 3), seed=1, compile_segments=False, **config):
 
 
 def _expected_calls(decoder) -> int:
-    """Runs: layer 0 for T = 1, deeper runs for T = 1..max_pending + 1; the epilogue for as many rows;
-    one per probe."""
+    """Runs (their probes inside): layer 0 for T = 1, deeper runs for T = 1..max_pending + 1; the
+    epilogue for as many rows."""
     runner = decoder.program.runner
-    return 1 + (len(runner.runs) - 1) * runner.max_rows + runner.max_rows + len(runner.probes)
+    return 1 + (len(runner.runs) - 1) * runner.max_rows + runner.max_rows
 
 
 # gemma2: eager attention with a float mask and sliding-window layers; fp64 models are shared with the
@@ -62,11 +62,12 @@ def test_nothing_is_made_after_warm_up_across_generation_lengths():
     model = tiny_model("qwen2", dtype=torch.float32)
     static, _ = _pair(model, max_pending=4)
     runner = static.program.runner
-    assert runner.made == _expected_calls(static) == 1 + 2 * 5 + 5 + 2
+    assert runner.made == _expected_calls(static) == 1 + 2 * 5 + 5
     for prompt, new in (([1], 3), ([5, 6, 7], 30), (list(range(20, 45)), 12), ([9, 9], 1)):
         out = static.generate(prompt, new, eos_token_id=None)
         assert out.new_tokens == hf_greedy(model, prompt, new)
     assert runner.made == _expected_calls(static), "a generation made a static call after warm-up"
+    assert runner.unfolded_probes == 0, "a probe ran outside the run that ends at its layer"
 
 
 def test_without_heads_the_whole_stack_is_one_run():
@@ -169,34 +170,70 @@ def test_compile_backend_and_custom_generate_reach_it():
     assert seq[0, 4:].tolist() == ref
 
 
-def test_a_step_builds_nothing_per_layer():
-    """The host's part of a step is what a GPU waits for: a static program's step takes token ids and
-    slots only, and its K/V state hands out the runner's buffers, not a view per layer."""
+def test_a_step_writes_one_static_input_and_builds_nothing_per_layer():
+    """The host's part of a step is what a GPU waits for: a static program's step writes its end slot
+    and newest token into one static tensor, and its K/V state hands out the runner's buffers, not a
+    view per layer."""
     model = tiny_model("llama", dtype=torch.float32)
     static, _ = _pair(model)
     program = static.program
-    top = program.step_inputs([[5, 6]], 3, None)
-    assert set(top) == {"input_ids", "cache_position"} and top["cache_position"].tolist() == [3, 4]
     state = program.kv_state(40, 1)
+    top = program.step_inputs([[9]], 6, None, state)
+    assert set(top) == {"rows"} and program.runner.step.tolist() == [7, 9]
+    program.step_inputs([[5, 6]], 3, None, state)
+    assert program.runner.step.tolist() == [5, 6]
     views = state.views(7)
     assert len(views) == len(program.runner.buffers)
     assert all(mine is theirs for mine, theirs in zip(views, program.runner.buffers))
 
 
-def test_static_call_outputs_survive_the_next_call():
-    """Parked rows are kept across steps while the same call runs again: outputs must be copies."""
+def test_a_probe_reads_what_its_run_computed():
+    """A run that ends at an exit layer computes the probe in its own graph; the probe call answers from
+    it for that very block's last row, and anything else runs the probe itself (and is counted)."""
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    program, runner = static.program, static.program.runner
+    state = program.kv_state(40, 1)
+    top = program.step_inputs([[5]], 8, None, state)
+    hidden = program.run_layers(0, 1, None, 1, None, top, state.views(9))
+    token, conf = program.probe(1, hidden[:, -1:])
+    assert runner.unfolded_probes == 0
+    ref_token, ref_conf = runner.probes[1].fn(hidden[:, -1:])
+    assert token.tolist() == ref_token.tolist() and torch.allclose(conf, ref_conf)
+    tokens, confs = program.read_probe(1, hidden[:, -1:])  # the decoder's read: one packed read-back
+    assert tokens == ref_token.reshape(-1).tolist() and confs == ref_conf.reshape(-1).tolist()
+    assert isinstance(tokens[0], int) and runner.unfolded_probes == 0
+    program.probe(1, hidden[:, -1:].clone())  # equal values, other memory: not the run's block
+    program.read_probe(3, hidden[:, -1:])     # another layer's probe
+    assert runner.unfolded_probes == 2
+
+
+def test_static_call_outputs_are_its_buffers_and_the_next_call_overwrites_them():
+    """On every device a call returns the same output buffers, as a replayed graph does, so a caller
+    that keeps an output past the next call fails on the CPU too (parked blocks are copied for that)."""
     buffer = torch.zeros(3)
 
     def fn(x):
         buffer.add_(x)  # writes a tensor it closes over, as runs write the K/V buffers
         return (x * 2, buffer)
 
-    call = StaticCall(fn, (torch.ones(3),))
+    call = StaticCall(fn, (torch.ones(3),), "cpu")
     first = call(torch.ones(3))
+    kept = first[0].clone()
     second = call(torch.full((3,), 5.0))
-    assert first[0].tolist() == [2.0] * 3 and second[0].tolist() == [10.0] * 3
-    assert first[1].tolist() == [1.0] * 3 and second[1].tolist() == [6.0] * 3
+    assert second[0] is first[0] and second[0].tolist() == [10.0] * 3 and kept.tolist() == [2.0] * 3
+    assert second[1].tolist() == [6.0] * 3
     assert call.inputs[0].tolist() == [5.0] * 3
+
+
+def test_parked_blocks_are_copies():
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    state = static.program.kv_state(40, 1)
+    block = torch.ones(1, 2, 4)
+    state.park(1, block)
+    block.zero_()
+    assert state.take_parked(1).sum() == 8
 
 
 @pytest.mark.slow
