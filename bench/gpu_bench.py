@@ -173,6 +173,8 @@ class Bench:
             if name == "adadecode_eager" and k >= self.args.eager_prompts:
                 continue
             graphs = counters["stats"]["unique_graphs"]
+            book = self.decoders[name].program.runner.book if name in self.made else None
+            replays = dict(book.replays) if book is not None else None
             try:
                 runs[name] = run_timed(method, ids, self.args.device, 0.005)
             except Exception as e:
@@ -180,6 +182,9 @@ class Bench:
                 continue
             # a compile inside a timed call makes its time worthless: the JSON says so
             runs[name]["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
+            if book is not None:  # static calls by key, to weigh with each graph's GPU time (`graph_ms`)
+                runs[name]["static_calls"] = {repr(key): n - replays.get(key, 0) for key, n in book.replays.items()
+                                              if n > replays.get(key, 0)}
         ref = runs["hf_greedy"]["tokens"]
         for run in runs.values():
             run["same_as_hf_greedy"] = run["tokens"] == ref
@@ -200,8 +205,23 @@ class Bench:
             json.dump(self.report, f, indent=1)
 
 
+def gpu_share(report: dict) -> None:
+    """Per timed cudagraphs call: the GPU time of its replays (each static call's count x its graph's
+    ``graph_ms``) and that time's share of the call's wall time. Near 1 the GPU's kernels bound a step;
+    far below, the host does (the runtime's Python, copies, read-backs), and the rest is GPU idle time."""
+    for prompt in report["prompts"]:
+        for name, run in prompt["runs"].items():
+            ms = report.get("graph_ms", {}).get(name)
+            if not isinstance(ms, dict) or "static_calls" not in run:
+                continue
+            busy = sum(n * ms.get(key, 0.0) for key, n in run["static_calls"].items())
+            run["graph_gpu_ms"] = round(busy, 2)
+            run["graph_gpu_share"] = round(busy / (1000 * run["seconds"]), 3)
+
+
 def summarize(report: dict) -> None:
-    """Per method: median tok/s, median per-prompt speed-up against each HF method, token agreement."""
+    """Per method: median tok/s, median per-prompt speed-up against each HF method, token agreement, and
+    for cudagraphs variants the median share of wall time the GPU spent in their graphs."""
     rows = report["prompts"]
     summary = {}
     for name in report["methods"]:
@@ -215,6 +235,9 @@ def summarize(report: dict) -> None:
             pairs = [r[name]["tok_s"] / r[base]["tok_s"] for r in mine if r.get(base, {}).get("tok_s")]
             if pairs and base != name:
                 s[f"speedup_vs_{base}_median"] = statistics.median(pairs)
+        shares = [r[name]["graph_gpu_share"] for r in mine if "graph_gpu_share" in r[name]]
+        if shares:
+            s["graph_gpu_share_median"] = statistics.median(shares)
         summary[name] = s
     report["summary"] = summary
 
@@ -271,11 +294,13 @@ def main() -> int:
                     bench.report.setdefault("graph_ms", {})[name] = graph_times(dec)
                 except Exception as e:  # a figure about the figures: never worth the run
                     bench.report.setdefault("graph_ms", {})[name] = f"{type(e).__name__}: {e}"[:500]
+        gpu_share(bench.report)
     bench.write()
     for name, s in bench.report.get("summary", {}).items():
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
         print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
               f"{s['same_tokens_as_hf_greedy']}/{s['prompts']}"
+              + (f"  GPU in graphs {s['graph_gpu_share_median']:.0%} of the time" if "graph_gpu_share_median" in s else "")
               + (f"  COMPILED {s['graphs_compiled_in_timed_calls']} graphs while timed"
                  if s["graphs_compiled_in_timed_calls"] else ""))
     for name, why in bench.failed.items():

@@ -12,6 +12,7 @@ on CUDA each one is a capture, so a count that stays flat after warm-up means no
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -88,9 +89,11 @@ class GraphBook:
         self.device = torch.device(device)
         self.calls: dict = {}
         self.made = 0  # StaticCalls made; on CUDA, graph captures
+        self.replays: Counter = Counter()  # calls by key: with each graph's GPU time, a step's GPU time
         self.pool = None
 
     def call(self, key, fn: Callable, args=()) -> tuple:
+        self.replays[key] += 1
         static = self.calls.get(key)
         if static is None:
             if self.device.type == "cuda" and self.pool is None:
