@@ -193,6 +193,9 @@ class Bench:
                                        "recorded_stats": rec["stats"], "runs": runs})
         self.report["graphs_made_after_warm_up"] = {
             n: self.decoders[n].program.runner.made - m for n, m in self.made.items() if n in self.decoders}
+        # a probe asked about anything but its run's last row runs uncaptured: its time would not be the design's
+        self.report["probes_outside_their_runs"] = {
+            n: self.decoders[n].program.runner.unfolded_probes for n in self.made if n in self.decoders}
         log(f"prompt {k}: " + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in runs.items()))
         self.write()
 

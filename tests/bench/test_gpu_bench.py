@@ -34,6 +34,7 @@ def test_the_gpu_bench_runs_its_flow_on_the_cpu(tmp_path, monkeypatch):
         assert run["same_as_hf_greedy"] and run["graphs_compiled"] == 0
         assert run["stats"]["replay"]["diverged"] == 0 and run["stats"]["new_tokens"] == 6
     assert report["graphs_made_after_warm_up"] == {"adadecode_cudagraphs": 0}
+    assert report["probes_outside_their_runs"] == {"adadecode_cudagraphs": 0}
     # static calls by key, weighed with each graph's GPU time (measured on CUDA only) into the GPU's share
     run = report["prompts"][0]["runs"]["adadecode_cudagraphs"]
     assert run["static_calls"]["('run', 0, 1)"] >= 5 and "graph_gpu_share" not in run
