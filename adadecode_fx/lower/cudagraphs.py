@@ -14,8 +14,9 @@ whole stretches of a step can be captured once and replayed:
   the runtime calls it through `DecodeProgram.run_layers` (the hook this lowering fills).
 - **Probes inside the runs.** A run that ends at an exit layer also computes that layer's probe on its
   last row, in the same graph; the decoder's probe call then reads what the run computed
-  (`_FoldedProbe`), so the exit decision keeps its seam and costs no replay of its own. The epilogue is a
-  static call per T; verification and rollback stay in the runtime.
+  (`_FoldedProbe`), so the exit decision keeps its seam and costs no replay of its own. The last run
+  computes the LM head over its block too, unless a probe follows the last layer (`_Epilogue`);
+  verification and rollback stay in the runtime.
 - **One step input.** A step writes ``[end, newest token]`` into one static tensor; the graphs derive
   slots, positions and masks from it. Outputs are the graphs' own buffers, not copies: only a parked
   block outlives the next replay of its graph, and `KVState.park` copies it.
@@ -63,18 +64,26 @@ def static_segment(gm):
     return gm
 
 
-class _Segment:
-    """The epilogue as a static call per block length (``rows`` up to ``limit``); one-row batches only,
-    larger inputs run uncaptured."""
+class _Epilogue:
+    """The final norm and LM head. Folded into the last run's graph where no probe follows the last layer
+    (`StaticRunner.epilogue_folded`): asked about a tail of that run's block, it answers with the rows of
+    what the graph computed; anything else (a prefill's uncaptured last run) runs uncaptured. Otherwise it
+    is a static call per block length of its own (one-row batches; larger inputs run uncaptured)."""
 
-    def __init__(self, runner: "StaticRunner", name, fn):
-        self.runner, self.name, self.fn = runner, name, fn
+    def __init__(self, runner: "StaticRunner", fn):
+        self.runner, self.fn = runner, fn
 
     def __call__(self, hidden: torch.Tensor):
-        t = hidden.shape[1]
-        if hidden.shape[0] != 1 or t > self.runner.max_rows:
+        runner, t = self.runner, hidden.shape[1]
+        if runner.epilogue_folded:
+            f = runner.logits
+            if f is not None and hidden.shape[0] == 1 and t <= f.rows and \
+                    hidden.data_ptr() == f.first_row + (f.rows - t) * f.row_bytes:
+                return (f.logits[:, f.rows - t:],)
             return self.fn(hidden)
-        return self.runner.book.call((self.name, t), self.fn, (hidden,))
+        if hidden.shape[0] != 1 or t > runner.max_rows:
+            return self.fn(hidden)
+        return runner.book.call(("epilogue", t), self.fn, (hidden,))
 
 
 class _FoldedProbe:
@@ -113,6 +122,14 @@ class _Fold(NamedTuple):
     packed: torch.Tensor      # [2, 1] float64: token and confidence, read back together
 
 
+class _Logits(NamedTuple):
+    """What the last run computed for the epilogue: logits of every row of its block."""
+    first_row: int            # address of the block's first row
+    row_bytes: int
+    rows: int
+    logits: torch.Tensor      # [1, T, V]
+
+
 class StaticRunner:
     """Runs whole runs of layers over static buffers (`DecodeProgram.runner`).
 
@@ -131,11 +148,15 @@ class StaticRunner:
         self.max_rows = config.max_pending + 1
         self.device = torch.device(program.device)
         self.book = GraphBook(self.device)
+        # a probe after the last layer may draft from the last run's block: then the LM head must not run
+        # with every last run (that probe decides whether it runs at all)
+        self.epilogue_folded = program.num_layers - 1 not in program.probe_fns
         self.runs = program.runs
         self.bodies = {first: self._body(first, last) for first, last in self.runs}
-        self.epilogue = _Segment(self, "epilogue", program.epilogue_fn)
+        self.epilogue = _Epilogue(self, program.epilogue_fn)
         self.probes = {l: _FoldedProbe(self, l, fn) for l, fn in program.probe_fns.items()}
         self.folded: _Fold | None = None  # of the last run, if it ended at a probe
+        self.logits: _Logits | None = None  # of the last run, if it was the last layer's, captured
         self.unfolded_probes = 0
         self.step = torch.zeros(2, dtype=torch.long, device=self.device)
         self.end, self.token = self.step[:1], self.step[1:].view(1, 1)
@@ -191,19 +212,22 @@ class StaticRunner:
             raise AdaDecodeError("a static program runs on its own K/V buffers: make the state with "
                                  "program.kv_state(...)")
         body = self.bodies[first]
-        self.folded = None
+        self.folded = self.logits = None
         # layer 0 sees the new token (T = 1) except in a prefill; deeper runs see T <= max_pending + 1
-        if first == 0:
-            out = (self.book.call(("run", 0, 1), self._layer0) if n == 1
-                   else body(torch.tensor([r[-n:] for r in top["rows"]], dtype=torch.long, device=self.device)))
-        elif hidden.shape[0] == 1 and n <= self.max_rows:
-            out = self.book.call(("run", first, n), body, (hidden,))
-        else:
-            out = body(hidden)
-        if len(out) > 1:
-            h = out[0]
-            self.folded = _Fold(last, h.data_ptr() + (h.shape[1] - 1) * h.stride(1) * h.element_size(), *out[1:])
-        return out[0]
+        static = n == 1 if first == 0 else hidden.shape[0] == 1 and n <= self.max_rows
+        if static:
+            out = (self.book.call(("run", 0, 1), self._layer0) if first == 0
+                   else self.book.call(("run", first, n), body, (hidden,)))
+        else:  # a prefill's: uncaptured, and without the LM head over every prompt row
+            x = hidden if first else torch.tensor([r[-n:] for r in top["rows"]], dtype=torch.long, device=self.device)
+            out = body(x, with_logits=False)
+        h = out[0]
+        row_bytes = h.stride(1) * h.element_size()
+        if last in self.probes:
+            self.folded = _Fold(last, h.data_ptr() + (h.shape[1] - 1) * row_bytes, *out[1:4])
+        elif static and self.epilogue_folded and last == self.program.num_layers - 1:
+            self.logits = _Logits(h.data_ptr(), row_bytes, h.shape[1], out[1])
+        return h
 
     def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
         return self.probes[layer].read(hidden_last)
@@ -221,7 +245,8 @@ class StaticRunner:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Make every static call a generation uses: runs for T = 1..max_pending + 1 (layer 0: T = 1,
-        probes inside), the epilogue for as many rows. The K/V rows this writes at slots
+        probes and the epilogue inside), or the epilogue for as many rows where it is not. The K/V rows
+        this writes at slots
         0..max_pending are garbage that the next prefill overwrites and the mask hides until then; they
         are computed without padding, so they are finite (a masked row must be: 0 x NaN is NaN)."""
         self.mask.fill_(1)
@@ -234,15 +259,17 @@ class StaticRunner:
                     continue
                 hidden = None if first == 0 else like.new_zeros(1, t, like.shape[-1])
                 like = self.run(first, last, hidden, t, top, self.buffers)
-            self.epilogue(like.new_zeros(1, t, like.shape[-1]))
-        self.folded = None
+            if not self.epilogue_folded:
+                self.epilogue(like.new_zeros(1, t, like.shape[-1]))
+        self.folded = self.logits = None
 
     # --- one run's body ----------------------------------------------------------------------------
     def _body(self, first: int, last: int):
         prog = self.program
         probe = prog.probe_fns.get(last)
+        logits_here = last == prog.num_layers - 1 and self.epilogue_folded
 
-        def body(x):
+        def body(x, with_logits=logits_here):
             # x: token ids [1, T] at layer 0, else the block entering layer `first` [1, T, d]
             n = x.shape[1]
             cache_position = self.end - n + torch.arange(n, device=x.device)  # [T]: slots end-T .. end-1
@@ -255,18 +282,22 @@ class StaticRunner:
             hidden = prog.embeddings(pro, n) if first == 0 else x
             for i in range(first, last + 1):
                 hidden = prog.layer(i, hidden, pro, top, self.buffers)
-            if probe is None:
-                return (hidden,)
-            token, confidence = probe(hidden[:, -1:])  # the exit decision's input, read back by the runtime
-            # float64 holds every token id and confidence exactly: one tensor, one read-back
-            packed = torch.stack([token.reshape(-1).to(torch.float64), confidence.reshape(-1).to(torch.float64)])
-            return (hidden, token, confidence, packed)
+            out = (hidden,)
+            if probe is not None:
+                token, confidence = probe(hidden[:, -1:])  # the exit decision's input, read back by the runtime
+                # float64 holds every token id and confidence exactly: one tensor, one read-back
+                packed = torch.stack([token.reshape(-1).to(torch.float64),
+                                      confidence.reshape(-1).to(torch.float64)])
+                out += (token, confidence, packed)
+            if with_logits:
+                out += (prog.epilogue_fn(hidden)[0],)  # [1, T, V]: verification reads the rows it needs
+            return out
 
         return body
 
 
 def lower_cudagraphs(program, config):
-    """A static program: static segments, a `StaticRunner` for its runs (probes inside) and epilogue;
+    """A static program: static segments, a `StaticRunner` for its runs (probes and epilogue inside);
     warm-up (`DecodeProgram.warm_up`) makes every graph."""
     static = program.replace(
         prologue_fn=static_segment(program.prologue_fn), epilogue_fn=static_segment(program.epilogue_fn),

@@ -30,9 +30,9 @@ def _pair(model, layers=(1, 3), seed=1, compile_segments=False, **config):
 
 def _expected_calls(decoder) -> int:
     """Runs (their probes inside): layer 0 for T = 1, deeper runs for T = 1..max_pending + 1; the
-    epilogue for as many rows."""
+    epilogue for as many rows, unless the last run computes it."""
     runner = decoder.program.runner
-    return 1 + (len(runner.runs) - 1) * runner.max_rows + runner.max_rows
+    return 1 + (len(runner.runs) - 1) * runner.max_rows + (0 if runner.epilogue_folded else runner.max_rows)
 
 
 # gemma2: eager attention with a float mask and sliding-window layers; fp64 models are shared with the
@@ -58,11 +58,45 @@ def test_parity_with_hf_and_eager_with_forced_exits_and_rollbacks(family, dtype)
     assert early >= 20 and rejected >= 5, (early, rejected)
 
 
+def test_a_probe_after_the_last_layer_keeps_the_epilogue_out_of_the_last_run():
+    """A probe after the last layer may draft from the last run's block, so the LM head is a graph of its
+    own there (per T), and drafted rows reach it with the next block."""
+    model = tiny_model("llama", dtype=torch.float64)
+    static, eager = _pair(model, layers=(1, 4))
+    runner = static.program.runner
+    assert not runner.epilogue_folded and runner.made == _expected_calls(static) == 1 + 4 + 4
+    early = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = static.generate(prompt, 25, eos_token_id=None)
+        ref = eager.generate(prompt, 25, eos_token_id=None)
+        assert out.new_tokens == ref.new_tokens == hf_greedy(model, prompt, 25)
+        for key in ("early_emitted", "accepted", "rejected", "steps", "critical_path_layers", "layer_rows"):
+            assert getattr(out.stats, key) == getattr(ref.stats, key), key
+        assert out.stats.token_exit_layers == ref.stats.token_exit_layers
+        early += out.stats.early_emitted
+    assert early >= 10 and runner.made == _expected_calls(static) and runner.unfolded_probes == 0
+
+
+def test_the_last_run_answers_the_epilogue_for_a_tail_of_its_block():
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    program, runner = static.program, static.program.runner
+    state = program.kv_state(40, 1)
+    program.step_inputs([[5, 6, 7]], 8, None, state)
+    hidden = program.run_layers(4, 4, torch.randn(1, 3, model.config.hidden_size), 3, None, {}, state.views(11))
+    logits = program.epilogue(hidden[:, 1:])
+    assert logits.data_ptr() == runner.logits.logits[:, 1:].data_ptr()  # rows of what the run computed
+    assert torch.allclose(logits, runner.epilogue.fn(hidden[:, 1:].clone())[0], atol=1e-6)
+    made = runner.made
+    other = program.epilogue(hidden[:, 1:].clone())  # not the run's block: computed, nothing made
+    assert torch.equal(other, logits) and runner.made == made
+
+
 def test_nothing_is_made_after_warm_up_across_generation_lengths():
     model = tiny_model("qwen2", dtype=torch.float32)
     static, _ = _pair(model, max_pending=4)
     runner = static.program.runner
-    assert runner.made == _expected_calls(static) == 1 + 2 * 5 + 5
+    assert runner.made == _expected_calls(static) == 1 + 2 * 5
     for prompt, new in (([1], 3), ([5, 6, 7], 30), (list(range(20, 45)), 12), ([9, 9], 1)):
         out = static.generate(prompt, new, eos_token_id=None)
         assert out.new_tokens == hf_greedy(model, prompt, new)
@@ -73,10 +107,11 @@ def test_nothing_is_made_after_warm_up_across_generation_lengths():
 def test_without_heads_the_whole_stack_is_one_run():
     model = tiny_model("qwen2", dtype=torch.float32)
     static = AdaDecoder(model, None, AdaDecodeConfig(backend="cudagraphs", max_pending=2))
-    assert static.program.runs == [(0, 4)] and static.program.runner.made == _expected_calls(static) == 1 + 3
+    # one graph per step: layer 0 to the LM head
+    assert static.program.runs == [(0, 4)] and static.program.runner.made == _expected_calls(static) == 1
     for prompt in ([5, 6, 7], [1]):
         assert static.generate(prompt, 12, eos_token_id=None).new_tokens == hf_greedy(model, prompt, 12)
-    assert static.program.runner.made == 4
+    assert static.program.runner.made == 1
 
 
 def test_capacity_grows_before_decoding_and_then_stays():
