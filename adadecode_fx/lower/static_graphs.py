@@ -48,11 +48,17 @@ class StaticCall:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.fn(*self.inputs)
+            first = tuple(self.fn(*self.inputs))
         torch.cuda.current_stream().wait_stream(stream)
+        # The output buffers come from the ordinary allocator, not the graphs' shared pool, and the graph
+        # copies its results into them: memory of the pool may be one graph's output and another's
+        # intermediates, which that other graph's replay would overwrite.
+        self.outputs = tuple(torch.empty_like(o) for o in first)
+        del first
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = tuple(self.fn(*self.inputs))
+            for buffer, o in zip(self.outputs, self.fn(*self.inputs)):
+                buffer.copy_(o)
 
     def run_uncaptured(self) -> None:
         """What a replay does, without a graph: the outputs land in the same buffers every call."""
@@ -78,11 +84,10 @@ class StaticCall:
 class GraphBook:
     """The `StaticCall`s of one decoder, by key, made on first use.
 
-    On CUDA they share one memory pool: each graph's outputs stay referenced here (so no other graph is
-    given their memory) and its intermediates are dead once it has run, so graphs that run one after
-    another on one stream may reuse each other's intermediate memory, in any order (vLLM captures its
-    per-batch-size graphs the same way). For the same reason one call's outputs stay valid while other
-    calls run; only its own next call overwrites them.
+    On CUDA they share one memory pool for their intermediates, which are dead once a graph has run, so
+    graphs that run one after another on one stream may reuse each other's memory, in any order (vLLM
+    captures its per-batch-size graphs the same way). Outputs live outside the pool (`StaticCall`), so
+    one call's outputs stay valid while other calls run; only its own next call overwrites them.
     """
 
     def __init__(self, device: torch.device):
