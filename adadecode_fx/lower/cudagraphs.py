@@ -160,7 +160,12 @@ class StaticRunner:
         self.unfolded_probes = 0
         self.step = torch.zeros(2, dtype=torch.long, device=self.device)
         self.end, self.token = self.step[:1], self.step[1:].view(1, 1)
-        self.staging = torch.zeros(2, dtype=torch.long)  # the step's values on the host, written through numpy
+        # the step's values on the host, written through numpy; on CUDA pinned, so that the copy does not
+        # wait for the stream, and guarded by an event, so that it is not rewritten before the copy has run
+        self.staging = torch.zeros(2, dtype=torch.long)
+        self.copied = None
+        if self.device.type == "cuda":
+            self.staging, self.copied = self.staging.pin_memory(), torch.cuda.Event()
         self.staging_np = self.staging.numpy()
         self.capacity = 0
         self._allocate(config.max_cache_len or DEFAULT_CAPACITY)
@@ -201,10 +206,12 @@ class StaticRunner:
         positions and mask from it inside their graphs. A prefill of several tokens, whose layer 0 runs
         uncaptured, also reads the token rows (``rows``)."""
         rows = token_rows(ids)
-        # a blocking copy: on a GPU it waits for work that a step's read-back has already waited for, and
-        # the staging buffer is free again when it returns
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy (long done: every step reads something back)
         self.staging_np[0], self.staging_np[1] = start + len(rows[0]), rows[0][-1]
-        self.step.copy_(self.staging)
+        self.step.copy_(self.staging, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         return {"rows": rows}
 
     def run(self, first: int, last: int, hidden, n: int, top: dict, kv) -> torch.Tensor:
