@@ -39,7 +39,8 @@ import torch
 from torch import fx
 
 from ..errors import AdaDecodeError
-from ..ops.attention import plain_attention
+from ..ops.attention import SDPA, plain_attention
+from ..runtime.program import PrologueOut
 from ..runtime.kv_state import KVState
 from ..runtime.program import token_rows
 from .eager import private_copy
@@ -62,6 +63,26 @@ def static_segment(gm):
             gm.graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+def sdpa_mask_outputs(program) -> frozenset:
+    """Indices of the prologue outputs that reach an SDPA call as its ``attn_mask``, unchanged. SDPA turns
+    a boolean mask into an additive one on every call, in every layer: two or three small kernels each
+    time, which a run does once for all its layers instead (`StaticRunner._body`)."""
+    found = set()
+    for fn, recipe in zip(program.layer_fns, program.layer_recipes):
+        if not isinstance(fn, fx.GraphModule):
+            continue
+        placeholders = [n for n in fn.graph.nodes if n.op == "placeholder"]
+        for node in fn.graph.nodes:
+            if node.op != "call_function" or node.target is not SDPA:
+                continue
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            if isinstance(mask, fx.Node) and mask.op == "placeholder":
+                item = recipe[placeholders.index(mask)]
+                if item[0] in ("shared", "positional") and item[1][0] == "pro":
+                    found.add(item[1][1])
+    return frozenset(found)
 
 
 class _Epilogue:
@@ -143,10 +164,14 @@ class StaticRunner:
     block entering a deeper run.
     """
 
-    def __init__(self, program, config):
+    def __init__(self, program, config, mask_outputs=frozenset()):
         self.program = program
         self.max_rows = config.max_pending + 1
         self.device = torch.device(program.device)
+        # boolean attention masks become additive once per run (`sdpa_mask_outputs`); SDPA's own conversion
+        self.mask_outputs = mask_outputs
+        self.mask_values = (torch.zeros((), dtype=program.dtype, device=self.device),
+                            torch.full((), float("-inf"), dtype=program.dtype, device=self.device))
         self.book = GraphBook(self.device)
         # a probe after the last layer may draft from the last run's block: then the LM head must not run
         # with every last run (that probe decides whether it runs at all)
@@ -286,6 +311,10 @@ class StaticRunner:
                    "position_ids": cache_position[None] - self.pad, "attention_mask": self.mask,
                    **self.kv_inputs}
             pro = prog.prologue(top)
+            if self.mask_outputs:
+                pro = PrologueOut(tuple(torch.where(v, *self.mask_values)
+                                        if i in self.mask_outputs and v.dtype == torch.bool else v
+                                        for i, v in enumerate(pro.values)), pro.rows)
             hidden = prog.embeddings(pro, n) if first == 0 else x
             for i in range(first, last + 1):
                 hidden = prog.layer(i, hidden, pro, top, self.buffers)
@@ -309,13 +338,14 @@ def lower_cudagraphs(program, config):
     static = program.replace(
         prologue_fn=static_segment(program.prologue_fn), epilogue_fn=static_segment(program.epilogue_fn),
         layer_fns=[static_segment(f) for f in program.layer_fns])
+    masks = sdpa_mask_outputs(static)
     compiled = {}
     if config.compile_segments:
         # fused kernels inside the graphs: each (run, T) graph then replays a few kernels per layer instead
         # of ATen's ~50; dynamic shapes, so one compile per template serves every T and capacity
         static = lower_with(static, config, compile_segment, name="cudagraphs")
         compiled = {"compiled_templates": static.lowering["compiled_templates"]}
-    runner = StaticRunner(static, config)
+    runner = StaticRunner(static, config, masks)
     return static.replace(
         runner=runner, epilogue_fn=runner.epilogue, probe_fns=dict(runner.probes), backend="cudagraphs",
         needs_warm_up=True,

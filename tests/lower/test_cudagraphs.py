@@ -243,6 +243,31 @@ def test_a_probe_reads_what_its_run_computed():
     assert runner.unfolded_probes == 2
 
 
+def test_a_run_makes_its_attention_mask_additive_once_not_per_layer():
+    """SDPA converts a boolean mask to an additive one on every call; a run hands its layers the additive
+    mask made once (gemma2's eager attention takes float masks already: nothing to do there)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    static, _ = _pair(tiny_model("llama", dtype=torch.float32))
+    runner = static.program.runner
+    assert runner.mask_outputs
+    runner.kv_state(40)
+    with Ops() as ops:
+        runner.book.calls[("run", 2, 2)].run_uncaptured()  # layers 2 and 3
+    assert ops.names.count("where") == 1 and "scalar_tensor" not in ops.names
+    gemma, _ = _pair(tiny_model("gemma2", dtype=torch.float64))
+    assert not gemma.program.runner.mask_outputs
+
+
 def test_static_call_outputs_are_its_buffers_and_the_next_call_overwrites_them():
     """On every device a call returns the same output buffers, as a replayed graph does, so a caller
     that keeps an output past the next call fails on the CPU too (parked blocks are copied for that)."""
