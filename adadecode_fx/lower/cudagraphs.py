@@ -66,23 +66,23 @@ def static_segment(gm):
 
 
 def sdpa_mask_outputs(program) -> frozenset:
-    """Indices of the prologue outputs that reach an SDPA call as its ``attn_mask``, unchanged. SDPA turns
-    a boolean mask into an additive one on every call, in every layer: two or three small kernels each
+    """Indices of the prologue outputs that every layer uses only as an SDPA call's ``attn_mask``. SDPA
+    turns a boolean mask into an additive one on every call, in every layer: three small kernels each
     time, which a run does once for all its layers instead (`StaticRunner._body`)."""
-    found = set()
+    def as_mask(node, use):
+        mask = use.args[3] if len(use.args) > 3 else use.kwargs.get("attn_mask")
+        return use.op == "call_function" and use.target is SDPA and mask is node and node not in use.args[:3]
+
+    masks, others = set(), set()
     for fn, recipe in zip(program.layer_fns, program.layer_recipes):
         if not isinstance(fn, fx.GraphModule):
-            continue
+            return frozenset()
         placeholders = [n for n in fn.graph.nodes if n.op == "placeholder"]
-        for node in fn.graph.nodes:
-            if node.op != "call_function" or node.target is not SDPA:
-                continue
-            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            if isinstance(mask, fx.Node) and mask.op == "placeholder":
-                item = recipe[placeholders.index(mask)]
-                if item[0] in ("shared", "positional") and item[1][0] == "pro":
-                    found.add(item[1][1])
-    return frozenset(found)
+        for node, item in zip(placeholders, recipe):
+            if item[0] in ("shared", "positional") and item[1][0] == "pro":
+                uses = list(node.users)
+                (masks if uses and all(as_mask(node, u) for u in uses) else others).add(item[1][1])
+    return frozenset(masks - others)
 
 
 class _Epilogue:
