@@ -20,7 +20,8 @@ whole stretches of a step can be captured once and replayed:
 - **One step input.** A step writes ``[end, newest token]`` into one static tensor; the graphs derive
   slots, positions and masks from it. Outputs are the graphs' own buffers, not copies: only a parked
   block outlives the next replay of its graph, and `KVState.park` copies it.
-- **Kernels.** By default a graph replays ATen's kernels, as eager PyTorch launches them (~50 a layer).
+- **Kernels.** By default a graph replays ATen's kernels, as eager PyTorch launches them (~40 a layer;
+  a run makes its boolean attention mask additive once rather than SDPA in every layer).
   ``config.compile_segments`` first compiles the static segments with inductor (`lower_with`: one
   template per kind of layer, dynamic T and capacity), so the graphs replay fused kernels.
 
@@ -40,9 +41,8 @@ from torch import fx
 
 from ..errors import AdaDecodeError
 from ..ops.attention import SDPA, plain_attention
-from ..runtime.program import PrologueOut
 from ..runtime.kv_state import KVState
-from ..runtime.program import token_rows
+from ..runtime.program import PrologueOut, token_rows
 from .eager import private_copy
 from .inductor import compile_segment, lower_with
 from .static_graphs import GraphBook
