@@ -65,24 +65,29 @@ def static_segment(gm):
     return gm
 
 
-def sdpa_mask_outputs(program) -> frozenset:
-    """Indices of the prologue outputs that every layer uses only as an SDPA call's ``attn_mask``. SDPA
-    turns a boolean mask into an additive one on every call, in every layer: three small kernels each
-    time, which a run does once for all its layers instead (`StaticRunner._body`)."""
-    def as_mask(node, use):
+def sdpa_mask_outputs(program) -> dict:
+    """The prologue outputs that every layer uses only as an SDPA call's ``attn_mask``, by index, with the
+    dtype of the queries they mask. SDPA turns a boolean mask into an additive one of that dtype on every
+    call, in every layer: three small kernels each time, which a run does once for all its layers
+    instead (`StaticRunner._body`). Outputs whose query dtype is unknown or differs between layers are
+    left to SDPA."""
+    def query_dtype(node, use):
         mask = use.args[3] if len(use.args) > 3 else use.kwargs.get("attn_mask")
-        return use.op == "call_function" and use.target is SDPA and mask is node and node not in use.args[:3]
+        if use.op != "call_function" or use.target is not SDPA or mask is not node or node in use.args[:3]:
+            return None
+        val = getattr(use.args[0], "meta", {}).get("val")
+        return getattr(val, "dtype", None)
 
-    masks, others = set(), set()
+    dtypes: dict = {}
     for fn, recipe in zip(program.layer_fns, program.layer_recipes):
         if not isinstance(fn, fx.GraphModule):
-            return frozenset()
+            return {}
         placeholders = [n for n in fn.graph.nodes if n.op == "placeholder"]
         for node, item in zip(placeholders, recipe):
             if item[0] in ("shared", "positional") and item[1][0] == "pro":
-                uses = list(node.users)
-                (masks if uses and all(as_mask(node, u) for u in uses) else others).add(item[1][1])
-    return frozenset(masks - others)
+                found = {query_dtype(node, use) for use in node.users} or {None}
+                dtypes.setdefault(item[1][1], set()).update(found)
+    return {i: d.pop() for i, d in dtypes.items() if len(d) == 1 and None not in d}
 
 
 class _Epilogue:
@@ -164,14 +169,14 @@ class StaticRunner:
     block entering a deeper run.
     """
 
-    def __init__(self, program, config, mask_outputs=frozenset()):
+    def __init__(self, program, config, mask_outputs=None):
         self.program = program
         self.max_rows = config.max_pending + 1
         self.device = torch.device(program.device)
-        # boolean attention masks become additive once per run (`sdpa_mask_outputs`); SDPA's own conversion
-        self.mask_outputs = mask_outputs
-        self.mask_values = (torch.zeros((), dtype=program.dtype, device=self.device),
-                            torch.full((), float("-inf"), dtype=program.dtype, device=self.device))
+        # boolean attention masks become additive once per run (`sdpa_mask_outputs`), as SDPA makes them
+        self.mask_outputs = {i: (torch.zeros((), dtype=d, device=self.device),
+                                 torch.full((), float("-inf"), dtype=d, device=self.device))
+                             for i, d in (mask_outputs or {}).items()}
         self.book = GraphBook(self.device)
         # a probe after the last layer may draft from the last run's block: then the LM head must not run
         # with every last run (that probe decides whether it runs at all)
@@ -312,7 +317,7 @@ class StaticRunner:
                    **self.kv_inputs}
             pro = prog.prologue(top)
             if self.mask_outputs:
-                pro = PrologueOut(tuple(torch.where(v, *self.mask_values)
+                pro = PrologueOut(tuple(torch.where(v, *self.mask_outputs[i])
                                         if i in self.mask_outputs and v.dtype == torch.bool else v
                                         for i, v in enumerate(pro.values)), pro.rows)
             hidden = prog.embeddings(pro, n) if first == 0 else x

@@ -259,7 +259,7 @@ def test_a_run_makes_its_attention_mask_additive_once_not_per_layer():
 
     static, _ = _pair(tiny_model("llama", dtype=torch.float32))
     runner = static.program.runner
-    assert runner.mask_outputs
+    assert runner.mask_outputs and all(zero.dtype == torch.float32 for zero, _ in runner.mask_outputs.values())
     runner.kv_state(40)
     with Ops() as ops:
         runner.book.calls[("run", 2, 2)].run_uncaptured()  # layers 2 and 3
