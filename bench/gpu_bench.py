@@ -20,9 +20,7 @@ build, warm up or run is recorded under ``failed`` and the others go on.
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -33,7 +31,7 @@ from torch._dynamo.utils import counters
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.bench.methods import Method, hf_method, run_timed, static_compile_method
 from adadecode_fx.bench.replay import ReplayDecoder
-from adadecode_fx.bench.report import machine_info
+from adadecode_fx.bench.report import code_commit, machine_info
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.heads.format import model_fingerprint
 from adadecode_fx.zoo.shapes import random_model
@@ -48,20 +46,6 @@ VARIANTS = {"adadecode_cudagraphs": {"backend": "cudagraphs"},
 
 def log(msg: str) -> None:
     print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def code_commit() -> str | None:
-    """The commit this runs: ADADECODE_COMMIT (the GPU machine gets the tree without .git, so bench/gpu.sh
-    passes what bench/gpu_wheels.sh wrote), else git's HEAD, with "+changes" for a dirty tree."""
-    if os.environ.get("ADADECODE_COMMIT"):
-        return os.environ["ADADECODE_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
 
 
 def graph_times(decoder, repeats: int = 20) -> dict:

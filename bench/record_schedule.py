@@ -8,7 +8,6 @@ eager backend) on held-out prompts, for bench/gpu_bench.py to replay on a random
 """
 import argparse
 import json
-import subprocess
 import time
 
 import torch
@@ -16,6 +15,7 @@ import transformers
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.bench.replay import record
+from adadecode_fx.bench.report import code_commit
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.zoo import models
 from adadecode_fx.zoo.data import load_prompts
@@ -46,13 +46,12 @@ def main() -> None:
         s = rec["stats"]
         print(f"{r['id']}: {len(ids)} prompt tokens, {s['early_emitted']} early, {s['accepted']} accepted, "
               f"{s['rejected']} rejected, {len(rec['probes'])} probes", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {"model": args.model, "heads": heads_dir.name,
            "dtype": args.dtype, "task": args.task, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
            "config": {"exit_layers": list(cfg.exit_layers), "threshold": cfg.threshold,
                       "max_pending": cfg.max_pending},
            "recorded_with": {"torch": torch.__version__, "transformers": transformers.__version__,
-                             "commit": commit, "backend": cfg.backend, "seconds": round(time.time() - started, 1)},
+                             "commit": code_commit(), "backend": cfg.backend, "seconds": round(time.time() - started, 1)},
            "records": records}
     with open(args.out, "w") as f:
         json.dump(out, f, separators=(",", ":"))

@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="PNG file to write (needs matplotlib)")
     args = p.parse_args()
 
-    from adadecode_fx.bench.report import machine_info
+    from adadecode_fx.bench.report import code_commit, machine_info
     from adadecode_fx.zoo import models
 
     folder = str(models._ensure_dense(models.ZOO[args.model]) if args.model in models.ZOO else Path(args.model))
@@ -161,8 +161,7 @@ def main() -> None:
     reference = runs["hf"][0]["ids"]
     report = {"command": " ".join(sys.argv), "machine": machine_info(), "model": args.model, "folder": folder,
               "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "prompt": args.prompt,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).parent).stdout.strip(),
+              "commit": code_commit(),
               "methods": {}, "phases_in_process": phases, "parity": all(run["ids"] == reference for rs in runs.values() for run in rs)}
     for name, rs in runs.items():
         if not rs:

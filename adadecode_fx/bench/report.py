@@ -8,7 +8,8 @@
 - `oracle_bound`: what exits could gain at best on the reference sequences, and the replayed schedule
   of the benchmarked configuration (both from `adadecode_fx.evaluation`); both are bounds over the same
   program at full depth, i.e. on `heads_gain`;
-- `machine_info`: the machine and library versions, recorded with every report;
+- `machine_info`: the machine and library versions, recorded with every report; `code_commit`: the
+  code's commit;
 - `write` (JSON + PNG via `plot`) and `summary_table` (the Markdown table ``adadecode bench`` prints).
 
 The report dict itself is built by `adadecode_fx.bench.run_bench`.
@@ -18,9 +19,28 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+from pathlib import Path
 
 from .methods import Method
 from ..report_files import write_report
+
+
+def code_commit() -> str | None:
+    """The commit the code runs from: ADADECODE_COMMIT where set (a GPU machine gets the tree without
+    .git, so bench/gpu.sh passes what bench/gpu_wheels.sh wrote), else git's HEAD of this checkout, with
+    "+changes" for a dirty tree; None outside a git checkout."""
+    if os.environ.get("ADADECODE_COMMIT"):
+        return os.environ["ADADECODE_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def machine_info(device: str = "cpu") -> dict:
