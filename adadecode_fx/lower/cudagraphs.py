@@ -102,10 +102,8 @@ class _Epilogue:
     def __call__(self, hidden: torch.Tensor):
         runner, t = self.runner, hidden.shape[1]
         if runner.epilogue_folded:
-            f = runner.logits
-            if f is not None and hidden.shape[0] == 1 and t <= f.rows and \
-                    hidden.data_ptr() == f.first_row + (f.rows - t) * f.row_bytes:
-                return (f.logits[:, f.rows - t:],)
+            if runner.logits is not None and runner.is_tail_of_block(hidden):
+                return (runner.logits[:, runner.logits.shape[1] - t:],)
             return self.fn(hidden)
         if hidden.shape[0] != 1 or t > runner.max_rows:
             return self.fn(hidden)
@@ -142,18 +140,9 @@ class _FoldedProbe:
 class _Fold(NamedTuple):
     """What a run that ends at an exit layer computed for that layer's probe."""
     layer: int
-    last_row: int             # address of the block's last row: the probe must be asked about that very row
     token: torch.Tensor       # [1, 1]
     confidence: torch.Tensor  # [1, 1]
     packed: torch.Tensor      # [2, 1] float64: token and confidence, read back together
-
-
-class _Logits(NamedTuple):
-    """What the last run computed for the epilogue: logits of every row of its block."""
-    first_row: int            # address of the block's first row
-    row_bytes: int
-    rows: int
-    logits: torch.Tensor      # [1, T, V]
 
 
 class StaticRunner:
@@ -185,8 +174,11 @@ class StaticRunner:
         self.bodies = {first: self._body(first, last) for first, last in self.runs}
         self.epilogue = _Epilogue(self, program.epilogue_fn)
         self.probes = {l: _FoldedProbe(self, l, fn) for l, fn in program.probe_fns.items()}
-        self.folded: _Fold | None = None  # of the last run, if it ended at a probe
-        self.logits: _Logits | None = None  # of the last run, if it was the last layer's, captured
+        # of the last run: its output block [1, T, d], what it computed for the probe at its last layer,
+        # and the logits [1, T, V] of its rows if it was the last layer's (captured)
+        self.block: torch.Tensor | None = None
+        self.folded: _Fold | None = None
+        self.logits: torch.Tensor | None = None
         self.unfolded_probes = 0
         self.step = torch.zeros(2, dtype=torch.long, device=self.device)
         self.end, self.token = self.step[:1], self.step[1:].view(1, 1)
@@ -249,7 +241,7 @@ class StaticRunner:
             raise AdaDecodeError("a static program runs on its own K/V buffers: make the state with "
                                  "program.kv_state(...)")
         body = self.bodies[first]
-        self.folded = self.logits = None
+        self.block = self.folded = self.logits = None
         # layer 0 sees the new token (T = 1) except in a prefill; deeper runs see T <= max_pending + 1
         static = n == 1 if first == 0 else hidden.shape[0] == 1 and n <= self.max_rows
         if static:
@@ -258,21 +250,27 @@ class StaticRunner:
         else:  # a prefill's: uncaptured, and without the LM head over every prompt row
             x = hidden if first else torch.tensor([r[-n:] for r in top["rows"]], dtype=torch.long, device=self.device)
             out = body(x, with_logits=False)
-        h = out[0]
-        row_bytes = h.stride(1) * h.element_size()
+        self.block = out[0]
         if last in self.probes:
-            self.folded = _Fold(last, h.data_ptr() + (h.shape[1] - 1) * row_bytes, *out[1:4])
+            self.folded = _Fold(last, *out[1:4])
         elif static and self.epilogue_folded and last == self.program.num_layers - 1:
-            self.logits = _Logits(h.data_ptr(), row_bytes, h.shape[1], out[1])
-        return h
+            self.logits = out[1]
+        return self.block
 
     def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
         return self.probes[layer].read(hidden_last)
 
+    def is_tail_of_block(self, x: torch.Tensor) -> bool:
+        """``x`` is the last rows of the last run's output itself (the same memory), not merely equal."""
+        b = self.block
+        if b is None or x.shape[0] != 1 or x.shape[1] > b.shape[1] or x.dtype != b.dtype:
+            return False
+        return x.data_ptr() == b.data_ptr() + (b.shape[1] - x.shape[1]) * b.stride(1) * b.element_size()
+
     def fold_of(self, layer: int, hidden_last: torch.Tensor):
         """What the last run computed for the probe at ``layer``, if ``hidden_last`` is its block's last row."""
         f = self.folded
-        if f is None or f.layer != layer or hidden_last.data_ptr() != f.last_row or hidden_last.shape[1] != 1:
+        if f is None or f.layer != layer or hidden_last.shape[1] != 1 or not self.is_tail_of_block(hidden_last):
             return None
         return f
 
@@ -298,7 +296,7 @@ class StaticRunner:
                 like = self.run(first, last, hidden, t, top, self.buffers)
             if not self.epilogue_folded:
                 self.epilogue(like.new_zeros(1, t, like.shape[-1]))
-        self.folded = self.logits = None
+        self.block = self.folded = self.logits = None
 
     # --- one run's body ----------------------------------------------------------------------------
     def _body(self, first: int, last: int):

@@ -85,7 +85,7 @@ def test_the_last_run_answers_the_epilogue_for_a_tail_of_its_block():
     program.step_inputs([[5, 6, 7]], 8, None, state)
     hidden = program.run_layers(4, 4, torch.randn(1, 3, model.config.hidden_size), 3, None, {}, state.views(11))
     logits = program.epilogue(hidden[:, 1:])
-    assert logits.data_ptr() == runner.logits.logits[:, 1:].data_ptr()  # rows of what the run computed
+    assert logits.data_ptr() == runner.logits[:, 1:].data_ptr()  # rows of what the run computed
     assert torch.allclose(logits, runner.epilogue.fn(hidden[:, 1:].clone())[0], atol=1e-6)
     made = runner.made
     other = program.epilogue(hidden[:, 1:].clone())  # not the run's block: computed, nothing made
