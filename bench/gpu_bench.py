@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 def graph_times(decoder, repeats: int = 20) -> dict:
     """Milliseconds per replay of each captured graph of a cudagraphs decoder (CUDA events, median of
-    ``repeats``), by static call: what the GPU spends per run, probe and epilogue, to set against the
+    ``repeats``), by static call: what the GPU spends per run (probes and LM head inside), to set against the
     wall time per step (the rest is the runtime's Python, copies and the probes' read-backs). Run after
     the timed prompts: a replay rewrites K/V rows that the next prefill overwrites."""
     times = {}
