@@ -50,9 +50,10 @@ def log(msg: str) -> None:
 
 def graph_times(decoder, repeats: int = 20) -> dict:
     """Milliseconds per replay of each captured graph of a cudagraphs decoder (CUDA events, median of
-    ``repeats``), by static call: what the GPU spends per run (probes and LM head inside), to set against the
-    wall time per step (the rest is the runtime's Python, copies and the probes' read-backs). Run after
-    the timed prompts: a replay rewrites K/V rows that the next prefill overwrites."""
+    ``repeats``), by static call: what the GPU spends per run (probes and LM head inside), to set
+    against the wall time per step (the rest is the runtime's Python, copies and the probes'
+    read-backs). Run after the timed prompts: a replay rewrites K/V rows that the next prefill
+    overwrites."""
     times = {}
     for key, call in decoder.program.runner.book.calls.items():
         if call.graph is None:
@@ -287,7 +288,8 @@ def main() -> int:
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
         print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
               f"{s['same_tokens_as_hf_greedy']}/{s['prompts']}"
-              + (f"  GPU in graphs {s['graph_gpu_share_median']:.0%} of the time" if "graph_gpu_share_median" in s else "")
+              + (f"  GPU in graphs {s['graph_gpu_share_median']:.0%} of the time"
+                 if "graph_gpu_share_median" in s else "")
               + (f"  COMPILED {s['graphs_compiled_in_timed_calls']} graphs while timed"
                  if s["graphs_compiled_in_timed_calls"] else ""))
     for name, why in bench.failed.items():
