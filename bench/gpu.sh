@@ -29,15 +29,18 @@ $PY -c "import torch, transformers, pytest; print('torch', torch.__version__, 'c
 echo "setup done at $((SECONDS - start)) s" | tee -a "$OUT/machine.txt"
 
 # 1. speed: HF eager greedy, HF static cache + compile, AdaDecode cudagraphs with ATen's kernels and with
-#    inductor's (compile_segments, built after the first prompt is timed), bf16, Qwen2.5-Coder-0.5B's shape
+#    inductor's (compile_segments, built after the first prompt is timed), each also at full depth (the same
+#    graphs without exit heads: what the exits buy), bf16, Qwen2.5-Coder-0.5B's shape
 #    with random weights replaying the schedule recorded on the real model. No AdaDecode variant starts
 #    building after 230 s, no prompt after 320 s (the first always runs); the JSON is rewritten after
 #    every prompt.
+METHODS=hf_greedy,hf_static_compile,adadecode_cudagraphs,adadecode_cudagraphs_full_depth
+METHODS+=,adadecode_cudagraphs_inductor,adadecode_cudagraphs_inductor_full_depth
 timeout 380 $PY bench/gpu_bench.py --json "$OUT/bench.json" --deadline 320 --build-deadline 230 \
-    --methods hf_greedy,hf_static_compile,adadecode_cudagraphs,adadecode_cudagraphs_inductor ${GPU_BENCH_ARGS:-} \
+    --methods "$METHODS" ${GPU_BENCH_ARGS:-} \
     > "$OUT/bench.txt" 2>&1
 echo "bench rc=$? at $((SECONDS - start)) s" | tee -a "$OUT/bench.txt"
-tail -n 6 "$OUT/bench.txt"
+tail -n 9 "$OUT/bench.txt"
 
 # 2. correctness: fp32 graphs == our eager path token for token (ATen's and inductor's kernels), nothing
 #    captured or compiled after warm-up, bf16 runs; and the older CUDA tests, since the decode loop walks

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """GPU bench: HF eager greedy, HF static cache + compile, AdaDecode cudagraphs with ATen's and inductor's
 kernels (and eager, on fewer prompts), on a random model of a zoo model's shape, replaying an exit schedule
-recorded on the real model on a CPU.
+recorded on the real model on a CPU. Each cudagraphs variant also runs at full depth (``..._full_depth``:
+the same program and graphs without exit heads, plain greedy), so the report says what the exits buy on the
+GPU (``heads_gain``) beside what the whole thing buys over HF.
 
 Why not the real weights: they are 491 MB for Qwen2.5-Coder and a GPU call here carries 64 MiB. The time of a
 greedy step depends on shapes and on the schedule (exits, block sizes, rollbacks), not on the weights' values;
@@ -36,12 +38,16 @@ from adadecode_fx.heads import shipped_heads
 from adadecode_fx.heads.format import model_fingerprint
 from adadecode_fx.zoo.shapes import random_model
 
-METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_cudagraphs_inductor",
-           "adadecode_eager")
-# AdaDecode variants: method name -> config options besides the schedule's
+METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_cudagraphs_full_depth",
+           "adadecode_cudagraphs_inductor", "adadecode_cudagraphs_inductor_full_depth", "adadecode_eager")
+# AdaDecode variants: method name -> config options besides the schedule's. A ``_full_depth`` one has no exit
+# heads: every token runs all layers through the same lowering, which is what its sibling's heads are set against.
 VARIANTS = {"adadecode_cudagraphs": {"backend": "cudagraphs"},
+            "adadecode_cudagraphs_full_depth": {"backend": "cudagraphs"},
             "adadecode_cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True},
+            "adadecode_cudagraphs_inductor_full_depth": {"backend": "cudagraphs", "compile_segments": True},
             "adadecode_eager": {"backend": "eager"}}
+FULL_DEPTH = "_full_depth"
 
 
 def log(msg: str) -> None:
@@ -115,9 +121,14 @@ class Bench:
         if options["backend"] == "cudagraphs":
             slots = len(self.longest[0]) + self.args.max_new_tokens + 1
             options["max_cache_len"] = -(-slots // 256) * 256
+        full_depth = name.endswith(FULL_DEPTH)
         t0 = time.perf_counter()
         try:
-            dec = ReplayDecoder(AdaDecoder(self.model, self.heads, AdaDecodeConfig(**options, **self.settings)).program)
+            if full_depth:  # no heads: resolve() would otherwise take the exit layers from them
+                settings = dict(self.settings, exit_layers=(), threshold=None)
+                dec = AdaDecoder(self.model, None, AdaDecodeConfig(**options, **settings))
+            else:
+                dec = ReplayDecoder(AdaDecoder(self.model, self.heads, AdaDecodeConfig(**options, **self.settings)).program)
         except Exception as e:
             self._drop(name, "build", e)
             return
@@ -126,6 +137,9 @@ class Bench:
         records, T = self.records, self.args.max_new_tokens
 
         def run(ids):
+            if full_depth:
+                out = dec.generate(ids, max_new_tokens=T, eos_token_id=None)
+                return list(out.new_tokens), out.stats.to_dict()
             prompt = ids[0].tolist()
             out, followed = dec.replay(prompt, records[tuple(prompt)], T)
             return list(out.new_tokens), {**out.stats.to_dict(), "replay": followed}
@@ -153,8 +167,8 @@ class Bench:
     def time_prompt(self, k: int, rec: dict) -> None:
         """One timed call of each method on prompt ``rec``, interleaved; then the report is written."""
         ids = torch.tensor([rec["prompt_ids"]], device=self.args.device)
-        runs = {}
-        for name, method in list(self.methods.items()):
+        runs, order = {}, list(self.methods.items())
+        for name, method in order[k % len(order):] + order[:k % len(order)]:  # each prompt starts one later
             if name == "adadecode_eager" and k >= self.args.eager_prompts:
                 continue
             graphs = counters["stats"]["unique_graphs"]
@@ -208,8 +222,10 @@ def gpu_share(report: dict) -> None:
 
 
 def summarize(report: dict) -> None:
-    """Per method: median tok/s, median per-prompt speed-up against each HF method, token agreement, and
-    for cudagraphs variants the median share of wall time the GPU spent in their graphs."""
+    """Per method: median tok/s, median per-prompt speed-up against each HF method, token agreement, for
+    cudagraphs variants the median share of wall time the GPU spent in their graphs, and where the same
+    variant ran at full depth on the same prompts, ``heads_gain``: the median (p25, p75) per-prompt ratio
+    of their tok/s, what the exits buy over the same program without them."""
     rows = report["prompts"]
     summary = {}
     for name in report["methods"]:
@@ -226,6 +242,10 @@ def summarize(report: dict) -> None:
         shares = [r[name]["graph_gpu_share"] for r in mine if "graph_gpu_share" in r[name]]
         if shares:
             s["graph_gpu_share_median"] = statistics.median(shares)
+        gains = sorted(r[name]["tok_s"] / r[name + FULL_DEPTH]["tok_s"] for r in mine if name + FULL_DEPTH in r)
+        if gains:
+            q = statistics.quantiles(gains, n=4, method="inclusive") if len(gains) > 1 else gains * 3
+            s["heads_gain"] = {"median": statistics.median(gains), "p25": q[0], "p75": q[2], "n": len(gains)}
         summary[name] = s
     report["summary"] = summary
 
@@ -286,14 +306,16 @@ def main() -> int:
     bench.write()
     for name, s in bench.report.get("summary", {}).items():
         vs = "  ".join(f"{s[k]:5.2f}x {k[11:-7]}" for k in s if k.startswith("speedup_vs_"))
-        print(f"{name:30s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
+        print(f"{name:40s} {s['tok_s_median']:8.1f} tok/s  {vs}  same tokens as HF greedy "
               f"{s['same_tokens_as_hf_greedy']}/{s['prompts']}"
               + (f"  GPU in graphs {s['graph_gpu_share_median']:.0%} of the time"
                  if "graph_gpu_share_median" in s else "")
+              + (f"  heads gain {s['heads_gain']['median']:.2f}x ({s['heads_gain']['p25']:.2f}-"
+                 f"{s['heads_gain']['p75']:.2f}) over {name}{FULL_DEPTH}" if "heads_gain" in s else "")
               + (f"  COMPILED {s['graphs_compiled_in_timed_calls']} graphs while timed"
                  if s["graphs_compiled_in_timed_calls"] else ""))
     for name, why in bench.failed.items():
-        print(f"{name:30s} FAILED {why.splitlines()[0][:200]}")
+        print(f"{name:40s} FAILED {why.splitlines()[0][:200]}")
     return 0
 
 
