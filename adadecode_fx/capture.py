@@ -71,6 +71,19 @@ class _ExplicitKVWrapper(nn.Module):
         return out.logits
 
 
+# layer kinds whose state is per-layer attention K/V, the only state AdaDecode defers and rolls back
+_ATTENTION_KINDS = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
+_STATELESS_KINDS = {"mlp", "moe", "dense", "sparse"}  # feed-forward-only layers: nothing to keep
+_LAYER_KIND_FIELDS = ("layer_types", "layers_block_type", "block_types")
+
+
+def _other_state_error(model, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(model).__name__} {what}. AdaDecode defers and rolls back per-layer attention K/V only, so it "
+        "supports decoders whose every layer is attention (Llama, Qwen2/3, Mistral, Gemma-2, Phi-3, GPT-NeoX, "
+        "...); decode this model with model.generate")
+
+
 def check_supported(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not isinstance(model, nn.Module):
@@ -85,6 +98,13 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a causal language model with an LM head; "
             "load a decoder-only model with AutoModelForCausalLM")
+    for field in _LAYER_KIND_FIELDS:
+        kinds = getattr(config, field, None)
+        if isinstance(kinds, (list, tuple)) and all(isinstance(k, str) for k in kinds):
+            other = sorted(set(kinds) - _ATTENTION_KINDS - _STATELESS_KINDS)
+            if other:
+                raise _other_state_error(model, f"has {', '.join(other)} layers (config.{field}), which keep a "
+                                                "state other than attention K/V")
 
 
 @torch.no_grad()
@@ -95,14 +115,18 @@ def kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     cache = DynamicCache()
     dev = model.get_input_embeddings().weight.device
     ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
-    model(input_ids=ids, cache=cache, use_cache=True)
+    try:
+        model(input_ids=ids, cache=cache, use_cache=True)
+    except (IndexError, KeyError, AttributeError, TypeError, ValueError, NotImplementedError) as e:
+        # a layer that wants a state of its own (convolution, SSM) finds none in a plain K/V cache
+        raise _other_state_error(model, f"cannot run with a cache of attention K/V only "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
     shapes = []
     for layer in cache.layers:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(k, torch.Tensor) or k.dim() != 4:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} keeps no per-layer attention K/V (recurrent or linear-attention "
-                "layers?); AdaDecode supports attention decoders only")
+            raise _other_state_error(model, "keeps no per-layer attention K/V (recurrent or linear-attention "
+                                            "layers?)")
         shapes.append(((1, k.shape[1], 1, k.shape[3]), (1, v.shape[1], 1, v.shape[3])))
     if not shapes:
         raise UnsupportedModelError(f"{type(model).__name__} did not use its cache: nothing to defer")

@@ -7,7 +7,7 @@ from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.zoo import models
 from adadecode_fx.config import DEFAULT_THRESHOLD
 from adadecode_fx.errors import AdaDecodeError, UnsupportedModelError
-from tests.conftest import hf_greedy, tiny_model
+from tests.conftest import FAMILIES, hf_greedy, tiny_model
 
 
 def snapshot(model):
@@ -212,6 +212,44 @@ def test_masked_lm_is_rejected_before_capture(monkeypatch):
     monkeypatch.setattr("adadecode_fx.capture.capture", no_capture)  # cached_capture looks it up when called
     with pytest.raises(UnsupportedModelError, match="causal"):
         AdaDecoder(tf.BertForMaskedLM(_bert_config()).eval())
+
+
+_STATEFUL = {  # decoders with layers whose state is not attention K/V: SSM, hybrid, linear attention
+    "mamba": lambda: tf.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2),
+    "falcon_h1": lambda: tf.FalconH1Config(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=32,
+                                           mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4),
+    "qwen3_next": lambda: tf.Qwen3NextConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, num_experts=2, num_experts_per_tok=1,
+                                             moe_intermediate_size=16, shared_expert_intermediate_size=16),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_STATEFUL))
+def test_decoders_with_state_beyond_attention_kv_are_refused_clearly(family):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_STATEFUL[family]()).eval()
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r"layers \(config\..*state other than attention K/V.*"
+                                                    r"model\.generate"):
+        AdaDecoder(model)
+    assert_unchanged(model, snap)
+
+
+def test_a_layer_that_cannot_run_on_attention_kv_alone_is_refused_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path))  # no capture of this structure to reuse
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(FAMILIES["llama"]()).eval()  # an object no decoder has seen
+    layer = model.model.layers[1]
+
+    def wants_a_state_of_its_own(*args, **kwargs):  # what a convolution layer does with a K/V-only cache
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(layer, "forward", wants_a_state_of_its_own)
+    with pytest.raises(UnsupportedModelError, match=r"cannot run with a cache of attention K/V only "
+                                                    r"\(IndexError: list index out of range\).*model\.generate"):
+        AdaDecoder(model)
 
 
 def test_not_a_hf_model():
