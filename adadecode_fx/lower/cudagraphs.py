@@ -41,6 +41,7 @@ from torch import fx
 
 from ..errors import AdaDecodeError
 from ..ops.attention import SDPA, plain_attention
+from ..ops.experts import plain_experts
 from ..runtime.kv_state import KVState
 from ..runtime.program import PrologueOut, token_rows
 from .eager import private_copy
@@ -52,12 +53,14 @@ _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
 def static_segment(gm):
-    """A private copy of a segment with attention as one SDPA call per block and no metadata asserts
-    (checks of what the capture fixed; inside a graph they only cost a launch at capture)."""
+    """A private copy of a segment with attention as one SDPA call per block (and experts as one grouped
+    call), and no metadata asserts (checks of what the capture fixed; inside a graph they only cost a
+    launch at capture)."""
     if not isinstance(gm, fx.GraphModule):
         return gm
     gm = private_copy(gm)
     plain_attention(gm.graph)
+    plain_experts(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             gm.graph.erase_node(node)

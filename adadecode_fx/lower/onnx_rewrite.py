@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
-from ..ops import plain_attention, plain_linear
+from ..ops import plain_attention, plain_experts, plain_linear
 
 aten = torch.ops.aten
 
@@ -40,7 +40,7 @@ def onnx_ready_copy(sub: fx.GraphModule) -> tuple[fx.Graph, tuple]:
     graph = fx.Graph()
     env: dict = {}
     out = graph.graph_copy(sub.graph, env)
-    plain_linear(plain_attention(graph))  # ONNX knows neither op; its engines run fp32 (see the passes)
+    plain_experts(plain_linear(plain_attention(graph)))  # ONNX knows none of them; its engines run fp32
     return graph, (tuple(out) if isinstance(out, (tuple, list)) else (out,))
 
 

@@ -16,10 +16,12 @@ from .deferred_batching import deferred_batching
 from .explicit_kv import explicit_kv
 from .insert_exit_probes import ExitProbe, insert_exit_probes
 from .row_exact_attention import row_exact_attention
+from .row_exact_experts import row_exact_experts
 from .settings import PassSettings
 from .split_layers import split_layers
 
-PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, block_linear, insert_exit_probes)
+PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, row_exact_experts, block_linear,
+          insert_exit_probes)
 
 
 def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.GraphModule:
@@ -33,4 +35,4 @@ def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.
 
 
 __all__ = ["PASSES", "PassSettings", "run_passes", "split_layers", "explicit_kv", "deferred_batching",
-           "row_exact_attention", "block_linear", "insert_exit_probes", "ExitProbe"]
+           "row_exact_attention", "row_exact_experts", "block_linear", "insert_exit_probes", "ExitProbe"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 
+import sympy
 import torch
 from torch import fx
 
@@ -29,6 +30,43 @@ def _expr(v):
     return v.node.expr if isinstance(v, torch.SymInt) else None
 
 
+def _carrier(tensors: list, expr):
+    """(placeholder, dim) of a tensor input whose size there is ``expr``, or None."""
+    for t in tensors:
+        for d, size in enumerate(t.meta["val"].shape):
+            if _expr(size) == expr:
+                return t, d
+    return None
+
+
+_ARITHMETIC = {sympy.Mul: operator.mul, sympy.Add: operator.add}
+
+
+def _derive(graph: fx.Graph, tensors: list, expr):
+    """An FX value computing the size ``expr`` from the segment's own tensor inputs: a size one of them
+    carries, or a sum or product of such sizes and integers (an MoE layer's routed rows are
+    ``batch x T x top_k``, computed once in the prologue). None if it cannot be derived."""
+    if expr.is_Integer:
+        return int(expr)
+    source = _carrier(tensors, expr)
+    if source is not None:
+        node = graph.call_function(torch.ops.aten.sym_size.int, source)
+        node.meta["val"] = source[0].meta["val"].shape[source[1]]
+        return node
+    op = _ARITHMETIC.get(type(expr))
+    if op is None:
+        return None
+    parts = [_derive(graph, tensors, a) for a in expr.args]
+    if any(p is None for p in parts):
+        return None
+    value = parts[0]
+    for part in parts[1:]:
+        vals = [v.meta["val"] if isinstance(v, fx.Node) else v for v in (value, part)]
+        value = graph.call_function(op, (value, part))
+        value.meta["val"] = op(*vals)
+    return value
+
+
 def _rebind_symints(sub: fx.GraphModule, call: fx.Node, top: fx.Graph) -> None:
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     tensors = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)]
@@ -38,23 +76,45 @@ def _rebind_symints(sub: fx.GraphModule, call: fx.Node, top: fx.Graph) -> None:
         if not isinstance(val, torch.SymInt):
             keep_args.append(arg)
             continue
-        source = None
-        for t in tensors:
-            for d, size in enumerate(t.meta["val"].shape):
-                if _expr(size) == _expr(val):
-                    source = (t, d)
-                    break
-            if source:
-                break
-        if source is None:
+        body = next(n for n in sub.graph.nodes if n.op != "placeholder")
+        with sub.graph.inserting_before(body):  # in order: a derived size's parts come before it
+            size = _derive(sub.graph, tensors, _expr(val))
+        if not isinstance(size, fx.Node):
             raise UnsupportedModelError(
                 f"segment {call.target} uses size {val} that none of its own inputs carries")
-        with sub.graph.inserting_after(placeholders[-1]):
-            size = sub.graph.call_function(torch.ops.aten.sym_size.int, source)
-        size.meta = dict(ph.meta)
+        size.meta.update({k: v for k, v in ph.meta.items() if k != "val"})
         ph.replace_all_uses_with(size)
         sub.graph.erase_node(ph)
     call.args = tuple(keep_args)
+    sub.recompile()
+
+
+_SIZE_ARITHMETIC = (torch.ops.aten.sym_size.int, operator.mul, operator.add, operator.floordiv)
+
+
+def _drop_unread_outputs(sub: fx.GraphModule, call: fx.Node, top: fx.Graph) -> None:
+    """Drop the outputs beyond the residual stream that nothing reads any more: sizes a layer computed
+    for the next one, which now derives them itself (`_rebind_symints`)."""
+    if any(u.target is not operator.getitem for u in call.users):
+        return
+    out = next(n for n in sub.graph.nodes if n.op == "output")
+    values = list(out.args[0])
+    getitems = {u.args[1]: u for u in call.users}
+    keep = [i for i in range(len(values)) if i == 0 or (i in getitems and getitems[i].users)]
+    if len(keep) == len(values):
+        return
+    for i, g in getitems.items():
+        if i in keep:
+            g.args = (call, keep.index(i))
+        else:
+            top.erase_node(g)
+    out.args = (tuple(values[i] for i in keep),)
+    dead = [values[i] for i in range(len(values)) if i not in keep]
+    while dead:  # the size arithmetic that only fed them
+        node = dead.pop()
+        if isinstance(node, fx.Node) and not node.users and node.target in _SIZE_ARITHMETIC:
+            dead.extend(a for a in node.args if isinstance(a, fx.Node))
+            sub.graph.erase_node(node)
     sub.recompile()
 
 
@@ -83,6 +143,9 @@ def deferred_batching(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
     for name, call in calls.items():
         if name != "prologue":
             _rebind_symints(getattr(gm, name), call, gm.graph)
+    for name, call in calls.items():
+        if name.startswith("layer_"):
+            _drop_unread_outputs(getattr(gm, name), call, gm.graph)
     ids_shape = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"].shape
     T = _expr(ids_shape[1])
     gm.meta["block_symbol"] = str(T)

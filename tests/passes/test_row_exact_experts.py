@@ -1,0 +1,98 @@
+"""row_exact_experts: a mixture-of-experts layer multiplies a block of decode rows as each row alone, so
+bf16 MoE decoding with exits stays bit-identical to plain greedy; MoE layers split into segments at all
+(their routed-row count is a size the next layer now derives itself)."""
+import pytest
+import torch
+import transformers as tf
+
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from adadecode_fx.ops.attention import prefill_block
+from adadecode_fx.ops.experts import GROUPED_MM, ROW_EXACT_GROUPED, fallback_op, plain_experts, row_exact_grouped
+from tests.conftest import hf_greedy
+
+
+def _groups(seed=0, K=64, N=48, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(4, K, N, generator=g).to(dtype)
+    x = torch.randn(7, K, generator=g).to(dtype)
+    offs = torch.tensor([2, 2, 6, 7], dtype=torch.int32)  # experts 0: rows 0-1, 2: rows 2-5, 3: row 6
+    return x, weight, offs, [0, 0, 2, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_each_row_is_multiplied_by_its_expert_alone(fallback):
+    x, weight, offs, experts = _groups()
+    out = row_exact_grouped(x, weight, offs, fallback)
+    one = offs.new_ones(1)
+    for r, e in enumerate(experts):  # what one-position decoding computes for that row
+        assert torch.equal(out[r:r + 1], GROUPED_MM(x[r:r + 1], weight[e:e + 1], one))
+        assert torch.equal(out[r:r + 1], x[r:r + 1] @ weight[e])
+    with prefill_block():  # a prompt: the grouped call, as HF makes it
+        op = fallback_op() if fallback else GROUPED_MM
+        assert torch.equal(row_exact_grouped(x, weight, offs, fallback), op(x, weight, offs))
+
+
+def _moe_model(config, dtype):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+_TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, tie_word_embeddings=False)
+MOE = {  # (config, dtype): MoE kernels take no float64
+    "mixtral": lambda: tf.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **_TINY),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                           num_experts_per_tok=2, shared_expert_intermediate_size=32, **_TINY),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layers_split_and_their_grouped_matmuls_are_rewritten(dtype):
+    model = _moe_model(MOE["mixtral"](), dtype)
+    dec = AdaDecoder(model, ExitHeads.random(model, (1,), seed=1), AdaDecodeConfig(threshold=0.5))
+    gm = dec.program.gm
+    for i in range(gm.meta["num_layers"]):
+        layer = getattr(gm, f"layer_{i}")
+        inputs = [n for n in layer.graph.nodes if n.op == "placeholder"]
+        assert not any(isinstance(n.meta.get("val"), torch.SymInt) for n in inputs)  # sizes derived inside
+        assert len(next(n for n in layer.graph.nodes if n.op == "output").args[0]) == 1  # the residual only
+        rewritten = [n for n in layer.graph.nodes if n.target is ROW_EXACT_GROUPED]
+        assert len(rewritten) == 2  # gate/up and down projections
+        # fp32 on a CPU goes through transformers' fallback, bf16 through ATen's grouped matmul
+        assert all(n.args[3] is (dtype == torch.float32) for n in rewritten)
+    graph = plain_experts(gm.layer_0.graph)
+    assert {n.target for n in graph.nodes} & {GROUPED_MM, fallback_op()}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+@pytest.mark.parametrize("backend", ["eager", "cudagraphs"])
+def test_moe_greedy_parity_with_many_exits_and_rejections(family, backend):
+    model = _moe_model(MOE[family](), torch.float32)
+    dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
+                     AdaDecodeConfig(backend=backend, threshold=0.02, max_pending=3))
+    early = rejected = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = dec.generate(prompt, 20, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, 20)
+        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    assert early >= 20 and rejected >= 5
+
+
+def test_bf16_moe_with_exits_equals_plain_greedy_bit_for_bit():
+    """At these widths a block's grouped matmul rounds differently from one row's on the CPU this was
+    written on (without the pass the tokens part at new token 29, on a 1-ulp logit tie)."""
+    model = _moe_model(tf.Qwen3MoeConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
+                                         moe_intermediate_size=3072, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                         tie_word_embeddings=False), torch.bfloat16)
+    prompt = [5, 6, 7]
+    dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
+                     AdaDecodeConfig(threshold=0.02, max_pending=2))
+    out = dec.generate(prompt, 40, eos_token_id=None)
+    assert out.new_tokens == hf_greedy(model, prompt, 40)
+    assert out.stats.early_emitted >= 20 and out.stats.rejected >= 5
