@@ -128,7 +128,8 @@ class Bench:
                 settings = dict(self.settings, exit_layers=(), threshold=None)
                 dec = AdaDecoder(self.model, None, AdaDecodeConfig(**options, **settings))
             else:
-                dec = ReplayDecoder(AdaDecoder(self.model, self.heads, AdaDecodeConfig(**options, **self.settings)).program)
+                config = AdaDecodeConfig(**options, **self.settings)
+                dec = ReplayDecoder(AdaDecoder(self.model, self.heads, config).program)
         except Exception as e:
             self._drop(name, "build", e)
             return

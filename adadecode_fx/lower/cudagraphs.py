@@ -140,6 +140,13 @@ class _FoldedProbe:
         return [int(t) for t in tokens], confs
 
 
+def _is_tail(x: torch.Tensor, of: torch.Tensor | None) -> bool:
+    """``x`` is the last rows (dim 1) of ``of`` itself (the same memory), not merely equal."""
+    if of is None or x.shape[0] != 1 or x.shape[1] > of.shape[1] or x.dtype != of.dtype:
+        return False
+    return x.data_ptr() == of.data_ptr() + (of.shape[1] - x.shape[1]) * of.stride(1) * of.element_size()
+
+
 class _Fold(NamedTuple):
     """What a run that ends at an exit layer computed for that layer's probe."""
     layer: int
@@ -178,10 +185,11 @@ class StaticRunner:
         self.epilogue = _Epilogue(self, program.epilogue_fn)
         self.probes = {l: _FoldedProbe(self, l, fn) for l, fn in program.probe_fns.items()}
         # of the last run: its output block [1, T, d], what it computed for the probe at its last layer,
-        # and the logits [1, T, V] of its rows if it was the last layer's (captured)
+        # and the logits [1, T, V] of its rows and their argmax [1, T] if it was the last layer's (captured)
         self.block: torch.Tensor | None = None
         self.folded: _Fold | None = None
         self.logits: torch.Tensor | None = None
+        self.predictions: torch.Tensor | None = None
         self.unfolded_probes = 0
         self.step = torch.zeros(2, dtype=torch.long, device=self.device)
         self.end, self.token = self.step[:1], self.step[1:].view(1, 1)
@@ -244,7 +252,7 @@ class StaticRunner:
             raise AdaDecodeError("a static program runs on its own K/V buffers: make the state with "
                                  "program.kv_state(...)")
         body = self.bodies[first]
-        self.block = self.folded = self.logits = None
+        self.block = self.folded = self.logits = self.predictions = None
         # layer 0 sees the new token (T = 1) except in a prefill; deeper runs see T <= max_pending + 1
         static = n == 1 if first == 0 else hidden.shape[0] == 1 and n <= self.max_rows
         if static:
@@ -257,7 +265,7 @@ class StaticRunner:
         if last in self.probes:
             self.folded = _Fold(last, *out[1:4])
         elif static and self.epilogue_folded and last == self.program.num_layers - 1:
-            self.logits = out[1]
+            self.logits, self.predictions = out[1:3]
         return self.block
 
     def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
@@ -265,10 +273,14 @@ class StaticRunner:
 
     def is_tail_of_block(self, x: torch.Tensor) -> bool:
         """``x`` is the last rows of the last run's output itself (the same memory), not merely equal."""
-        b = self.block
-        if b is None or x.shape[0] != 1 or x.shape[1] > b.shape[1] or x.dtype != b.dtype:
-            return False
-        return x.data_ptr() == b.data_ptr() + (b.shape[1] - x.shape[1]) * b.stride(1) * b.element_size()
+        return _is_tail(x, self.block)
+
+    def read_predictions(self, logits: torch.Tensor) -> list[list[int]]:
+        """Greedy verification's argmax of ``logits [1, t, V]``, read back: where they are the last rows of
+        what the last run's graph computed, the argmax that graph took of them (no launch of its own)."""
+        if self.predictions is not None and _is_tail(logits, self.logits):
+            return self.predictions[:, self.predictions.shape[1] - logits.shape[1]:].tolist()
+        return logits.argmax(dim=-1).tolist()
 
     def fold_of(self, layer: int, hidden_last: torch.Tensor):
         """What the last run computed for the probe at ``layer``, if ``hidden_last`` is its block's last row."""
@@ -299,7 +311,7 @@ class StaticRunner:
                 like = self.run(first, last, hidden, t, top, self.buffers)
             if not self.epilogue_folded:
                 self.epilogue(like.new_zeros(1, t, like.shape[-1]))
-        self.block = self.folded = self.logits = None
+        self.block = self.folded = self.logits = self.predictions = None
 
     # --- one run's body ----------------------------------------------------------------------------
     def _body(self, first: int, last: int):
@@ -332,7 +344,8 @@ class StaticRunner:
                                       confidence.reshape(-1).to(torch.float64)])
                 out += (token, confidence, packed)
             if with_logits:
-                out += (prog.epilogue_fn(hidden)[0],)  # [1, T, V]: verification reads the rows it needs
+                logits = prog.epilogue_fn(hidden)[0]  # [1, T, V]: verification reads the rows it needs
+                out += (logits, logits.argmax(dim=-1))  # and greedy verification their argmax [1, T]
             return out
 
         return body

@@ -148,7 +148,7 @@ class AdaDecoder:
         start = time.perf_counter()
         P, B = batch.length, batch.size
         sampler = None if sampling is None else Sampler(sampling, self.device)
-        decisions = (GreedyDecisions(self.probe, self.config.gamma) if sampler is None
+        decisions = (GreedyDecisions(self.probe, self.config.gamma, self.program.read_predictions) if sampler is None
                      else SamplingDecisions(self.exit_logits, sampler, self.config.gamma))
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
                    kv=self._kv_state(batch, max_new_tokens),

@@ -30,9 +30,14 @@ class Decisions(Protocol):
     def judge(self, run, first: int, logits: torch.Tensor) -> dict[int, Verdict]: ...
 
 
+def _argmax(logits: torch.Tensor) -> list[list[int]]:
+    return logits.argmax(dim=-1).tolist()  # one read-back for all rows
+
+
 class GreedyDecisions:
-    def __init__(self, probe: Probe, gamma: Callable[[int], float]):
+    def __init__(self, probe: Probe, gamma: Callable[[int], float], predictions=_argmax):
         self.probe, self.gamma = probe, gamma  # gamma(layer): the exit threshold there
+        self.predictions = predictions  # logits [B, T, V] -> per row the argmax list (`DecodeProgram.read_predictions`)
 
     def draft(self, run, layer, hidden_last):
         tokens, confs = self.probe(layer, hidden_last, run.rows)
@@ -42,7 +47,7 @@ class GreedyDecisions:
 
     def judge(self, run, first, logits):
         """``logits [B, T, V]``: row ``k`` predicts slot ``first + k + 1``."""
-        preds = logits.argmax(dim=-1).tolist()  # one call for all rows
+        preds = self.predictions(logits)
         return {b: verify_greedy(run.rows[b], first, preds[b]) for b in run.active()}
 
 

@@ -111,7 +111,7 @@ class DecodeProgram:
         self.dtype = torch.float32
         # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,
         # ``step_inputs(ids, start)``, ``run(first, last, hidden, n, top, kv)``, ``read_probe(layer,
-        # hidden_last)``, ``warm_up()``
+        # hidden_last)``, ``read_predictions(logits)``, ``warm_up()``
         # (see adadecode_fx.lower.cudagraphs)
         self.runner = None
 
@@ -270,6 +270,13 @@ class DecodeProgram:
             return self.runner.read_probe(layer, hidden_last)
         token, conf = self.probe(layer, hidden_last)
         return token.reshape(-1).tolist(), conf.reshape(-1).tolist()
+
+    def read_predictions(self, logits: torch.Tensor) -> list[list[int]]:
+        """Greedy verification's input: the argmax of ``logits [B, T, V]`` per row, read back in one call
+        (a runner answers from the argmax its last graph took of them)."""
+        if self.runner is not None:
+            return self.runner.read_predictions(logits)
+        return logits.argmax(dim=-1).tolist()
 
     def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""

@@ -90,6 +90,11 @@ def test_the_last_run_answers_the_epilogue_for_a_tail_of_its_block():
     made = runner.made
     other = program.epilogue(hidden[:, 1:].clone())  # not the run's block: computed, nothing made
     assert torch.equal(other, logits) and runner.made == made
+    # greedy verification reads the argmax the run's graph took of those rows; of other logits, its own
+    assert program.read_predictions(logits) == logits.argmax(dim=-1).tolist()
+    runner.predictions.fill_(-5)
+    assert program.read_predictions(logits) == [[-5, -5]]
+    assert program.read_predictions(other) == logits.argmax(dim=-1).tolist()
 
 
 def test_nothing_is_made_after_warm_up_across_generation_lengths():
