@@ -45,8 +45,13 @@ def cuda_model(family: str, dtype=torch.float32):
 @functools.cache
 def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
     """A small random decoder; eos disabled so greedy runs the full length."""
+    return random_decoder(FAMILIES[family](), dtype, seed)
+
+
+def random_decoder(config, dtype=torch.float64, seed: int = 0):
+    """A random causal LM of ``config`` whose greedy choices are clear-cut, eos disabled."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype).eval()
+    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     # sharpen the output distribution so argmax ties (float noise) are vanishingly rare
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(4.0)

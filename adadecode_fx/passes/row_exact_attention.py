@@ -11,7 +11,7 @@ is the one op to fix.
 Expects: the output of `deferred_batching` (layer segments labelled, K/V read at its exact length,
 i.e. ``kv_bucket=1``).
 Returns: the same module with every ``aten.scaled_dot_product_attention`` inside a layer segment
-replaced by ``adadecode::row_exact_sdpa``: for a block of T rows whose K/V ends at the block's last
+replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, `_views_to_reshapes`): for a block of T rows whose K/V ends at the block's last
 position, row ``i`` attends over exactly the keys it sees when decoded alone (the first ``S - T + i + 1``),
 one SDPA call per row. A prefill is the exception: plain decoding prefills the prompt as one block, so
 the runtime marks it (`prefill_block`) and the op then runs the single block call, like HF does.
@@ -21,6 +21,7 @@ at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.on
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..ops.attention import ROW_EXACT, SDPA
@@ -36,6 +37,27 @@ def _call_args(node: fx.Node) -> tuple:
     return tuple(args[:6])
 
 
+_A = torch.ops.aten
+# ops through which a tensor's layout carries on to a later view
+_LAYOUT_OPS = (_A.transpose.int, _A.permute.default, _A.view.default, _A.reshape.default, _A.unsqueeze.default,
+               _A.squeeze.dim, _A.slice.Tensor, _A.select.int)
+
+
+def _views_to_reshapes(node: fx.Node) -> None:
+    """SDPA's CPU kernels return a block as a transposed [B, T, H, D] buffer, so a model's
+    ``out.transpose(1, 2).contiguous().view(...)`` was captured without the copy, as transpose -> view.
+    The row-exact op returns a contiguous [B, H, T, D] block, on which that view fails: the views after it
+    become reshapes (a copy where the layout needs one, as ``.contiguous()`` made in the model)."""
+    todo = list(node.users)
+    while todo:
+        user = todo.pop()
+        if user.op != "call_function" or user.target not in _LAYOUT_OPS:
+            continue
+        if user.target is torch.ops.aten.view.default:
+            user.target = torch.ops.aten.reshape.default
+        todo.extend(user.users)
+
+
 def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     for name in segment_calls(gm):
         if not name.startswith("layer_"):
@@ -47,6 +69,7 @@ def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphM
                 node.args = _call_args(node)
                 node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
                 node.target = ROW_EXACT
+                _views_to_reshapes(node)
                 changed = True
         if changed:
             sub.recompile()

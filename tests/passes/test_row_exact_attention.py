@@ -1,5 +1,6 @@
 """row_exact_attention: a block of decode rows attends exactly as each row alone."""
 import torch
+import transformers as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,8 @@ from adadecode_fx.ops.attention import (
     row_exact,
     row_exact_sdpa,
 )
-from tests.conftest import captured
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+from tests.conftest import captured, hf_greedy, random_decoder
 
 
 def _inputs(T=4, S=37, dtype=torch.bfloat16, seed=0):
@@ -74,3 +76,23 @@ def test_gqa_rows_equal_repeated_heads(groups, kv_heads, T, S, dtype, seed, pad)
     with prefill_block():
         repeated = row_exact(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask, scale=0.125)
         assert torch.equal(row_exact(q, k, v, mask, scale=0.125, enable_gqa=True), repeated)
+
+
+def test_views_of_the_attention_output_become_reshapes():
+    """AFMoE writes ``out.transpose(1, 2).contiguous().view(...)``; SDPA's CPU kernel returns a transposed
+    buffer, so the capture kept transpose -> view without the copy, and that view fails on the row-exact
+    op's contiguous blocks. Those views become reshapes, and blocks decode."""
+    config = tf.AfmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=4, num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                            global_attn_every_n_layers=2, sliding_window=6, max_position_embeddings=256)
+    model = random_decoder(config, torch.float32)  # its experts take no float64
+    dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
+                     AdaDecodeConfig(threshold=0.02, max_pending=3))
+    early = rejected = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = dec.generate(prompt, 20, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, 20)
+        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    assert early >= 20 and rejected >= 5
+

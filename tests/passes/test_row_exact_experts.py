@@ -8,7 +8,7 @@ import transformers as tf
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.ops.attention import prefill_block
 from adadecode_fx.ops.experts import GROUPED_MM, ROW_EXACT_GROUPED, fallback_op, plain_experts, row_exact_grouped
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, random_decoder
 
 
 def _groups(seed=0, K=64, N=48, dtype=torch.bfloat16):
@@ -32,16 +32,6 @@ def test_each_row_is_multiplied_by_its_expert_alone(fallback):
         assert torch.equal(row_exact_grouped(x, weight, offs, fallback), op(x, weight, offs))
 
 
-def _moe_model(config, dtype):
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(4.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model
-
-
 _TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, tie_word_embeddings=False)
 MOE = {  # (config, dtype): MoE kernels take no float64
@@ -53,7 +43,7 @@ MOE = {  # (config, dtype): MoE kernels take no float64
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_layers_split_and_their_grouped_matmuls_are_rewritten(dtype):
-    model = _moe_model(MOE["mixtral"](), dtype)
+    model = random_decoder(MOE["mixtral"](), dtype)
     dec = AdaDecoder(model, ExitHeads.random(model, (1,), seed=1), AdaDecodeConfig(threshold=0.5))
     gm = dec.program.gm
     for i in range(gm.meta["num_layers"]):
@@ -72,7 +62,7 @@ def test_moe_layers_split_and_their_grouped_matmuls_are_rewritten(dtype):
 @pytest.mark.parametrize("family", sorted(MOE))
 @pytest.mark.parametrize("backend", ["eager", "cudagraphs"])
 def test_moe_greedy_parity_with_many_exits_and_rejections(family, backend):
-    model = _moe_model(MOE[family](), torch.float32)
+    model = random_decoder(MOE[family](), torch.float32)
     dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
                      AdaDecodeConfig(backend=backend, threshold=0.02, max_pending=3))
     early = rejected = 0
@@ -86,7 +76,7 @@ def test_moe_greedy_parity_with_many_exits_and_rejections(family, backend):
 def test_bf16_moe_with_exits_equals_plain_greedy_bit_for_bit():
     """At these widths a block's grouped matmul rounds differently from one row's on the CPU this was
     written on (without the pass the tokens part at new token 29, on a 1-ulp logit tie)."""
-    model = _moe_model(tf.Qwen3MoeConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
+    model = random_decoder(tf.Qwen3MoeConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
                                          moe_intermediate_size=3072, num_hidden_layers=4, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                          tie_word_embeddings=False), torch.bfloat16)
