@@ -92,7 +92,34 @@ def assign_partitions(graph: fx.Graph, prefix: str, num_layers: int) -> dict[fx.
             part[node] = 0
         else:
             pending.append(node)
+    _hoist_shared(graph, part, num_layers)
     return part
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _hoist_shared(graph: fx.Graph, part: dict, num_layers: int) -> None:
+    """Move to the prologue what a layer computes from the prologue's values alone (no weight, K/V or
+    hidden state of its own) when another layer reads it too. DeepSeek-V2 and Llama 4 move their rotary
+    table to the device inside the first layer's attention, and the capture hands every later layer that
+    first layer's node; the prologue, which every layer reads, computes it instead."""
+    free: set[fx.Node] = set()
+    for node in graph.nodes:
+        if not 1 <= part.get(node, -1) <= num_layers or node.op != "call_function" or _mutates(node):
+            continue
+        inputs = node.all_input_nodes
+        if inputs and all(part.get(i) == 0 or i in free
+                          or (i.op == "placeholder" and not str(i.target).startswith("kv_")) for i in inputs):
+            free.add(node)
+    shared = [n for n in free if any(part.get(u, -1) not in (part[n], -1) for u in n.users)]
+    while shared:
+        node = shared.pop()
+        if part[node] != 0:
+            part[node] = 0
+            shared.extend(i for i in node.all_input_nodes if i in free)
 
 
 def split_layers(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:

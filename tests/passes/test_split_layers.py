@@ -4,12 +4,14 @@ import re
 
 import pytest
 import torch
+import transformers as tf
 from torch import nn
 
+from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.errors import UnsupportedModelError
 from adadecode_fx.passes import PassSettings
 from adadecode_fx.passes.split_layers import find_layer_prefix, segment_calls, split_layers
-from tests.conftest import captured, tiny_model
+from tests.conftest import captured, hf_greedy, random_decoder, tiny_model
 
 S = PassSettings()  # every pass takes its settings; these tests need the defaults
 
@@ -163,3 +165,25 @@ def test_find_layer_prefix_on_captured_model(family):
     prefix, n = find_layer_prefix(captured(family).graph)
     assert n == tiny_model(family).config.num_hidden_layers
     assert prefix.endswith(".layers")
+
+
+def test_what_a_layer_computes_from_the_prologue_alone_for_later_layers_moves_to_the_prologue():
+    """DeepSeek-V2 moves its complex rotary table to the device inside layer 0's attention, and the capture
+    hands that node to every later layer: it goes to the prologue, and the model decodes with exits."""
+    config = tf.DeepseekV2Config(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                 n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                 v_head_dim=8, first_k_dense_replace=1, n_shared_experts=1,
+                                 max_position_embeddings=256)
+    model = random_decoder(config, torch.float32)  # its experts take no float64
+    dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
+                     AdaDecodeConfig(threshold=0.02, max_pending=3))
+    prologue_out = next(n for n in dec.program.gm.prologue.graph.nodes if n.op == "output").args[0]
+    assert any(getattr(n.meta.get("val"), "dtype", None) == torch.complex64 for n in prologue_out)
+    early = rejected = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = dec.generate(prompt, 20, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, 20)
+        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    assert early >= 20 and rejected >= 5
