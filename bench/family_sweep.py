@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Which transformers decoder families AdaDecode decodes: parity with forced exits, or a clear error.
+
+For each model type (default: every causal-LM type transformers registers, less the encoders and
+encoder-decoders), a tiny random model of that type (4 layers, width 32, its LM head sharpened so greedy
+choices are clear-cut) decodes two prompts with random exit heads after layers 0 and 2 at gamma 0.02, so
+most probes exit and many early tokens are wrong, under each backend. A family passes when every
+generation equals HF greedy token for token. float64 where the model's kernels take it, else float32
+(MoE kernels). Each family runs in a process of its own with a time limit: one that crashes or hangs
+costs only its own row.
+
+Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``refused`` (an
+AdaDecodeError: the clear error a user gets) or ``error`` (anything else: a bug to fix). ``no_model``:
+the sweep could not build a tiny model of the type or HF itself could not generate with it (a limit of
+this script's generic config, not a verdict on AdaDecode).
+
+    PYTHONPATH=$PWD python bench/family_sweep.py --json docs/families.json --jobs 2
+    PYTHONPATH=$PWD python bench/family_sweep.py --families llama,mixtral --backends eager
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# tiny sizes under every name the configs use for them; each family takes the ones it has
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, n_embd=32, n_layer=4, n_head=4,
+             n_positions=256, ffn_dim=64, n_inner=64, d_model=32, num_layers=4, num_heads=4,
+             moe_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+             n_routed_experts=4, shared_expert_intermediate_size=32, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, tie_word_embeddings=False, rotary_dim=4, first_k_dense_replace=1, kv_lora_rank=16,
+             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+LEAVE_OUT = {"falcon": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",),
+             "youtu": ("head_dim",)}
+EXTRA = {"gpt_neo": {"attention_types": [[["global", "local"], 2]]},
+         "exaone4": {"sliding_window_pattern": 2, "sliding_window": 6},
+         "dots1": {"n_shared_experts": 1},
+         "deepseek_v2": dict(_MLA, n_shared_experts=1, n_group=1, topk_group=1),
+         "deepseek_v3": dict(_MLA, n_shared_experts=1, n_group=1, topk_group=1),
+         "youtu": _MLA}
+NOT_DECODERS = ("bert", "roberta", "electra", "xlm", "xlnet", "camembert", "ernie", "data2vec", "megatron",
+                "rembert", "roc_bert", "roformer", "big_bird", "bigbird", "bart", "blenderbot", "marian", "mbart",
+                "mvp", "pegasus", "plbart", "prophetnet", "trocr", "whisper", "xmod", "reformer", "git",
+                "musicgen", "moshi", "cpmant", "ctrl", "openai-gpt", "modernbert", "emu3", "fuyu", "got_ocr2",
+                "mllama", "phi4_multimodal", "blt")
+PROMPTS = ([5, 6, 7], list(range(20, 45)))
+NEW_TOKENS = 20
+
+
+def all_families() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if not t.startswith(NOT_DECODERS))
+
+
+def check_family(model_type: str, backends: list[str]) -> dict:
+    """One family, in this process (the worker side of `main`)."""
+    import torch
+    import transformers as tf
+
+    from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
+    from adadecode_fx.errors import AdaDecodeError
+
+    out = {"family": model_type}
+    try:
+        cls = tf.CONFIG_MAPPING[model_type]
+        default = cls()
+        kw = {k: v for k, v in SMALL.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
+        config = cls(**{**kw, **EXTRA.get(model_type, {})})
+    except Exception as e:  # noqa: BLE001  a config this script cannot make small
+        return {**out, "no_model": f"config: {type(e).__name__}: {str(e)[:200]}"}
+
+    def reference(dtype):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(4.0)
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+        refs = []
+        for p in PROMPTS:
+            ids = torch.tensor([p])
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=0)
+            refs.append(seq[0, len(p):].tolist())
+        return model, refs
+
+    try:
+        try:
+            model, refs = reference(torch.float64)
+        except Exception:  # noqa: BLE001  MoE kernels take no float64
+            model, refs = reference(torch.float32)
+    except Exception as e:  # noqa: BLE001
+        return {**out, "no_model": f"HF generate: {type(e).__name__}: {str(e)[:200]}"}
+    out["dtype"] = str(model.dtype).removeprefix("torch.")
+    for backend in backends:
+        t0 = time.perf_counter()
+        try:
+            heads = ExitHeads.random(model, (0, 2), scale=0.5, seed=1)
+            dec = AdaDecoder(model, heads, AdaDecodeConfig(backend=backend, threshold=0.02, max_pending=3))
+            same, early, rejected = True, 0, 0
+            for p, ref in zip(PROMPTS, refs):
+                res = dec.generate(p, NEW_TOKENS, eos_token_id=None)
+                same &= res.new_tokens == ref
+                early, rejected = early + res.stats.early_emitted, rejected + res.stats.rejected
+            out[backend] = {"outcome": "ok" if same else "mismatch", "early": early, "rejected": rejected,
+                            "seconds": round(time.perf_counter() - t0, 1)}
+        except AdaDecodeError as e:
+            out[backend] = {"outcome": "refused", "message": str(e)[:400]}
+        except Exception as e:  # noqa: BLE001  the rows a sweep is for
+            out[backend] = {"outcome": "error", "message": f"{type(e).__name__}: {str(e)[:400]}"}
+    return out
+
+
+def _run_one(model_type: str, backends: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model_type, "--backends", ",".join(backends)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        return {"family": model_type, "crashed": f"no answer within {timeout:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        return {"family": model_type, "crashed": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def _line(r: dict, backends: list[str]) -> str:
+    if "no_model" in r or "crashed" in r:
+        return f"{r['family']:22s} {'no_model' if 'no_model' in r else 'CRASHED'}: {r.get('no_model', r.get('crashed'))[:90]}"
+    parts = []
+    for b in backends:
+        v = r[b]
+        parts.append(f"{b} {v['outcome']}" + (f" ({v['early']} early, {v['rejected']} rejected)" if "early" in v
+                                              else f": {v['message'][:70]}"))
+    return f"{r['family']:22s} {r['dtype']:8s} " + "; ".join(parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", help="comma-separated model types (default: every causal-LM decoder type)")
+    p.add_argument("--backends", default="eager,cudagraphs")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    if args.worker:
+        print(json.dumps(check_family(args.worker, backends)))
+        return 0
+    families = args.families.split(",") if args.families else all_families()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda f: _run_one(f, backends, args.timeout), families))
+    for r in rows:
+        print(_line(r, backends))
+    tally = {}
+    for r in rows:
+        key = "no_model" if "no_model" in r else "crashed" if "crashed" in r else \
+            "/".join(sorted({r[b]["outcome"] for b in backends}))
+        tally[key] = tally.get(key, 0) + 1
+    print("families:", ", ".join(f"{n} {k}" for k, n in sorted(tally.items())))
+    if args.json:
+        from adadecode_fx.bench.report import code_commit, machine_info
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_info("cpu"), "commit": code_commit(), "argv": sys.argv,
+                       "backends": backends, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "families": rows},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
