@@ -98,6 +98,14 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a causal language model with an LM head; "
             "load a decoder-only model with AutoModelForCausalLM")
+    try:
+        config.num_hidden_layers
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s config ({type(config).__name__}) has no num_hidden_layers: it wraps its "
+            "text decoder (a multimodal or speech model?); AdaDecode decodes a decoder-only text model, so load "
+            "the text decoder alone (AutoModelForCausalLM.from_config(config.get_text_config()) and its "
+            "weights)") from None
     for field in _LAYER_KIND_FIELDS:
         kinds = getattr(config, field, None)
         if isinstance(kinds, (list, tuple)) and all(isinstance(k, str) for k in kinds):

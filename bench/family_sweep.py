@@ -12,7 +12,8 @@ costs only its own row.
 Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``refused`` (an
 AdaDecodeError: the clear error a user gets) or ``error`` (anything else: a bug to fix). ``no_model``:
 the sweep could not build a tiny model of the type or HF itself could not generate with it (a limit of
-this script's generic config, not a verdict on AdaDecode).
+this script's generic config, not a verdict on AdaDecode), or the type wraps sub-models (multimodal,
+speech) whose text decoder is a type of its own here.
 
     PYTHONPATH=$PWD python bench/family_sweep.py --json docs/families.json --jobs 2
     PYTHONPATH=$PWD python bench/family_sweep.py --families llama,mixtral --backends eager
@@ -69,6 +70,9 @@ def check_family(model_type: str, backends: list[str]) -> dict:
     try:
         cls = tf.CONFIG_MAPPING[model_type]
         default = cls()
+        if getattr(default, "sub_configs", None):  # its default towers are full size; SMALL reaches none
+            return {**out, "no_model": f"wraps sub-models ({', '.join(default.sub_configs)}): its text decoder "
+                                       "is swept as a type of its own"}
         kw = {k: v for k, v in SMALL.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
         config = cls(**{**kw, **EXTRA.get(model_type, {})})
     except Exception as e:  # noqa: BLE001  a config this script cannot make small

@@ -252,6 +252,24 @@ def test_a_layer_that_cannot_run_on_attention_kv_alone_is_refused_clearly(monkey
         AdaDecoder(model)
 
 
+def test_a_model_wrapping_its_text_decoder_is_refused_clearly():
+    model = tiny_model("llama", dtype=torch.float32)
+    config = model.config
+
+    class WrapperConfig(type(config)):  # what a speech or multimodal config looks like from outside
+        def __getattribute__(self, name):
+            if name == "num_hidden_layers":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    try:
+        model.config = WrapperConfig.from_dict(config.to_dict())
+        with pytest.raises(UnsupportedModelError, match="has no num_hidden_layers.*text decoder alone"):
+            AdaDecoder(model)
+    finally:
+        model.config = config
+
+
 def test_not_a_hf_model():
     with pytest.raises(UnsupportedModelError, match="PreTrainedModel"):
         AdaDecoder(torch.nn.Linear(4, 4))
