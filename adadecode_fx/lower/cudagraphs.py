@@ -41,7 +41,7 @@ from torch import fx
 
 from ..errors import AdaDecodeError
 from ..ops.attention import SDPA, plain_attention
-from ..ops.experts import plain_experts
+from ..ops.experts import fallback_op, plain_experts
 from ..runtime.kv_state import KVState
 from ..runtime.program import PrologueOut, token_rows
 from .eager import private_copy
@@ -351,12 +351,27 @@ class StaticRunner:
         return body
 
 
+def host_reading_layers(program) -> list[str]:
+    """Layers that read device values back to the host, which a CUDA graph cannot capture: transformers'
+    grouped-matmul fallback (its MoE experts where ``aten::_grouped_mm`` does not take the dtype, float32)
+    reads the group sizes back to loop over them."""
+    op = fallback_op()
+    return [f"layer_{i}" for i, f in enumerate(program.layer_fns)
+            if op is not None and isinstance(f, fx.GraphModule) and any(n.target is op for n in f.graph.nodes)]
+
+
 def lower_cudagraphs(program, config):
     """A static program: static segments, a `StaticRunner` for its runs (probes and epilogue inside);
     warm-up (`DecodeProgram.warm_up`) makes every graph."""
     static = program.replace(
         prologue_fn=static_segment(program.prologue_fn), epilogue_fn=static_segment(program.epilogue_fn),
         layer_fns=[static_segment(f) for f in program.layer_fns])
+    reading = host_reading_layers(static) if torch.device(program.device).type == "cuda" else []
+    if reading:
+        raise AdaDecodeError(
+            f"the cudagraphs backend cannot capture {reading[0]} ({len(reading)} such layers): its experts run "
+            f"transformers' grouped-matmul fallback, which reads the group sizes back to the host ({program.dtype} "
+            "weights). Load the model in bfloat16 (ATen's grouped matmul), or decode with backend='eager'")
     masks = sdpa_mask_outputs(static)
     compiled = {}
     if config.compile_segments:

@@ -86,3 +86,22 @@ def test_bf16_moe_with_exits_equals_plain_greedy_bit_for_bit():
     out = dec.generate(prompt, 40, eos_token_id=None)
     assert out.new_tokens == hf_greedy(model, prompt, 40)
     assert out.stats.early_emitted >= 20 and out.stats.rejected >= 5
+
+
+def test_cudagraphs_refuses_to_capture_the_float32_expert_fallback_on_a_gpu():
+    """In float32 the experts run transformers' fallback, which reads the group sizes back to the host: a
+    CUDA graph cannot capture that, so the lowering says so before allocating anything on the device."""
+    from adadecode_fx.build import structural_graph
+    from adadecode_fx.errors import AdaDecodeError
+    from adadecode_fx.lower.cudagraphs import host_reading_layers, lower_cudagraphs, static_segment
+    from adadecode_fx.runtime import DecodeProgram
+
+    model = random_decoder(MOE["mixtral"](), torch.float32)
+    program = DecodeProgram(structural_graph(model)).replace(model=model, vocab_size=128, dtype=torch.float32)
+    static = program.replace(layer_fns=[static_segment(f) for f in program.layer_fns])
+    assert host_reading_layers(static) == [f"layer_{i}" for i in range(4)]
+    with pytest.raises(AdaDecodeError, match="cannot capture layer_0 .*bfloat16.*backend='eager'"):
+        lower_cudagraphs(program.replace(device=torch.device("cuda")), AdaDecodeConfig(backend="cudagraphs"))
+    bf16 = random_decoder(MOE["mixtral"](), torch.bfloat16)  # ATen's grouped matmul: nothing read back
+    program = DecodeProgram(structural_graph(bf16))
+    assert host_reading_layers(program.replace(layer_fns=[static_segment(f) for f in program.layer_fns])) == []
