@@ -134,7 +134,8 @@ def _run_one(model_type: str, backends: list[str], timeout: float) -> dict:
 
 def _line(r: dict, backends: list[str]) -> str:
     if "no_model" in r or "crashed" in r:
-        return f"{r['family']:22s} {'no_model' if 'no_model' in r else 'CRASHED'}: {r.get('no_model', r.get('crashed'))[:90]}"
+        what = "no_model" if "no_model" in r else "CRASHED"
+        return f"{r['family']:22s} {what}: {r.get('no_model', r.get('crashed'))[:90]}"
     parts = []
     for b in backends:
         v = r[b]

@@ -126,3 +126,25 @@ def smol():
 def decoder(model, layers, threshold=0.5, max_pending=5, heads=None, seed=0, scale=1.0, kv_bucket=1):
     heads = heads or ExitHeads.random(model, layers, scale=scale, seed=seed)
     return AdaDecoder(model, heads, AdaDecodeConfig(threshold=threshold, max_pending=max_pending, kv_bucket=kv_bucket))
+
+
+def assert_greedy_with_exits(dec, model, new: int = 20, min_early: int = 20, min_rejected: int = 5) -> None:
+    """``dec`` gives HF greedy's tokens on a short and a longer prompt, with at least that many early tokens
+    and rejections between them (heads that exit often and are often wrong)."""
+    early = rejected = 0
+    for prompt in ([5, 6, 7], list(range(20, 45))):
+        out = dec.generate(prompt, new, eos_token_id=None)
+        assert out.new_tokens == hf_greedy(model, prompt, new)
+        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
+    assert early >= min_early and rejected >= min_rejected
+
+
+def bench_script(name: str):
+    """A script of bench/ imported as a module (they are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,9 +11,9 @@ is the one op to fix.
 Expects: the output of `deferred_batching` (layer segments labelled, K/V read at its exact length,
 i.e. ``kv_bucket=1``).
 Returns: the same module with every ``aten.scaled_dot_product_attention`` inside a layer segment
-replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, `_views_to_reshapes`): for a block of T rows whose K/V ends at the block's last
-position, row ``i`` attends over exactly the keys it sees when decoded alone (the first ``S - T + i + 1``),
-one SDPA call per row. A prefill is the exception: plain decoding prefills the prompt as one block, so
+replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, `_views_to_reshapes`):
+for a block of T rows whose K/V ends at the block's last position, row ``i`` attends over exactly the
+keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. A prefill is the exception: plain decoding prefills the prompt as one block, so
 the runtime marks it (`prefill_block`) and the op then runs the single block call, like HF does.
 
 The op is opaque to dynamo (a custom op), so compiled segments call it as an extern kernel and decide
@@ -26,7 +26,7 @@ from torch import fx
 
 from ..ops.attention import ROW_EXACT, SDPA
 from .settings import PassSettings
-from .split_layers import segment_calls
+from .split_layers import rewrite_layer_nodes
 
 
 def _call_args(node: fx.Node) -> tuple:
@@ -58,19 +58,15 @@ def _views_to_reshapes(node: fx.Node) -> None:
         todo.extend(user.users)
 
 
+def _row_exact(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not SDPA:
+        return False
+    node.args = _call_args(node)
+    node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
+    node.target = ROW_EXACT
+    _views_to_reshapes(node)
+    return True
+
+
 def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    for name in segment_calls(gm):
-        if not name.startswith("layer_"):
-            continue
-        sub = getattr(gm, name)
-        changed = False
-        for node in sub.graph.nodes:
-            if node.op == "call_function" and node.target is SDPA:
-                node.args = _call_args(node)
-                node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
-                node.target = ROW_EXACT
-                _views_to_reshapes(node)
-                changed = True
-        if changed:
-            sub.recompile()
-    return gm
+    return rewrite_layer_nodes(gm, _row_exact)

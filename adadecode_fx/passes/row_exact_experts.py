@@ -17,20 +17,16 @@ from torch import fx
 
 from ..ops.experts import ROW_EXACT_GROUPED, grouped_call
 from .settings import PassSettings
-from .split_layers import segment_calls
+from .split_layers import rewrite_layer_nodes
+
+
+def _row_exact(node: fx.Node) -> bool:
+    fallback = grouped_call(node)
+    if fallback is None:
+        return False
+    node.target, node.args = ROW_EXACT_GROUPED, (*node.args, fallback)
+    return True
 
 
 def row_exact_experts(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    for name in segment_calls(gm):
-        if not name.startswith("layer_"):
-            continue
-        sub = getattr(gm, name)
-        changed = False
-        for node in sub.graph.nodes:
-            fallback = grouped_call(node)
-            if fallback is not None:
-                node.target, node.args = ROW_EXACT_GROUPED, (*node.args, fallback)
-                changed = True
-        if changed:
-            sub.recompile()
-    return gm
+    return rewrite_layer_nodes(gm, _row_exact)

@@ -215,3 +215,15 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def segment_calls(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def rewrite_layer_nodes(gm: fx.GraphModule, rewrite) -> fx.GraphModule:
+    """Call ``rewrite(node) -> bool`` (True: it changed the node) on every node of every layer segment, and
+    regenerate the code of the segments it changed."""
+    for name in segment_calls(gm):
+        if name.startswith("layer_"):
+            sub = getattr(gm, name)
+            changed = [rewrite(node) for node in list(sub.graph.nodes)]  # every node, not up to the first
+            if any(changed):
+                sub.recompile()
+    return gm

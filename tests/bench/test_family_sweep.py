@@ -1,19 +1,9 @@
 """bench/family_sweep.py: its per-family check, in process, on a family that decodes and one that is refused."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _sweep():
-    spec = importlib.util.spec_from_file_location("family_sweep", ROOT / "bench" / "family_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import bench_script
 
 
 def test_a_family_decodes_with_exits_and_a_stateful_one_is_refused():
-    sweep = _sweep()
+    sweep = bench_script("family_sweep")
     assert "llama" in sweep.all_families() and "bert" not in sweep.all_families()
     row = sweep.check_family("llama", ["eager"])
     assert row["dtype"] == "float64" and row["eager"]["outcome"] == "ok"

@@ -1,26 +1,20 @@
 """bench/gpu_bench.py, the script a lent GPU runs once: its whole flow on the CPU (Qwen2.5-Coder's shape with
 random weights, the recorded schedule, a few tokens), so a broken script is found here, not in the lease."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_the_gpu_bench_runs_its_flow_on_the_cpu(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    gpu_bench = _gpu_bench()
+    gpu_bench = bench_script("gpu_bench")
     monkeypatch.setitem(gpu_bench.VARIANTS, "adadecode_eager", {"backend": "eager", "max_pending": "many"})
     monkeypatch.setattr(sys, "argv", [
         "gpu_bench", "--device", "cpu", "--json", str(out), "--prompts", "2", "--max-new-tokens", "6",

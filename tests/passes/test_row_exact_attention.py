@@ -14,7 +14,7 @@ from adadecode_fx.ops.attention import (
     row_exact_sdpa,
 )
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from tests.conftest import captured, hf_greedy, random_decoder
+from tests.conftest import assert_greedy_with_exits, captured, random_decoder
 
 
 def _inputs(T=4, S=37, dtype=torch.bfloat16, seed=0):
@@ -89,10 +89,5 @@ def test_views_of_the_attention_output_become_reshapes():
     model = random_decoder(config, torch.float32)  # its experts take no float64
     dec = AdaDecoder(model, ExitHeads.random(model, (0, 2), scale=0.5, seed=1),
                      AdaDecodeConfig(threshold=0.02, max_pending=3))
-    early = rejected = 0
-    for prompt in ([5, 6, 7], list(range(20, 45))):
-        out = dec.generate(prompt, 20, eos_token_id=None)
-        assert out.new_tokens == hf_greedy(model, prompt, 20)
-        early, rejected = early + out.stats.early_emitted, rejected + out.stats.rejected
-    assert early >= 20 and rejected >= 5
+    assert_greedy_with_exits(dec, model)
 
