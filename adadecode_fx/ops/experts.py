@@ -42,11 +42,12 @@ def row_exact_grouped(input: torch.Tensor, weight: torch.Tensor, offs: torch.Ten
     """``input [S, in]`` sorted by expert, ``weight [E, in, out]``, ``offs [E]`` the groups' ends: each row
     times its group's weight in a group of its own (a prefill: the grouped call). ``fallback``: the
     grouped op is transformers' fallback rather than ATen's."""
-    if in_prefill() or input.shape[0] <= 1:
-        return _grouped(input, weight, offs, fallback)
+    ends = offs.tolist()
+    if in_prefill() or max(b - a for a, b in zip([0] + ends, ends)) <= 1:
+        return _grouped(input, weight, offs, fallback)  # a prefill, or one position's rows: as plain decoding
     rows, start = [], 0
     one = offs.new_ones(1)
-    for expert, end in enumerate(offs.tolist()):
+    for expert, end in enumerate(ends):
         for r in range(start, end):
             rows.append(_grouped(input[r:r + 1], weight[expert:expert + 1], one, fallback))
         start = end

@@ -27,9 +27,11 @@ def test_each_row_is_multiplied_by_its_expert_alone(fallback):
     for r, e in enumerate(experts):  # what one-position decoding computes for that row
         assert torch.equal(out[r:r + 1], GROUPED_MM(x[r:r + 1], weight[e:e + 1], one))
         assert torch.equal(out[r:r + 1], x[r:r + 1] @ weight[e])
+    op = fallback_op() if fallback else GROUPED_MM
     with prefill_block():  # a prompt: the grouped call, as HF makes it
-        op = fallback_op() if fallback else GROUPED_MM
         assert torch.equal(row_exact_grouped(x, weight, offs, fallback), op(x, weight, offs))
+    single = torch.tensor([1, 1, 2, 2], dtype=torch.int32)  # one position's rows: one per expert, one call
+    assert torch.equal(row_exact_grouped(x[[0, 2]], weight, single, fallback), op(x[[0, 2]], weight, single))
 
 
 _TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
