@@ -13,8 +13,9 @@ i.e. ``kv_bucket=1``).
 Returns: the same module with every ``aten.scaled_dot_product_attention`` inside a layer segment
 replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, `_views_to_reshapes`):
 for a block of T rows whose K/V ends at the block's last position, row ``i`` attends over exactly the
-keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. A prefill is the exception: plain decoding prefills the prompt as one block, so
-the runtime marks it (`prefill_block`) and the op then runs the single block call, like HF does.
+keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. A prefill is the
+exception: plain decoding prefills the prompt as one block, so the runtime marks it (`prefill_block`)
+and the op then runs the single block call, like HF does.
 
 The op is opaque to dynamo (a custom op), so compiled segments call it as an extern kernel and decide
 at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.onnx_rewrite`).

@@ -30,14 +30,11 @@ class Decisions(Protocol):
     def judge(self, run, first: int, logits: torch.Tensor) -> dict[int, Verdict]: ...
 
 
-def _argmax(logits: torch.Tensor) -> list[list[int]]:
-    return logits.argmax(dim=-1).tolist()  # one read-back for all rows
-
-
 class GreedyDecisions:
-    def __init__(self, probe: Probe, gamma: Callable[[int], float], predictions=_argmax):
+    def __init__(self, probe: Probe, gamma: Callable[[int], float], predictions: Callable):
         self.probe, self.gamma = probe, gamma  # gamma(layer): the exit threshold there
-        self.predictions = predictions  # logits [B, T, V] -> per row the argmax list (`DecodeProgram.read_predictions`)
+        # logits [B, T, V] -> per row the argmax, read back in one call (`DecodeProgram.read_predictions`)
+        self.predictions = predictions
 
     def draft(self, run, layer, hidden_last):
         tokens, confs = self.probe(layer, hidden_last, run.rows)
