@@ -25,6 +25,7 @@ from .lower import lower
 from .notices import notice, roughly
 from .passes import PASSES, PassSettings, insert_exit_probes, run_passes
 from .passes.split_layers import copy_graph
+from .rope_lengths import full_depth_positions
 from .runtime.decoder import register_program_builder
 from .runtime.program import DecodeProgram
 
@@ -96,7 +97,8 @@ def build_program(model, heads: ExitHeads | None = None, config: AdaDecodeConfig
         config=config, heads=heads, model=model, vocab_size=model.config.vocab_size,
         eos_token_id=getattr(getattr(model, "generation_config", None), "eos_token_id", None),
         device=embeddings.device, dtype=embeddings.dtype,
-        max_positions=getattr(model.config, "max_position_embeddings", None))
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+        full_depth_positions=full_depth_positions(model.config))
     if config.backend in _LOWERING_NOTICES:
         notice(_LOWERING_NOTICES[config.backend])
     if config.exit_layers and gm.meta.get("block_linear_rows"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .rope_lengths import default_frequencies_for_dynamic
 
 KV_NAME = re.compile(r"^kv_(\d+)_([01])$")
 
@@ -189,7 +190,8 @@ def _named_dims(n_layers: int, s_unranged: bool = False):
 
 
 def _export(wrapper, args, dyn):
-    return torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
+    with default_frequencies_for_dynamic(wrapper):
+        return torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
 
 
 def _capture_error(model, e: Exception) -> UnsupportedModelError:

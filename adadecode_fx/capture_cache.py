@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .cache_paths import cache_dir
 from .notices import notice
+from .rope_lengths import default_frequencies_for_dynamic
 
 FORMAT = 1
 _KEPT_META = ("nn_module_stack",)
@@ -87,9 +88,9 @@ def cache_location() -> Path | None:
 
 
 def _source_digest() -> str:
-    from . import capture
+    from . import capture, rope_lengths
     h = hashlib.sha256()
-    for path in (Path(capture.__file__), Path(__file__)):
+    for path in (Path(capture.__file__), Path(rope_lengths.__file__), Path(__file__)):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -421,7 +422,8 @@ def cached_capture(model: nn.Module, announce=None) -> fx.GraphModule:
     path = path_for(model)
     if path is not None and path.is_file():
         try:
-            return load(path, model)
+            with default_frequencies_for_dynamic(model):  # bind the frequencies the capture was made with
+                return load(path, model)
         except CaptureCacheError as e:
             notice(f"the cached capture {path} cannot be used ({str(e)[:200]}); capturing again")
     if announce is not None:

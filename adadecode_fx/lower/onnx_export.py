@@ -323,7 +323,7 @@ def write_program(program, out_dir, meta: dict | None = None, log=None) -> dict:
         "num_layers": program.num_layers, "exit_layers": list(program.exit_layers),
         "kv_shapes": [[list(k), list(v)] for k, v in program.kv_shapes],
         "vocab_size": gm.meta.get("vocab_size"), "model_class": gm.meta.get("model_class"), "dtype": dtype,
-        "max_positions": program.max_positions,
+        "max_positions": program.max_positions, "full_depth_positions": sorted(program.full_depth_positions),
         "prologue_args": list(program.prologue_args), "embedding_index": program.embedding_index,
         "layer_recipes": [[list(_listify(item)) for item in r] for r in program.layer_recipes],
         "segments": segments, "export_seconds": round(time.perf_counter() - started, 2),

@@ -171,6 +171,7 @@ def load_program(path, providers=None, session_options=None):
     return program.replace(backend="onnxruntime", device=device, dtype=getattr(torch, manifest["dtype"]),
                            vocab_size=manifest["vocab_size"], eos_token_id=manifest.get("eos_token_id"),
                            max_positions=manifest.get("max_positions"),
+                           full_depth_positions=frozenset(manifest.get("full_depth_positions", ())),
                            lowering={"manifest": manifest, "providers": providers, "export_dir": d})
 
 

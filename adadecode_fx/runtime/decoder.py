@@ -24,7 +24,7 @@ from ..ops.attention import prefill_block
 from .kv_state import KVState
 from .policy import GreedyDecisions, Probe, SamplingDecisions
 from .program import DecodeProgram
-from .prompts import check_positions, prompt_batch
+from .prompts import check_positions, check_switches, prompt_batch
 from .sampling import Sampler, SamplingConfig
 from .stats import DecodeStats
 
@@ -136,6 +136,7 @@ class AdaDecoder:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         check_positions(batch.length - min(batch.pad), max_new_tokens, self.program.max_positions)
+        check_switches(batch.pad, batch.length, max_new_tokens, self.program.full_depth_positions)
         if streamer is not None and batch.size > 1:
             raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
                                  "drop the streamer for a batch")
@@ -167,7 +168,8 @@ class AdaDecoder:
             if done:  # flush: run the deferred layers of the pending tokens, no new token
                 self._step(run, length - 2, allow_exit=False)
             else:
-                self._step(run, length - 1, allow_exit=pending < self.config.max_pending)
+                self._step(run, length - 1, allow_exit=pending < self.config.max_pending
+                           and length - 1 - min(run.kv.pad) not in self.program.full_depth_positions)
         if streamer is not None:
             streamer.end()
         return self._result(run, batch, start, pad_token_id, eos)

@@ -45,7 +45,8 @@ class DecodeProgram:
     """
 
     # what a program knows of the model it was built from (set by `adadecode_fx.build.build_program`)
-    MODEL_FIELDS = ("config", "heads", "model", "vocab_size", "eos_token_id", "dtype", "max_positions")
+    MODEL_FIELDS = ("config", "heads", "model", "vocab_size", "eos_token_id", "dtype", "max_positions",
+                    "full_depth_positions")
 
     def __init__(self, gm: fx.GraphModule):
         self._declare()
@@ -107,6 +108,9 @@ class DecodeProgram:
         self.vocab_size: int | None = None
         self.eos_token_id = None    # the model's default EOS id(s)
         self.max_positions: int | None = None  # the model's max_position_embeddings, where it has one
+        # positions whose step never exits: the model computes a block differently on either side of the
+        # next position, so no block may straddle it (`adadecode_fx.rope_lengths`)
+        self.full_depth_positions: frozenset[int] = frozenset()
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,

@@ -101,3 +101,21 @@ def check_positions(prompt_len: int, max_new_tokens: int, max_positions: int | N
     raise AdaDecodeError(f"the prompt ({prompt_len:,} tokens) plus max_new_tokens ({max_new_tokens:,}) is "
                          f"{prompt_len + max_new_tokens:,} positions, more than this model's {max_positions:,} "
                          f"(max_position_embeddings): lower max_new_tokens to at most {room:,} or shorten the prompt")
+
+
+def check_switches(pad: list[int], length: int, max_new_tokens: int, full_depth_positions) -> None:
+    """Refuse a batch whose rows would cross a switch of the model's computation (longrope's short to
+    long factors, `adadecode_fx.rope_lengths`) at different steps: a step computes all rows with one
+    factor set, chosen by the furthest row, while each row decoded alone switches at its own position.
+    Rows of equal length cross together; prompts that all start past the switch never cross it."""
+    if len(set(pad)) == 1 or not full_depth_positions:
+        return
+    first_long = min(full_depth_positions) + 1
+    furthest = length - min(pad) + max_new_tokens - 1  # the last position the longest row reaches
+    if length - max(pad) > first_long or furthest < first_long:
+        return
+    raise AdaDecodeError(
+        f"this model switches its rotary factors at position {first_long:,} (longrope), and the rows of this "
+        "batch would reach it at different steps, where a batch step uses one set of factors for all rows: "
+        "decode these prompts one at a time or in batches of equal length, or keep every row under "
+        f"{first_long:,} positions (lower max_new_tokens)")
