@@ -84,6 +84,10 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     RNG is used (``torch.manual_seed`` makes runs reproducible). Called directly, pass ``do_sample=True``
     and `SamplingConfig` fields (``temperature``, ``top_k``, ``top_p``, ``min_p``) as keywords. Beam
     search is refused.
+
+    Greedy with processors (``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``... through
+    HF; ``logits_processor=`` called directly): the tokens of HF's greedy search with them. Processors
+    that keep state across calls are refused, as for sampling.
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
@@ -97,10 +101,6 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             sampling = SamplingConfig(logits_processor=logits_processor, seed=seed)
         elif seed is not None:
             raise AdaDecodeError("seed= only applies when sampling: pass do_sample=True")
-        elif logits_processor:
-            names = sorted({type(p).__name__ for p in logits_processor})
-            raise AdaDecodeError(f"logits processors {names} would change the greedy choice; AdaDecode supports "
-                                 "plain greedy decoding (drop repetition_penalty, min_new_tokens, bad_words_ids...)")
     mask = kwargs.pop("attention_mask", None)
     pad_id = kwargs.pop("pad_token_id", None)
     if generation_config is not None and pad_id is None:
@@ -125,8 +125,9 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             def stop(tokens):
                 ids = torch.tensor([tokens], device=input_ids.device)
                 return bool(stopping_criteria(ids, None).any())
+        greedy = {"logits_processor": logits_processor} if sampling is None and logits_processor else {}
         result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer,
-                                  attention_mask=mask, pad_token_id=pad_id, sampling=sampling)
+                                  attention_mask=mask, pad_token_id=pad_id, sampling=sampling, **greedy)
         if getattr(generation_config, "return_dict_in_generate", False):
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=result.sequences)
@@ -143,8 +144,11 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
                              "top_p, min_p, seed")
     if seed is not None:
         options["seed"] = seed
+    greedy = {}
+    if not do_sample and "logits_processor" in options:  # greedy search after the processors
+        greedy["logits_processor"] = options.pop("logits_processor")
     if options and not do_sample:
         raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
     return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer,
                             attention_mask=mask, pad_token_id=pad_id,
-                            sampling=SamplingConfig(**options) if do_sample else None).sequences
+                            sampling=SamplingConfig(**options) if do_sample else None, **greedy).sequences

@@ -22,10 +22,10 @@ from ..errors import AdaDecodeError
 from ..notices import notice
 from ..ops.attention import prefill_block
 from .kv_state import KVState
-from .policy import GreedyDecisions, Probe, SamplingDecisions
+from .policy import GreedyDecisions, ProcessedGreedyDecisions, Probe, SamplingDecisions
 from .program import DecodeProgram
 from .prompts import check_positions, check_switches, prompt_batch
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, check_processors
 from .stats import DecodeStats
 
 _BUILDER: list = []
@@ -121,6 +121,9 @@ class AdaDecoder:
         (the others recompute the same tokens). A row that ends (EOS, ``stop``) is padded with
         ``pad_token_id`` (default: the model's, else its EOS) while the others go on.
 
+        ``logits_processor`` (an HF ``LogitsProcessorList``, e.g. a repetition penalty) without sampling: the
+        same tokens as HF greedy search with those processors (`ProcessedGreedyDecisions`).
+
         Sampling: ``do_sample=True`` with `SamplingConfig` fields as keywords (``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``logits_processor``), or ``sampling=SamplingConfig(...)``. The
         output is distributed as plain sampling from the model with those settings; the same ``seed``
@@ -132,6 +135,10 @@ class AdaDecoder:
         never an early token that a rollback could still take back; ``end()`` is called at the end.
         """
         batch = prompt_batch(input_ids, attention_mask, vocab=self.vocab_size)
+        processors = None
+        if not do_sample and sampling is None and "logits_processor" in sampling_options:
+            processors = sampling_options.pop("logits_processor")
+            check_processors(processors, "greedy decoding")
         sampling = self._sampling(do_sample, sampling, sampling_options)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -149,8 +156,12 @@ class AdaDecoder:
         start = time.perf_counter()
         P, B = batch.length, batch.size
         sampler = None if sampling is None else Sampler(sampling, self.device)
-        decisions = (GreedyDecisions(self.probe, self.config.gamma, self.program.read_predictions) if sampler is None
-                     else SamplingDecisions(self.exit_logits, sampler, self.config.gamma))
+        if sampler is not None:
+            decisions = SamplingDecisions(self.exit_logits, sampler, self.config.gamma)
+        elif processors:
+            decisions = ProcessedGreedyDecisions(self.exit_logits, processors, self.config.gamma)
+        else:
+            decisions = GreedyDecisions(self.probe, self.config.gamma, self.program.read_predictions)
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
                    kv=self._kv_state(batch, max_new_tokens),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),

@@ -6,9 +6,10 @@ A generation holds one `Decisions` object. The decode loop asks it two things an
   taken (every unfinished row confident enough), else ``None``;
 - ``judge(run, first, logits)``: at the last layer, a `Verdict` per unfinished row on its pending tokens.
 
-`GreedyDecisions` drafts argmax tokens and judges by argmax equality; `SamplingDecisions` drafts from the
-head's processed distribution ``q`` and judges by the speculative-sampling rule. Both take a *probe*
-callable, which tests replace with oracle or adversarial ones.
+`GreedyDecisions` drafts argmax tokens and judges by argmax equality; `ProcessedGreedyDecisions` does the
+same after HF logits processors (repetition penalty, no-repeat n-grams...); `SamplingDecisions` drafts
+from the head's processed distribution ``q`` and judges by the speculative-sampling rule. Each takes a
+*probe* callable, which tests replace with oracle or adversarial ones.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .sampling import processed_scores
 from .verify import Verdict, verify_greedy, verify_sampling
 
 # (layer, hidden_last [B, 1, d], rows so far) -> per row (token, confidence); the prediction is for slot len(rows[b])
@@ -46,6 +48,38 @@ class GreedyDecisions:
         """``logits [B, T, V]``: row ``k`` predicts slot ``first + k + 1``."""
         preds = self.predictions(logits)
         return {b: verify_greedy(run.rows[b], first, preds[b]) for b in run.active()}
+
+
+class ProcessedGreedyDecisions:
+    """Greedy decoding after logits processors, as HF's greedy search does it: a position's logits, cast to
+    float32, go through the processors with that position's prefix (padding left out), and the token is
+    their argmax. The heads' logits are processed the same way; an exit needs every unfinished row's
+    processed max probability to reach the layer's threshold."""
+
+    def __init__(self, probe_logits: ProbeLogits, processors, gamma: Callable[[int], float]):
+        self.probe_logits, self.processors, self.gamma = probe_logits, list(processors), gamma
+
+    def _scores(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+        return processed_scores(self.processors, logits, prefix, torch.float32)[0]
+
+    def draft(self, run, layer, hidden_last):
+        logits = self.probe_logits(layer, hidden_last, run.rows)
+        tokens = [-1] * len(run.rows)
+        for b in run.active():
+            scores = self._scores(logits[b], run.rows[b][run.kv.pad[b]:])
+            if not bool(torch.isfinite(scores).any()) or float(torch.softmax(scores, -1).max()) < self.gamma(layer):
+                return None
+            tokens[b] = int(scores.argmax())
+        return tokens
+
+    def judge(self, run, first, logits):
+        """``logits [B, T, V]``: row ``k`` predicts slot ``first + k + 1`` from the slots before it."""
+        verdicts = {}
+        for b in run.active():
+            pad, row = run.kv.pad[b], run.rows[b]
+            preds = [int(self._scores(logits[b, k], row[pad:first + k + 1]).argmax()) for k in range(logits.shape[1])]
+            verdicts[b] = verify_greedy(row, first, preds)
+        return verdicts
 
 
 class SamplingDecisions:

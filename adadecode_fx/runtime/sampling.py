@@ -27,6 +27,26 @@ _SUPPORTED = (
 )
 
 
+def check_processors(processors, mode: str) -> None:
+    """Refuse processors that could not be applied per position (see `_SUPPORTED`)."""
+    bad = sorted({type(p).__name__ for p in (processors or ()) if type(p).__name__ not in _SUPPORTED})
+    if bad:
+        raise AdaDecodeError(
+            f"logits processors {bad} are not supported with AdaDecode {mode} (they keep state across "
+            f"calls or run other models); supported: {', '.join(_SUPPORTED)}")
+
+
+def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype) -> torch.Tensor:
+    """``logits [V]`` for the token after ``prefix`` as ``dtype`` through ``processors`` (``[1, V]``), each
+    called with the prefix as its input ids, as HF's decoding loop calls them for that position."""
+    scores = logits.reshape(1, -1).to(dtype=dtype, copy=True)
+    if processors:
+        ids = torch.tensor([prefix], dtype=torch.long, device=scores.device)
+        for proc in processors:
+            scores = proc(ids, scores)
+    return scores
+
+
 @dataclass
 class SamplingConfig:
     """How AdaDecode samples (``AdaDecoder.generate(..., sampling=SamplingConfig(...))`` or
@@ -62,11 +82,7 @@ class SamplingConfig:
             raise AdaDecodeError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise AdaDecodeError(f"seed must be an integer or None, got {self.seed!r}")
-        bad = sorted({type(p).__name__ for p in (self.logits_processor or ()) if type(p).__name__ not in _SUPPORTED})
-        if bad:
-            raise AdaDecodeError(
-                f"logits processors {bad} are not supported with AdaDecode sampling (they keep state across "
-                f"calls or run other models); supported: {', '.join(_SUPPORTED)}")
+        check_processors(self.logits_processor, "sampling")
 
     def processors(self) -> list:
         from transformers.generation import logits_process as lp
@@ -98,12 +114,8 @@ class Sampler:
     def distribution(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor | None:
         """Processed probabilities ``[V]`` for the token after ``prefix`` given raw ``logits [V]`` (``-inf``
         marks tokens a head cannot produce). ``None`` if the processors leave no token possible."""
-        scores = logits.reshape(1, -1)
-        scores = scores.clone() if scores.dtype == torch.float64 else scores.float()
-        if self.processors:
-            ids = torch.tensor([prefix], dtype=torch.long, device=scores.device)
-            for proc in self.processors:
-                scores = proc(ids, scores)
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        scores = processed_scores(self.processors, logits, prefix, dtype)
         if not bool(torch.isfinite(scores).any()):
             return None
         return torch.softmax(scores, dim=-1)[0]
