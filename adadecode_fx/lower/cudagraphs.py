@@ -182,6 +182,7 @@ class StaticRunner:
         self.epilogue_folded = program.num_layers - 1 not in program.probe_fns
         self.runs = program.runs
         self.bodies = {first: self._body(first, last) for first, last in self.runs}
+        self.previous = {first: prev for (prev, _), (first, _) in zip(self.runs, self.runs[1:])}
         self.epilogue = _Epilogue(self, program.epilogue_fn)
         self.probes = {l: _FoldedProbe(self, l, fn) for l, fn in program.probe_fns.items()}
         # of the last run: its output block [1, T, d], what it computed for the probe at its last layer,
@@ -257,7 +258,7 @@ class StaticRunner:
         static = n == 1 if first == 0 else hidden.shape[0] == 1 and n <= self.max_rows
         if static:
             out = (self.book.call(("run", 0, 1), self._layer0) if first == 0
-                   else self.book.call(("run", first, n), body, (hidden,)))
+                   else self.book.call(("run", first, n), body, (hidden,), self._entering(first, n)))
         else:  # a prefill's: uncaptured, and without the LM head over every prompt row
             x = hidden if first else torch.tensor([r[-n:] for r in top["rows"]], dtype=torch.long, device=self.device)
             out = body(x, with_logits=False)
@@ -267,6 +268,21 @@ class StaticRunner:
         elif static and self.epilogue_folded and last == self.program.num_layers - 1:
             self.logits, self.predictions = out[1:3]
         return self.block
+
+    def _entering(self, first: int, n: int):
+        """The input buffer for a new call of the run at ``first`` on ``n`` rows: the output buffer of the
+        previous run's call on ``n`` rows, where there is one. A block that goes on without parked rows
+        joining is then read where the previous graph wrote it: no copy, no launch."""
+        before = self.book.calls.get(("run", self.previous[first], n))
+        return None if before is None or before.outputs is None else (before.outputs[0],)
+
+    def join(self, first: int, parked: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``parked`` rows ahead of ``hidden`` entering the run at ``first``, concatenated straight into the
+        input buffer of that run's call (one launch, where a new tensor would need a second to copy it in)."""
+        call = self.book.calls.get(("run", first, parked.shape[1] + hidden.shape[1]))
+        if call is None or hidden.shape[0] != 1:
+            return torch.cat([parked, hidden], dim=1)
+        return torch.cat([parked, hidden], dim=1, out=call.inputs[0])
 
     def read_probe(self, layer: int, hidden_last: torch.Tensor) -> tuple[list, list]:
         return self.probes[layer].read(hidden_last)

@@ -27,9 +27,12 @@ class StaticCall:
     overwrites them, so a caller that keeps one longer (a parked block) copies it.
     """
 
-    def __init__(self, fn: Callable, args, device, pool=None):
+    def __init__(self, fn: Callable, args, device, pool=None, inputs=None):
         self.fn = fn
-        self.inputs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in args]
+        # ``inputs``: buffers to read from instead of new ones (another call's output buffer, which then
+        # needs no copy when that output is what this call gets)
+        self.inputs = list(inputs) if inputs is not None else [
+            torch.empty_like(a, memory_format=torch.contiguous_format) for a in args]
         self.graph = None
         self.outputs: tuple | None = None
         with torch.no_grad():  # inference only: a graph captured with autograd on records its bookkeeping
@@ -39,7 +42,8 @@ class StaticCall:
 
     def _load(self, args) -> None:
         for buffer, a in zip(self.inputs, args):
-            buffer.copy_(a)
+            if a is not buffer:
+                buffer.copy_(a)
 
     def _capture(self, pool) -> None:
         # One eager run on a side stream first: lazy initialisation (cuBLAS handles and workspaces, SDPA
@@ -97,13 +101,14 @@ class GraphBook:
         self.replays: Counter = Counter()  # calls by key: with each graph's GPU time, a step's GPU time
         self.pool = None
 
-    def call(self, key, fn: Callable, args=()) -> tuple:
+    def call(self, key, fn: Callable, args=(), inputs=None) -> tuple:
+        """``inputs``: when the call is made, the buffers it reads (see `StaticCall`)."""
         self.replays[key] += 1
         static = self.calls.get(key)
         if static is None:
             if self.device.type == "cuda" and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            static = self.calls[key] = StaticCall(fn, args, self.device, self.pool)
+            static = self.calls[key] = StaticCall(fn, args, self.device, self.pool, inputs)
             self.made += 1
         return static(*args)
 

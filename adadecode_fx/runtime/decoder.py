@@ -281,7 +281,7 @@ class AdaDecoder:
             for first, last in prog.runs:
                 parked = state.take_parked(first - 1) if first else None
                 if parked is not None:
-                    hidden = parked if hidden is None else torch.cat([parked, hidden], dim=1)
+                    hidden = parked if hidden is None else prog.join(first, parked, hidden)
                 n = p_end + 1 - state.fill[first]  # every layer of a run holds the same fill
                 if n == 0:
                     continue

@@ -115,7 +115,7 @@ class DecodeProgram:
         self.dtype = torch.float32
         # runs whole runs of layers on its own K/V buffers, prologue included: ``kv_state(capacity, pad)``,
         # ``step_inputs(ids, start)``, ``run(first, last, hidden, n, top, kv)``, ``read_probe(layer,
-        # hidden_last)``, ``read_predictions(logits)``, ``warm_up()``
+        # hidden_last)``, ``read_predictions(logits)``, ``join(first, parked, hidden)``, ``warm_up()``
         # (see adadecode_fx.lower.cudagraphs)
         self.runner = None
 
@@ -243,6 +243,13 @@ class DecodeProgram:
         for i in range(first, last + 1):
             hidden = self.layer(i, hidden, pro, top, kv)
         return hidden
+
+    def join(self, first: int, parked: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Parked rows ``[B, p, d]`` ahead of the block ``[B, t, d]`` entering layer ``first`` (a runner may
+        place them where its call for that run reads them)."""
+        if self.runner is not None:
+            return self.runner.join(first, parked, hidden)
+        return torch.cat([parked, hidden], dim=1)
 
     def embeddings(self, pro: PrologueOut, n: int) -> torch.Tensor:
         return _narrow_last(pro.values[self.embedding_index], 1, n)

@@ -227,6 +227,50 @@ def test_a_step_writes_one_static_input_and_builds_nothing_per_layer():
     assert all(mine is theirs for mine, theirs in zip(views, program.runner.buffers))
 
 
+def test_blocks_enter_the_next_run_where_the_previous_graph_or_the_join_wrote_them():
+    """Outside the graphs a step copies only its static input: a block that goes on is read from the
+    previous run's output buffer, and parked rows are joined to it straight in the next call's input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_model("llama", dtype=torch.float32)
+    static, _ = _pair(model)
+    runner = static.program.runner
+    calls = runner.book.calls
+    for (first, prev) in runner.previous.items():
+        for n in range(1, runner.max_rows + 1):
+            if ("run", prev, n) in calls:
+                assert calls[("run", first, n)].inputs[0] is calls[("run", prev, n)].outputs[0]
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ == "copy_" and not runner_busy
+            return func(*args, **(kwargs or {}))
+
+    runner_busy = False
+    original = StaticCall.run_uncaptured
+
+    def body_only(call_self):  # what a replay does on a GPU: not counted
+        nonlocal runner_busy
+        runner_busy = True
+        try:
+            original(call_self)
+        finally:
+            runner_busy = False
+
+    StaticCall.run_uncaptured = body_only
+    try:
+        with Copies() as copies:
+            out = static.generate([5], 30, eos_token_id=None)
+    finally:
+        StaticCall.run_uncaptured = original
+    assert out.stats.early_emitted >= 10 and out.stats.rejected >= 2
+    # a step input per step and the prefill's, and parked rows that enter a run alone (no block to join:
+    # the flush at the end, 3 here); copying every entering block cost 70 more here
+    assert copies.count <= out.stats.steps + 5
+
+
 def test_a_probe_reads_what_its_run_computed():
     """A run that ends at an exit layer computes the probe in its own graph; the probe call answers from
     it for that very block's last row, and anything else runs the probe itself (and is counted)."""
