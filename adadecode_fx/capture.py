@@ -11,7 +11,12 @@ model's own tensors, so capturing costs no weight memory.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
+import sys
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -189,8 +194,30 @@ def _named_dims(n_layers: int, s_unranged: bool = False):
     return ({0: B, 1: T}, {0: B, 1: T}, {0: T}, {0: B, 1: S}, [({0: B, 2: S}, {0: B, 2: S}) for _ in range(n_layers)])
 
 
+# When torch.export cannot trace a model it logs through these and prints the partial graph to stderr
+# (a hundred lines or more per attempt); the error raised says why in one line (`_capture_error`).
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+
+@contextmanager
+def _quiet_export_failure():
+    """Warnings below ERROR are dropped; stderr is held back and passed on only if the export succeeds."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _export(wrapper, args, dyn):
-    with default_frequencies_for_dynamic(wrapper):
+    with default_frequencies_for_dynamic(wrapper), _quiet_export_failure():
         return torch.export.export(wrapper, args, dynamic_shapes=dyn, strict=False)
 
 

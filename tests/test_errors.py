@@ -270,6 +270,26 @@ def test_a_model_wrapping_its_text_decoder_is_refused_clearly():
         model.config = config
 
 
+def test_a_model_export_cannot_trace_fails_in_a_few_lines(monkeypatch, capfd):
+    """torch.export prints the partial graph (130 lines here) and logs warnings when it gives up; the
+    user sees our one-line error only."""
+    import contextlib
+
+    import adadecode_fx.capture as capture
+
+    monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", "off")
+    # dynamic RoPE, captured as it is: its per-call update branches on a device value
+    monkeypatch.setattr(capture, "default_frequencies_for_dynamic", lambda model: contextlib.nullcontext())
+    config = tf.LlamaConfig(num_key_value_heads=2, vocab_size=128, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedModelError, match="could not capture LlamaForCausalLM"):
+        AdaDecoder(model)
+    out, err = capfd.readouterr()
+    assert len((out + err).strip().splitlines()) <= 3, err
+
+
 def test_not_a_hf_model():
     with pytest.raises(UnsupportedModelError, match="PreTrainedModel"):
         AdaDecoder(torch.nn.Linear(4, 4))

@@ -9,7 +9,7 @@ from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.errors import AdaDecodeError
 from adadecode_fx.rope_lengths import full_depth_positions
 
-from conftest import _COMMON, hf_greedy, random_decoder
+from tests.conftest import _COMMON, hf_greedy, random_decoder
 
 SWITCH = 16  # longrope: short factors up to this many positions, long ones beyond
 
