@@ -37,3 +37,21 @@ def test_smollm2_parity_with_many_exits_and_rejections(smol):
     # the test only means something if the runtime really exited and really rolled back
     assert totals["early"] >= 100, totals
     assert totals["rejected"] >= 50, totals
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_greedy_with_a_repetition_penalty_equals_hf():
+    """Greedy after HF's processors on real bf16 weights: the shipped heads, through custom_generate."""
+    import adadecode_fx
+    from tests.conftest import smollm2
+
+    model, tokenizer = smollm2("bfloat16")
+    for _, ids in _prompts(tokenizer)[::5]:
+        x = torch.tensor([ids])
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48, repetition_penalty=1.2,
+                  no_repeat_ngram_size=4, eos_token_id=[], pad_token_id=0)
+        ref = model.generate(x, **kw)
+        assert not torch.equal(ref, model.generate(x, attention_mask=kw["attention_mask"], do_sample=False,
+                                                   max_new_tokens=48, eos_token_id=[], pad_token_id=0))
+        assert torch.equal(model.generate(x, custom_generate=adadecode_fx.generate, **kw), ref)
+    assert adadecode_fx.decoder_for(model).config.exit_layers  # the shipped heads took part
