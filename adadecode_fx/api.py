@@ -61,6 +61,29 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     return per_model[key]
 
 
+# what HF's generation config may ask for beyond the output ids, which AdaDecode does not return
+_HF_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+def _check_hf_mode(generation_config, assistant_model) -> None:
+    """Refuse a decoding mode other than greedy search or sampling: HF would hand it to us all the same
+    (``custom_generate`` replaces its loop), and decoding greedily instead would change the output."""
+    if generation_config.num_beams not in (None, 1):
+        raise AdaDecodeError("beam search is not supported by AdaDecode; use num_beams=1")
+    mode = str(getattr(generation_config.get_generation_mode(assistant_model), "value", ""))
+    if mode == "assisted_generation":
+        raise AdaDecodeError("assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) "
+                             "and AdaDecode are two ways to speed up the same decoding: pass one of them")
+    if mode not in ("greedy_search", "sample"):
+        raise AdaDecodeError(f"HF's {mode.replace('_', ' ')} mode is not supported by AdaDecode, which decodes "
+                             "greedily or samples: drop penalty_alpha, dola_layers, constraints and force_words_ids")
+    asked = [name for name in _HF_OUTPUTS if getattr(generation_config, "return_dict_in_generate", False)
+             and getattr(generation_config, name, False)]
+    if asked:
+        raise AdaDecodeError(f"AdaDecode returns the token ids only; {', '.join(asked)} are not available (drop "
+                             "them, or compute scores with a forward pass over the returned sequences)")
+
+
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
              synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, seed=None, **kwargs):
     """AdaDecode generation (greedy, or sampling); returns ``[B, prompt + new]`` token ids like ``model.generate``.
@@ -95,8 +118,7 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
         raise AdaDecodeError("generate needs input_ids (a [batch, length] LongTensor)")
     sampling = None
     if generation_config is not None:  # called by HF generate: refuse what would change the output
-        if generation_config.num_beams not in (None, 1):
-            raise AdaDecodeError("beam search is not supported by AdaDecode; use num_beams=1")
+        _check_hf_mode(generation_config, kwargs.get("assistant_model"))
         if getattr(generation_config, "do_sample", False):
             sampling = SamplingConfig(logits_processor=logits_processor, seed=seed)
         elif seed is not None:

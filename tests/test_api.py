@@ -94,8 +94,12 @@ class _Stateful(LogitsProcessor):
 
 @pytest.mark.parametrize("kw,match", [
     ({"do_sample": True, "logits_processor": LogitsProcessorList([_Stateful()])}, "not supported with AdaDecode sampling"),
-    ({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+    ({"logits_processor": LogitsProcessorList([_Stateful()])}, "not supported with AdaDecode greedy decoding"),
     ({"num_beams": 2}, "beam search"),
+    ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search mode is not supported"),
+    ({"dola_layers": "low"}, "dola generation mode is not supported"),
+    ({"prompt_lookup_num_tokens": 3}, "two ways to speed up the same decoding"),
+    ({"return_dict_in_generate": True, "output_scores": True}, "output_scores are not available"),
 ])
 def test_unsupported_generation_settings_are_refused(setup, kw, match):
     model, heads = setup
