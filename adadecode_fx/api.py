@@ -61,8 +61,8 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     return per_model[key]
 
 
-# what HF's generation config may ask for beyond the output ids, which AdaDecode does not return
-_HF_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+# what HF's generation config may ask for beyond the output ids and scores, which AdaDecode does not return
+_HF_OUTPUTS = ("output_attentions", "output_hidden_states")
 
 
 def _check_hf_mode(generation_config, assistant_model) -> None:
@@ -80,8 +80,25 @@ def _check_hf_mode(generation_config, assistant_model) -> None:
     asked = [name for name in _HF_OUTPUTS if getattr(generation_config, "return_dict_in_generate", False)
              and getattr(generation_config, name, False)]
     if asked:
-        raise AdaDecodeError(f"AdaDecode returns the token ids only; {', '.join(asked)} are not available (drop "
-                             "them, or compute scores with a forward pass over the returned sequences)")
+        raise AdaDecodeError(f"AdaDecode returns token ids, scores and logits; {', '.join(asked)} are not "
+                             "available (drop them, or run a forward pass over the returned sequences)")
+
+
+def _hf_output(generation_config, result, prompt: torch.Tensor, processors):
+    """HF's output object: ``scores`` are the final layer's logits through ``processors`` with each
+    token's prefix, as HF's loop computes them; ``logits`` the raw ones (float32, ``[1, V]`` per token)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    scores = logits = None
+    if result.logits is not None:
+        logits = tuple(l[None] for l in result.logits)
+        if generation_config.output_scores:
+            seq, P = result.sequences, prompt.shape[-1]
+            scores = tuple(processors(seq[:, :P + i], l.clone()) if processors else l.clone()
+                           for i, l in enumerate(logits))
+        if not generation_config.output_logits:
+            logits = None
+    return GenerateDecoderOnlyOutput(sequences=result.sequences, scores=scores, logits=logits)
 
 
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
@@ -148,11 +165,13 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
                 ids = torch.tensor([tokens], device=input_ids.device)
                 return bool(stopping_criteria(ids, None).any())
         greedy = {"logits_processor": logits_processor} if sampling is None and logits_processor else {}
+        as_dict = getattr(generation_config, "return_dict_in_generate", False)
+        scored = as_dict and (generation_config.output_scores or generation_config.output_logits)
         result = decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop, streamer=streamer,
-                                  attention_mask=mask, pad_token_id=pad_id, sampling=sampling, **greedy)
-        if getattr(generation_config, "return_dict_in_generate", False):
-            from transformers.generation.utils import GenerateDecoderOnlyOutput
-            return GenerateDecoderOnlyOutput(sequences=result.sequences)
+                                  attention_mask=mask, pad_token_id=pad_id, sampling=sampling,
+                                  output_logits=bool(scored), **greedy)
+        if as_dict:
+            return _hf_output(generation_config, result, input_ids, logits_processor)
         return result.sequences
     max_new = kwargs.pop("max_new_tokens", 64)
     eos = kwargs.pop("eos_token_id", "default")

@@ -99,7 +99,7 @@ class _Stateful(LogitsProcessor):
     ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search mode is not supported"),
     ({"dola_layers": "low"}, "dola generation mode is not supported"),
     ({"prompt_lookup_num_tokens": 3}, "two ways to speed up the same decoding"),
-    ({"return_dict_in_generate": True, "output_scores": True}, "output_scores are not available"),
+    ({"return_dict_in_generate": True, "output_hidden_states": True}, "output_hidden_states are not available"),
 ])
 def test_unsupported_generation_settings_are_refused(setup, kw, match):
     model, heads = setup
@@ -108,6 +108,29 @@ def test_unsupported_generation_settings_are_refused(setup, kw, match):
     args.update(kw)
     with pytest.raises(AdaDecodeError, match=match):
         model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **args)
+
+
+@pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.4}])
+def test_scores_and_logits_through_hf_equal_hf_greedys(kw):
+    """float64, where deferred blocks compute what one row does bit for bit (float32 blocks round their
+    matmuls differently in the last bits: the tokens agree, the logits within ~1e-6)."""
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, (1, 3), seed=0)
+    asked = dict(max_new_tokens=30, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    ref = _hf(model, **asked)
+    for backend in ("eager", "cudagraphs"):
+        out = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, pad_token_id=0,
+                             custom_generate=adadecode_fx.generate, exit_heads=heads,
+                             adadecode={"threshold": 0.02, "backend": backend}, **asked)
+        assert torch.equal(out.sequences, ref.sequences)
+        for mine, theirs in ((out.scores, ref.scores), (out.logits, ref.logits)):
+            assert len(mine) == len(theirs) == 30 and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    decoder = adadecode_fx.decoder_for(model, {"threshold": 0.02}, heads)
+    assert decoder.generate(PROMPT[0].tolist(), 30).stats.rejected >= 3  # the exits were often wrong
+    with pytest.raises(AdaDecodeError, match="takes one sequence"):
+        model.generate(torch.cat([PROMPT, PROMPT]), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                       do_sample=False, pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                       **asked)
 
 
 def test_left_padded_batch_through_hf_equals_hf_batched_greedy(setup):

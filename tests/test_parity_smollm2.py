@@ -41,7 +41,8 @@ def test_smollm2_parity_with_many_exits_and_rejections(smol):
 
 @pytest.mark.slow
 def test_smollm2_bf16_greedy_with_a_repetition_penalty_equals_hf():
-    """Greedy after HF's processors on real bf16 weights: the shipped heads, through custom_generate."""
+    """Greedy after HF's processors on real bf16 weights (the shipped heads, through custom_generate),
+    and the scores and logits HF returns."""
     import adadecode_fx
     from tests.conftest import smollm2
 
@@ -54,4 +55,9 @@ def test_smollm2_bf16_greedy_with_a_repetition_penalty_equals_hf():
         assert not torch.equal(ref, model.generate(x, attention_mask=kw["attention_mask"], do_sample=False,
                                                    max_new_tokens=48, eos_token_id=[], pad_token_id=0))
         assert torch.equal(model.generate(x, custom_generate=adadecode_fx.generate, **kw), ref)
+    # bf16 blocks are computed as one row is: the scores and logits HF returns, bit for bit
+    kw.update(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    ref, out = model.generate(x, **kw), model.generate(x, custom_generate=adadecode_fx.generate, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores + out.logits, ref.scores + ref.logits))
     assert adadecode_fx.decoder_for(model).config.exit_layers  # the shipped heads took part

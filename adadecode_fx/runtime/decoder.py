@@ -51,6 +51,7 @@ class _Run:
     sampler: Sampler | None = None                     # None: greedy
     drafts: list = field(default_factory=list)         # sampling, per row: q of each pending early token
     ends: list = field(default_factory=list)           # per row: its length once finished (EOS/stop), else None
+    final_logits: list | None = None                   # one row, if asked: per verified slot, its logits [V]
 
     def active(self) -> list[int]:
         return [b for b, e in enumerate(self.ends) if e is None]
@@ -61,6 +62,7 @@ class GenerationResult:
     sequences: torch.Tensor  # [B, prompt + new] like HF generate (finished rows padded on the right)
     new_tokens: list         # list[int] for one prompt, else one list per row
     stats: DecodeStats
+    logits: list | None = None  # ``output_logits=True``: per new token, the final layer's logits [V] (float32)
 
 
 def _eos_set(eos) -> frozenset:
@@ -111,7 +113,8 @@ class AdaDecoder:
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id="default", stop=None,
                  streamer=None, *, attention_mask=None, pad_token_id=None, do_sample: bool = False,
-                 sampling: SamplingConfig | None = None, **sampling_options) -> GenerationResult:
+                 sampling: SamplingConfig | None = None, output_logits: bool = False,
+                 **sampling_options) -> GenerationResult:
         """Greedy AdaDecode: the same tokens as plain greedy decoding of the model.
 
         ``input_ids``: one prompt (``[T]``, ``[1, T]`` or a list of ints) or a batch: ``[B, T]`` with a
@@ -129,6 +132,9 @@ class AdaDecoder:
         output is distributed as plain sampling from the model with those settings; the same ``seed``
         gives the same tokens (``seed=None``: torch's global RNG, see `SamplingConfig`).
 
+        ``output_logits=True`` (one prompt): ``result.logits`` holds, per new token, the final layer's logits
+        that chose it (as float32, what HF's ``output_logits`` returns), never a head's.
+
         ``stop(tokens) -> bool`` (optional) is asked after every *verified* token with the row so far
         (prompt included, padding not); a row ends at the first token it accepts, as HF stopping criteria
         do. ``streamer`` (an HF ``BaseStreamer``, one prompt only) receives tokens once they are verified,
@@ -144,6 +150,9 @@ class AdaDecoder:
             raise AdaDecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         check_positions(batch.length - min(batch.pad), max_new_tokens, self.program.max_positions)
         check_switches(batch.pad, batch.length, max_new_tokens, self.program.full_depth_positions)
+        if output_logits and batch.size > 1:
+            raise AdaDecodeError("output_logits (HF: output_scores, output_logits) takes one sequence (a finished row "
+                                 "of a batch has no logits to give); ask for them one prompt at a time")
         if streamer is not None and batch.size > 1:
             raise AdaDecodeError("a streamer takes one sequence (as in HF); stream one prompt at a time or "
                                  "drop the streamer for a batch")
@@ -165,7 +174,7 @@ class AdaDecoder:
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
                    kv=self._kv_state(batch, max_new_tokens),
                    stats=DecodeStats(num_layers=self.program.num_layers, prompt_tokens=P - min(batch.pad), batch_size=B),
-                   drafts=[[] for _ in range(B)], ends=[None] * B)
+                   drafts=[[] for _ in range(B)], ends=[None] * B, final_logits=[] if output_logits else None)
         self._prefill(run)
         published = P
         while True:
@@ -223,8 +232,9 @@ class AdaDecoder:
         stats.seconds = time.perf_counter() - start
         stats.new_tokens = sum(len(out) for out in new)
         stats.token_exit_layers = run.origin
+        logits = None if run.final_logits is None else run.final_logits[:len(new[0])]
         return GenerationResult(torch.tensor(seq, dtype=torch.long, device=self.device),
-                                new[0] if batch.single else new, stats)
+                                new[0] if batch.single else new, stats, logits)
 
     def _publish(self, run: "_Run", published: int, max_new_tokens: int, eos, stop, streamer) -> tuple[int, bool]:
         """Hand newly verified slots to ``stop``/``streamer``; a row ends after its first token that ends
@@ -257,7 +267,8 @@ class AdaDecoder:
         P = run.prompt_len
         for b, row in enumerate(run.rows):
             alone = _Run(rows=[row], n_verified=P, prompt_len=P, kv=run.kv.row(b), stats=run.stats,
-                         decisions=run.decisions, sampler=run.sampler, drafts=[[]], ends=[None])
+                         decisions=run.decisions, sampler=run.sampler, drafts=[[]], ends=[None],
+                         final_logits=run.final_logits)
             with prefill_block():  # one attention call over the prompt, as plain decoding prefills
                 self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)
@@ -324,7 +335,7 @@ class AdaDecoder:
         """Check every pending early token of every unfinished row against the final layer's
         ``logits [B, T, V]`` (row ``k`` predicts slot ``first + k + 1``); roll all rows back to the
         earliest wrong slot and give each row its final token there."""
-        L, P = self.program.num_layers, run.prompt_len
+        L, P, verified = self.program.num_layers, run.prompt_len, run.n_verified
         verdicts = run.decisions.judge(run, first, logits)
         run.stats.accepted += sum(v.accepted for v in verdicts.values())
         cut = min((v.rejected_at for v in verdicts.values() if v.rejected_at is not None), default=None)
@@ -344,6 +355,9 @@ class AdaDecoder:
                 row.append(v.next_token if v is not None else row[-1])
             run.origin.append(L - 1)
         run.n_verified = len(run.rows[0])
+        if run.final_logits is not None:  # row k predicted slot first + k + 1; copies: a graph's buffer is reused
+            run.final_logits += [logits[0, s - first - 1].to(torch.float32, copy=True)
+                                 for s in range(verified, run.n_verified)]
 
     def exit_probe(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]) -> tuple[list, list]:
         """The exit decision's input: per row, the head's (token, confidence) for the newest slot.
