@@ -56,9 +56,12 @@ def _check_generate_args(args) -> tuple[tuple[int, ...], dict]:
         raise AdaDecodeError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: sampling options, used only "
                              "with --do-sample; add it, or drop them for greedy decoding")
     sampling = {}
+    processors = _processors(args)
+    if processors:  # greedy or sampling alike, as HF's generate applies them
+        sampling["logits_processor"] = processors
     if args.do_sample:
         from .runtime.sampling import SamplingConfig
-        sampling = dict(do_sample=True, **{**given, "seed": given.get("seed", 0)})
+        sampling = dict(do_sample=True, **sampling, **{**given, "seed": given.get("seed", 0)})
         SamplingConfig(**{k: v for k, v in sampling.items() if k != "do_sample"})
     if args.exported:
         if args.device:
@@ -74,6 +77,21 @@ def _check_generate_args(args) -> tuple[tuple[int, ...], dict]:
         require_onnx()
         check_dtype(canonical_dtype(args.dtype))
     return layers, sampling
+
+
+def _processors(args):
+    """HF logits processors from --repetition-penalty and --no-repeat-ngram-size (None when neither)."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    out = LogitsProcessorList()
+    if args.repetition_penalty is not None:
+        if not args.repetition_penalty > 0:
+            raise AdaDecodeError(f"--repetition-penalty must be > 0 (1.0 is no penalty), got {args.repetition_penalty}")
+        out.append(RepetitionPenaltyLogitsProcessor(args.repetition_penalty))
+    if args.no_repeat_ngram_size is not None:
+        at_least(args, no_repeat_ngram_size=1)
+        out.append(NoRepeatNGramLogitsProcessor(args.no_repeat_ngram_size))
+    return out or None
 
 
 def _heads_and_config(args, model, layers, **config_fields):
@@ -199,7 +217,7 @@ def _export(args) -> int:
 def _bench(args) -> int:
     from .bench.runner import main as bench_main
 
-    return bench_main(args, ["adadecode", *sys.argv[1:]])
+    return bench_main(args, args.argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="with --do-sample: keep the k most likely tokens")
     g.add_argument("--seed", type=int, default=None,
                    help="with --do-sample: the same seed gives the same text (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="as HF's repetition_penalty (greedy or sampling; 1.0 is none): the output stays HF's with it")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="as HF's no_repeat_ngram_size: never repeat an n-gram of this size")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")
@@ -272,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["adadecode", *(sys.argv[1:] if argv is None else argv)]  # what reports record as the command
     try:
         if getattr(args, "threshold", None) is not None:
             args.threshold = parse_threshold(args.threshold)

@@ -84,6 +84,25 @@ def test_exit_layer_out_of_range(model_dir, capsys):
     assert "out of range" in err
 
 
+def test_repetition_penalty_and_no_repeat_ngrams_give_hfs_text(model_dir, capsys):
+    import torch
+
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", "w5 w17 w3 w99 w42 w8",
+                       "--json", "--exit-layers", "1,2", "--threshold", "0.01", "--max-new-tokens", "20",
+                       "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "3")
+    assert rc == 0, err
+    data = json.loads(out)
+    model, _ = models.load(str(model_dir), dtype="fp64")
+    ids = torch.tensor([data["prompt_ids"]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20, pad_token_id=0,
+                         repetition_penalty=1.5, no_repeat_ngram_size=3)[0, ids.shape[1]:].tolist()
+    assert data["generated_ids"] == ref != hf_greedy(model, data["prompt_ids"], 20)
+    assert data["stats"]["early_emitted"] > 0
+    for bad in (["--repetition-penalty", "0"], ["--no-repeat-ngram-size", "0"]):
+        rc, out, err = run(capsys, "--model", str(model_dir), "--prompt", "w1 w2", *bad)
+        assert rc == 2 and bad[0] in err and out == ""
+
+
 def test_unknown_model(capsys):
     rc, out, err = run(capsys, "--model", "no-such-model", "--prompt", "hi")
     assert rc == 2 and "unknown model 'no-such-model'" in err
@@ -303,3 +322,18 @@ def test_bench_chat_needs_a_chat_template(model_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert_clean_failure(rc, out, err, "chat template")
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_json_and_figure_say_where_they_come_from(model_dir, tmp_path, capsys):
+    j, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = cli.main(["bench", "--model", str(model_dir), "--task", "humaneval", "--n", "1", "--max-new-tokens", "3",
+                   "--methods", "hf_greedy", "--backends", "eager", "--no-progress", "--json", str(j),
+                   "--plot", str(png)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rep = json.loads(j.read_text())
+    assert rep["commit"] and rep["command"].startswith("adadecode bench --model ")
+    assert {"cpu", "torch", "transformers"} <= set(rep["machine"]) and png.stat().st_size > 5000
+    from adadecode_fx.bench.report import _provenance
+    footer = _provenance(rep)
+    assert rep["commit"] in footer and "--n 1" in footer and rep["machine"]["torch"] in footer

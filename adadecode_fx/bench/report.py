@@ -248,9 +248,19 @@ def plot(rep: dict, path) -> None:
         _plot_heads_gain(axes[2], gain, rep.get("oracle_bound"))
     if batching:
         _plot_batching(axes[-1], batching)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.005, 0.005, _provenance(rep), fontsize=6, family="monospace", va="bottom", wrap=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _provenance(rep: dict) -> str:
+    """The footer a figure carries: machine, software, commit and the command that made it."""
+    m = rep.get("machine", {})
+    command = rep.get("command", "")
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('device', 'cpu')}; torch {m.get('torch', '?')}, "
+            f"transformers {m.get('transformers', '?')}; commit {rep.get('commit') or '?'}\n"
+            f"{command if len(command) <= 230 else command[:227] + '...'}")
 
 
 def _plot_heads_gain(ax, gain: dict, ob) -> None:

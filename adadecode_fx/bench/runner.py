@@ -45,7 +45,8 @@ import traceback
 from dataclasses import asdict, dataclass
 
 from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
-from .report import aggregate, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot, summary_table, write
+from .report import (aggregate, code_commit, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot,
+                     summary_table, write)
 from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
 from ..errors import AdaDecodeError
 
@@ -349,7 +350,7 @@ def main(args, argv=None) -> int:
     machine = machine_info(device)
     started = time.time()
     rep = run_bench(model, heads, prompts, cfg, device=device, progress=not args.no_progress)
-    rep = {"machine": machine,
+    rep = {"machine": machine, "commit": code_commit(),
            "command": shlex.join(argv if argv is not None else sys.argv),
            "model": str(args.model), "heads": str(heads_dir) if heads_dir else None, "task": args.task,
            "chat": bool(args.chat), "prompt_ids_seed": args.seed,
