@@ -38,6 +38,13 @@ def test_the_gpu_bench_runs_its_flow_on_the_cpu(tmp_path, monkeypatch):
     assert "heads_gain" not in report["summary"]["adadecode_cudagraphs_full_depth"]
     assert report["graphs_made_after_warm_up"] == {"adadecode_cudagraphs": 0, "adadecode_cudagraphs_full_depth": 0}
     assert report["probes_outside_their_runs"] == {"adadecode_cudagraphs": 0, "adadecode_cudagraphs_full_depth": 0}
+    # the figure for docs/, made where the JSON comes back
+    gpu_plot = bench_script("gpu_plot")
+    assert gpu_plot.main([str(out), str(tmp_path / "bench.png")]) == 0
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["commit"] in gpu_plot.footer(report) and "--prompts 2" in gpu_plot.footer(report)
+    gain = gpu_plot.spread(gpu_plot.ratios(report, "adadecode_cudagraphs", "adadecode_cudagraphs_full_depth"))
+    assert gain[0] == pytest.approx(report["summary"]["adadecode_cudagraphs"]["heads_gain"]["median"])
     # static calls by key, weighed with each graph's GPU time (measured on CUDA only) into the GPU's share
     run = report["prompts"][0]["runs"]["adadecode_cudagraphs"]
     assert run["static_calls"]["('run', 0, 1)"] >= 5 and "graph_gpu_share" not in run
