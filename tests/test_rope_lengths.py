@@ -100,3 +100,18 @@ def test_longrope_batches_that_would_cross_the_switch_apart_are_refused():
     for prompts, new in (([short, long], 4), ([long, long[::-1]], 20), ([long + long, long + long[:5]], 4)):
         out = dec.generate(prompts, new, eos_token_id=None)
         assert out.new_tokens == [hf_greedy(model, p, new) for p in prompts]
+
+
+def test_an_onnx_export_keeps_the_full_depth_step(tmp_path):
+    """A standalone export (no torch model at load time) carries the rule in its manifest."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from adadecode_fx.export import export_onnx
+    from adadecode_fx.lower import onnxrt
+
+    model = _model(_longrope(), seed=2, dtype=torch.float32)
+    heads = ExitHeads.random(model, [1, 3], scale=1.0, seed=2)
+    exported = onnxrt.load_exported(export_onnx(model, heads, AdaDecodeConfig(threshold=1e-6), tmp_path / "phi3"))
+    assert exported.program.full_depth_positions == {SWITCH - 1}
+    out = exported.generate([5, 6, 7], 30, eos_token_id=None)
+    assert out.new_tokens == hf_greedy(model, [5, 6, 7], 30) and out.stats.early_emitted >= 40
