@@ -133,6 +133,26 @@ def test_scores_and_logits_through_hf_equal_hf_greedys(kw):
                        **asked)
 
 
+def test_sampled_tokens_come_with_the_logits_that_drew_them():
+    """Sampling with exits and resamples: each returned logits row is the final layer's at that token's
+    slot (a forward pass over the returned sequence gives the same), and the scores are HF's processors
+    (here top-k 4) over it."""
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, (1, 3), seed=0)
+    out = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=True, top_k=4, max_new_tokens=30,
+                         pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads, seed=0,
+                         adadecode={"threshold": 0.02}, return_dict_in_generate=True, output_scores=True,
+                         output_logits=True)
+    P = PROMPT.shape[1]
+    with torch.no_grad():
+        full = model(out.sequences).logits[0, P - 1:-1].float()
+    assert len(out.logits) == len(out.scores) == 30
+    for i, (logits, scores) in enumerate(zip(out.logits, out.scores)):
+        torch.testing.assert_close(logits[0], full[i], rtol=1e-6, atol=1e-6)
+        kept = torch.isfinite(scores[0])
+        assert int(kept.sum()) == 4 and bool(kept[out.sequences[0, P + i]])  # the token drawn was allowed
+
+
 def test_left_padded_batch_through_hf_equals_hf_batched_greedy(setup):
     model, heads = setup
     ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
