@@ -38,8 +38,9 @@ def check_processors(processors, mode: str) -> None:
 
 def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype) -> torch.Tensor:
     """``logits [V]`` for the token after ``prefix`` as ``dtype`` through ``processors`` (``[1, V]``), each
-    called with the prefix as its input ids, as HF's decoding loop calls them for that position."""
-    scores = logits.reshape(1, -1).to(dtype=dtype, copy=True)
+    called with the prefix as its input ids, as HF's decoding loop calls them for that position. Processors
+    get a copy of their own, as in HF's loop; without any, ``logits`` of that dtype are not copied."""
+    scores = logits.reshape(1, -1).to(dtype=dtype, copy=bool(processors))
     if processors:
         ids = torch.tensor([prefix], dtype=torch.long, device=scores.device)
         for proc in processors:
