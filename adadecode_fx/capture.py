@@ -11,12 +11,11 @@ model's own tensors, so capturing costs no weight memory.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 
 import torch
 from torch import nn
@@ -208,7 +207,7 @@ def _quiet_export_failure():
         logger.setLevel(logging.ERROR)
     held = io.StringIO()
     try:
-        with contextlib.redirect_stderr(held):
+        with redirect_stderr(held):
             yield
         sys.stderr.write(held.getvalue())
     finally:

@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.bench.methods import Method, hf_method, run_timed, static_compile_method
 from adadecode_fx.bench.replay import ReplayDecoder
-from adadecode_fx.bench.report import code_commit, machine_info
+from adadecode_fx.bench.report import code_commit, machine_info, spread
 from adadecode_fx.heads import shipped_heads
 from adadecode_fx.heads.format import model_fingerprint
 from adadecode_fx.zoo.shapes import random_model
@@ -245,8 +245,8 @@ def summarize(report: dict) -> None:
             s["graph_gpu_share_median"] = statistics.median(shares)
         gains = sorted(r[name]["tok_s"] / r[name + FULL_DEPTH]["tok_s"] for r in mine if name + FULL_DEPTH in r)
         if gains:
-            q = statistics.quantiles(gains, n=4, method="inclusive") if len(gains) > 1 else gains * 3
-            s["heads_gain"] = {"median": statistics.median(gains), "p25": q[0], "p75": q[2], "n": len(gains)}
+            median, p25, p75 = spread(gains)
+            s["heads_gain"] = {"median": median, "p25": p25, "p75": p75, "n": len(gains)}
         summary[name] = s
     report["summary"] = summary
 

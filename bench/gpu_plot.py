@@ -5,11 +5,12 @@ over the same graphs at full depth. The footer says machine, software, commit an
 
     python bench/gpu_plot.py out/gpu/bench.json docs/bench_gpu_qwen_bf16_cudagraphs.png
 
-Runs where the JSON comes back (the GPU image may have no matplotlib).
+Runs where the JSON comes back (the GPU image may have no matplotlib), from the repository root.
 """
 import json
-import statistics
 import sys
+
+from adadecode_fx.bench.report import spread
 
 
 def ratios(report: dict, method: str, base: str) -> list[float]:
@@ -20,14 +21,6 @@ def ratios(report: dict, method: str, base: str) -> list[float]:
         if method in runs and base in runs and runs[base].get("tok_s"):
             out.append(runs[method]["tok_s"] / runs[base]["tok_s"])
     return out
-
-
-def spread(values: list[float]) -> tuple[float, float, float]:
-    """median, p25, p75 (one value: all three equal)."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), q[0], q[2]
 
 
 def footer(report: dict) -> str:

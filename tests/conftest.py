@@ -48,13 +48,13 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float64):
     return random_decoder(FAMILIES[family](), dtype, seed)
 
 
-def random_decoder(config, dtype=torch.float64, seed: int = 0):
-    """A random causal LM of ``config`` whose greedy choices are clear-cut, eos disabled."""
+def random_decoder(config, dtype=torch.float64, seed: int = 0, sharpen: bool = True):
+    """A random causal LM of ``config`` whose greedy choices are clear-cut (``sharpen``), eos disabled."""
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    # sharpen the output distribution so argmax ties (float noise) are vanishingly rare
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(4.0)
+    if sharpen:  # so argmax ties (float noise) are vanishingly rare
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(4.0)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return model

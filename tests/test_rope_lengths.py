@@ -16,10 +16,7 @@ SWITCH = 16  # longrope: short factors up to this many positions, long ones beyo
 
 def _model(config, seed: int, dtype=torch.float64):
     """Not sharpened: a wrong rotary factor on a few deferred rows must be able to move an argmax."""
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    model.generation_config.eos_token_id = None
-    return model
+    return random_decoder(config, dtype, seed, sharpen=False)
 
 
 def _longrope(**fields):

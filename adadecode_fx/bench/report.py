@@ -72,6 +72,15 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def spread(values) -> tuple[float, float, float]:
+    """Median, p25 and p75 of ``values`` (inclusive quartiles; a single value is all three)."""
+    values = list(values)
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q[0], q[2]
+
+
 def _quantile(xs, q):
     xs = sorted(xs)
     if not xs:
