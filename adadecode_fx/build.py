@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from .capture import check_supported
+from .capture import attention_windows, check_supported
 from .capture_cache import cached_capture
 from .config import AdaDecodeConfig
 from .errors import AdaDecodeError
@@ -57,7 +57,7 @@ def structural_graph(model) -> torch.fx.GraphModule:
             notice(f"capturing {type(model).__name__} with torch.export and cutting it into {layers} layer segments "
                    f"({roughly(_CAPTURE_S_PER_LAYER * layers)} on 2 CPU cores, once per model structure); {kept}")
 
-        gm = run_passes(cached_capture(model, announce), PassSettings(),
+        gm = run_passes(cached_capture(model, announce), PassSettings(attention_windows=attention_windows(model)),
                         passes=[p for p in PASSES if p is not insert_exit_probes])
         _STRUCTURAL[model] = hit = (key, gm)
     gm = hit[1]

@@ -146,6 +146,19 @@ def kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return shapes
 
 
+def attention_windows(model) -> tuple[int, ...]:
+    """Per decoder layer, how many keys HF's cache hands a one-row step: the sliding window or attention
+    chunk of a local layer (`DynamicSlidingWindowLayer` keeps ``window - 1`` rows and adds the new one),
+    0 where the layer sees every key. Read from the cache HF's ``generate`` builds for the model."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    config = model.config.get_text_config(decoder=True)
+    layers = DynamicCache(config=config).layers
+    return tuple(int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else 0
+                 for layer in layers)
+
+
 def example_inputs(model, shapes, block: int = 3, seq: int = 8, batch: int = 2):
     dev = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype

@@ -4,19 +4,27 @@
 For each model type (default: every causal-LM type transformers registers, less the encoders and
 encoder-decoders), a tiny random model of that type (4 layers, width 32, its LM head sharpened so greedy
 choices are clear-cut) decodes two prompts with random exit heads after layers 0 and 2 at gamma 0.02, so
-most probes exit and many early tokens are wrong, under each backend. A family passes when every
-generation equals HF greedy token for token. float64 where the model's kernels take it, else float32
-(MoE kernels). Each family runs in a process of its own with a time limit: one that crashes or hangs
-costs only its own row.
+most probes exit and many early tokens are wrong, under each backend; where no probe reaches 0.02, at
+gamma 1e-9 (every probe exits). A family passes when every generation equals HF greedy token for token.
+float64 where the model's kernels take it, else float32 (MoE kernels). Each family runs in a process of
+its own with a time limit: one that crashes or hangs costs only its own row.
 
-Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``refused`` (an
-AdaDecodeError: the clear error a user gets) or ``error`` (anything else: a bug to fix). ``no_model``:
+``--window N`` sets every sliding-window and attention-chunk size a config has to N (local layers on),
+so the windows bind within the sweep's 23-45 positions. ``--dtype bfloat16`` builds the models 128 wide
+in bf16: there blocks of deferred rows must round exactly as one row at a time (the eager backend's
+promise; `cudagraphs` reads the whole static K/V in one call per block and promises no bf16 bits).
+
+Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``weak`` (equal, but
+without both early tokens and rejections even at gamma 1e-9: proves little), ``refused`` (an AdaDecodeError: the clear error a user gets) or
+``error`` (anything else: a bug to fix). ``no_model``:
 the sweep could not build a tiny model of the type or HF itself could not generate with it (a limit of
 this script's generic config, not a verdict on AdaDecode), or the type wraps sub-models (multimodal,
 speech) whose text decoder is a type of its own here.
 
     PYTHONPATH=$PWD python bench/family_sweep.py --json docs/families.json --jobs 2
     PYTHONPATH=$PWD python bench/family_sweep.py --families llama,mixtral --backends eager
+    PYTHONPATH=$PWD python bench/family_sweep.py --window 5 --json docs/families_window5.json
+    PYTHONPATH=$PWD python bench/family_sweep.py --dtype bfloat16 --backends eager --json docs/families_bf16.json
 """
 import argparse
 import json
@@ -34,6 +42,10 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              n_routed_experts=4, shared_expert_intermediate_size=32, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, tie_word_embeddings=False, rotary_dim=4, first_k_dense_replace=1, kv_lora_rank=16,
              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+# --dtype bfloat16: wide enough that the linears take the same kernels as real models' (blocks of rows
+# must round like one row at a time), and a vocabulary where bf16 near-ties happen
+BF16_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128, head_dim=32,
+                  ffn_dim=256, n_inner=256, moe_intermediate_size=128, shared_expert_intermediate_size=128)
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LEAVE_OUT = {"falcon": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",),
              "youtu": ("head_dim",)}
@@ -48,8 +60,14 @@ NOT_DECODERS = ("bert", "roberta", "electra", "xlm", "xlnet", "camembert", "erni
                 "mvp", "pegasus", "plbart", "prophetnet", "trocr", "whisper", "xmod", "reformer", "git",
                 "musicgen", "moshi", "cpmant", "ctrl", "openai-gpt", "modernbert", "emu3", "fuyu", "got_ocr2",
                 "mllama", "phi4_multimodal", "blt")
+# --window N: every local-attention setting a config has, so the windows bind within the sweep's lengths
+WINDOW_FIELDS = {"sliding_window": None, "attention_chunk_size": None, "use_sliding_window": True,
+                 "max_window_layers": 0}
 PROMPTS = ([5, 6, 7], list(range(20, 45)))
 NEW_TOKENS = 20
+# 0.02 mixes right and wrong exits; where no probe reaches it (a logit scale that flattens every
+# distribution, as Cohere's), every probe exits at the second
+GAMMAS = (0.02, 1e-9)
 
 
 def all_families() -> list[str]:
@@ -58,7 +76,7 @@ def all_families() -> list[str]:
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if not t.startswith(NOT_DECODERS))
 
 
-def check_family(model_type: str, backends: list[str]) -> dict:
+def check_family(model_type: str, backends: list[str], window: int | None = None, bf16: bool = False) -> dict:
     """One family, in this process (the worker side of `main`)."""
     import torch
     import transformers as tf
@@ -73,7 +91,10 @@ def check_family(model_type: str, backends: list[str]) -> dict:
         if getattr(default, "sub_configs", None):  # its default towers are full size; SMALL reaches none
             return {**out, "no_model": f"wraps sub-models ({', '.join(default.sub_configs)}): its text decoder "
                                        "is swept as a type of its own"}
-        kw = {k: v for k, v in SMALL.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
+        sizes = {**SMALL, **BF16_SIZES} if bf16 else SMALL
+        kw = {k: v for k, v in sizes.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
+        if window:
+            kw.update({k: window if v is None else v for k, v in WINDOW_FIELDS.items() if hasattr(default, k)})
         config = cls(**{**kw, **EXTRA.get(model_type, {})})
     except Exception as e:  # noqa: BLE001  a config this script cannot make small
         return {**out, "no_model": f"config: {type(e).__name__}: {str(e)[:200]}"}
@@ -94,23 +115,31 @@ def check_family(model_type: str, backends: list[str]) -> dict:
 
     try:
         try:
-            model, refs = reference(torch.float64)
+            model, refs = reference(torch.bfloat16 if bf16 else torch.float64)
         except Exception:  # noqa: BLE001  MoE kernels take no float64
+            if bf16:
+                raise
             model, refs = reference(torch.float32)
     except Exception as e:  # noqa: BLE001
         return {**out, "no_model": f"HF generate: {type(e).__name__}: {str(e)[:200]}"}
     out["dtype"] = str(model.dtype).removeprefix("torch.")
+    if window:  # as the config took it (prompts and generations run past it)
+        out["window"] = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
     for backend in backends:
         t0 = time.perf_counter()
         try:
             heads = ExitHeads.random(model, (0, 2), scale=0.5, seed=1)
-            dec = AdaDecoder(model, heads, AdaDecodeConfig(backend=backend, threshold=0.02, max_pending=3))
-            same, early, rejected = True, 0, 0
-            for p, ref in zip(PROMPTS, refs):
-                res = dec.generate(p, NEW_TOKENS, eos_token_id=None)
-                same &= res.new_tokens == ref
-                early, rejected = early + res.stats.early_emitted, rejected + res.stats.rejected
-            out[backend] = {"outcome": "ok" if same else "mismatch", "early": early, "rejected": rejected,
+            for gamma in GAMMAS:
+                dec = AdaDecoder(model, heads, AdaDecodeConfig(backend=backend, threshold=gamma, max_pending=3))
+                same, early, rejected = True, 0, 0
+                for p, ref in zip(PROMPTS, refs):
+                    res = dec.generate(p, NEW_TOKENS, eos_token_id=None)
+                    same &= res.new_tokens == ref
+                    early, rejected = early + res.stats.early_emitted, rejected + res.stats.rejected
+                if early and rejected:
+                    break
+            outcome = "mismatch" if not same else "ok" if early and rejected else "weak"
+            out[backend] = {"outcome": outcome, "gamma": gamma, "early": early, "rejected": rejected,
                             "seconds": round(time.perf_counter() - t0, 1)}
         except AdaDecodeError as e:
             out[backend] = {"outcome": "refused", "message": str(e)[:400]}
@@ -119,8 +148,9 @@ def check_family(model_type: str, backends: list[str]) -> dict:
     return out
 
 
-def _run_one(model_type: str, backends: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model_type, "--backends", ",".join(backends)]
+def _run_one(model_type: str, backends: list[str], timeout: float, window: int | None, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model_type, "--backends", ",".join(backends), "--dtype", dtype]
+    cmd += ["--window", str(window)] if window else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -150,16 +180,21 @@ def main() -> int:
     p.add_argument("--backends", default="eager,cudagraphs")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
+    p.add_argument("--window", type=int, help="set every sliding-window / attention-chunk size a config has to "
+                                              "this (with local layers switched on), so windows bind")
+    p.add_argument("--dtype", choices=("float64", "bfloat16"), default="float64",
+                   help="float64 (float32 where a kernel takes no float64), or bfloat16 at width 128: exactness "
+                        "of bf16 blocks, which only the eager backend promises")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     if args.worker:
-        print(json.dumps(check_family(args.worker, backends)))
+        print(json.dumps(check_family(args.worker, backends, args.window, args.dtype == "bfloat16")))
         return 0
     families = args.families.split(",") if args.families else all_families()
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda f: _run_one(f, backends, args.timeout), families))
+        rows = list(pool.map(lambda f: _run_one(f, backends, args.timeout, args.window, args.dtype), families))
     for r in rows:
         print(_line(r, backends))
     tally = {}
@@ -173,7 +208,7 @@ def main() -> int:
 
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info("cpu"), "commit": code_commit(), "argv": sys.argv,
-                       "backends": backends, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "families": rows},
+                       "backends": backends, "dtype": args.dtype, "window": args.window, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "families": rows},
                       f, indent=1)
     return 0
 

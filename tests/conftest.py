@@ -87,6 +87,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
     return out[0, len(prompt):].tolist()
 
 
+def hf_batch_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF greedy on the left-padded batch (pad id 0). In bf16 a padded row rounds unlike the same prompt
+    alone (its attention reads the pad slots too), so bf16 batches compare with this."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
 def smollm2_parity(tokenizer, lowered, eager, model, n: int = 24) -> list:
     """Two prompts (code and prose) through ``lowered``: each gives ``eager``'s tokens and HF greedy's.
     Returns the lowered decoder's stats per prompt."""

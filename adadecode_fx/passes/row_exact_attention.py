@@ -15,7 +15,9 @@ replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, 
 for a block of T rows whose K/V ends at the block's last position, row ``i`` attends over exactly the
 keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. A prefill is the
 exception: plain decoding prefills the prompt as one block, so the runtime marks it (`prefill_block`)
-and the op then runs the single block call, like HF does.
+and the op then runs the single block call, like HF does. A layer with a sliding window or attention
+chunk (``settings.attention_windows``) passes it to the op, whose rows then attend over the last
+``window`` keys only, as HF's cache hands them to a one-row step.
 
 The op is opaque to dynamo (a custom op), so compiled segments call it as an extern kernel and decide
 at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.onnx_rewrite`).
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ops.attention import ROW_EXACT, SDPA
+from ..ops.attention import ROW_EXACT, SDPA, WINDOW
 from .settings import PassSettings
 from .split_layers import rewrite_layer_nodes
 
@@ -59,15 +61,18 @@ def _views_to_reshapes(node: fx.Node) -> None:
         todo.extend(user.users)
 
 
-def _row_exact(node: fx.Node) -> bool:
+def _row_exact(node: fx.Node, window: int) -> bool:
     if node.op != "call_function" or node.target is not SDPA:
         return False
     node.args = _call_args(node)
-    node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
+    kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)}
+    node.kwargs = {**kwargs, WINDOW: window} if window else kwargs
     node.target = ROW_EXACT
     _views_to_reshapes(node)
     return True
 
 
 def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    return rewrite_layer_nodes(gm, _row_exact)
+    windows = settings.attention_windows
+    return rewrite_layer_nodes(gm, lambda node, layer: _row_exact(node, windows[layer] if layer < len(windows)
+                                                                  else 0))

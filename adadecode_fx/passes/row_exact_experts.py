@@ -20,7 +20,7 @@ from .settings import PassSettings
 from .split_layers import rewrite_layer_nodes
 
 
-def _row_exact(node: fx.Node) -> bool:
+def _row_exact(node: fx.Node, layer: int) -> bool:
     fallback = grouped_call(node)
     if fallback is None:
         return False

@@ -218,12 +218,12 @@ def segment_calls(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 
 def rewrite_layer_nodes(gm: fx.GraphModule, rewrite) -> fx.GraphModule:
-    """Call ``rewrite(node) -> bool`` (True: it changed the node) on every node of every layer segment, and
-    regenerate the code of the segments it changed."""
+    """Call ``rewrite(node, layer) -> bool`` (True: it changed the node) on every node of every layer
+    segment (``layer``: the decoder layer's index), and regenerate the code of the segments it changed."""
     for name in segment_calls(gm):
         if name.startswith("layer_"):
-            sub = getattr(gm, name)
-            changed = [rewrite(node) for node in list(sub.graph.nodes)]  # every node, not up to the first
+            sub, layer = getattr(gm, name), int(name.removeprefix("layer_"))
+            changed = [rewrite(node, layer) for node in list(sub.graph.nodes)]  # every node, not up to the first
             if any(changed):
                 sub.recompile()
     return gm

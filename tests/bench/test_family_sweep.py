@@ -11,3 +11,18 @@ def test_a_family_decodes_with_exits_and_a_stateful_one_is_refused():
     assert "llama" in sweep._line(row, ["eager"]) and "ok (" in sweep._line(row, ["eager"])
     row = sweep.check_family("mamba", ["eager"])
     assert row["eager"]["outcome"] == "refused" and "attention K/V" in row["eager"]["message"]
+
+
+def test_a_family_whose_probes_never_reach_gamma_is_rerun_with_every_probe_exiting():
+    # Cohere's logit scale (0.0625) flattens every distribution under 0.02 on a 128-token vocabulary
+    row = bench_script("family_sweep").check_family("cohere", ["eager"])
+    assert row["eager"]["outcome"] == "ok" and row["eager"]["gamma"] == 1e-9
+    assert row["eager"]["early"] >= 20 and row["eager"]["rejected"] >= 5
+
+
+def test_windows_bind_within_the_sweeps_lengths_and_bf16_blocks_round_as_rows():
+    sweep = bench_script("family_sweep")
+    row = sweep.check_family("mistral", ["eager"], window=5)
+    assert row["window"] == 5 and row["eager"]["outcome"] == "ok" and row["eager"]["early"] >= 20
+    row = sweep.check_family("qwen2", ["eager"], bf16=True)
+    assert row["dtype"] == "bfloat16" and row["eager"]["outcome"] == "ok" and row["eager"]["early"] >= 20

@@ -91,3 +91,39 @@ def test_views_of_the_attention_output_become_reshapes():
                      AdaDecodeConfig(threshold=0.02, max_pending=3))
     assert_greedy_with_exits(dec, model)
 
+
+
+def test_rows_of_a_local_layer_attend_over_its_last_window_keys():
+    """HF's sliding-window cache hands a one-row step the last ``window`` keys; every row, alone or in a
+    block, attends over exactly those (the whole K/V under the window's mask rounds differently in bf16)."""
+    q, k, v, mask = _inputs()
+    T, S, w = q.shape[2], k.shape[2], 6
+    out = row_exact_sdpa(q, k, v, mask, scale=0.25, window=w)
+    for i in range(T):
+        n = S - T + i + 1
+        alone = SDPA(q[:, :, i:i + 1], k[:, :, n - w:n], v[:, :, n - w:n], mask[..., i:i + 1, n - w:n], scale=0.25)
+        assert torch.equal(out[:, :, i:i + 1], alone)
+    short = row_exact(q[:, :, :1], k[:, :, :4], v[:, :, :4], mask[..., :1, :4], scale=0.25, window=w)
+    assert torch.equal(short, SDPA(q[:, :, :1], k[:, :, :4], v[:, :, :4], mask[..., :1, :4], scale=0.25))
+
+
+def test_a_traced_one_row_step_slices_the_window_by_each_calls_length():
+    """Scripted decode rows trace a layer at one K/V length and run it at every other one."""
+    q, k, v, mask = _inputs(T=1, S=37)
+    step = torch.jit.trace(lambda q, k, v, m: row_exact(q, k, v, m, scale=0.25, window=6) * 1,
+                           (q, k[:, :, :20], v[:, :, :20], mask[..., :20]), check_trace=False)
+    for n in (3, 20, 37):
+        want = SDPA(q, k[:, :, max(0, n - 6):n], v[:, :, max(0, n - 6):n], mask[..., max(0, n - 6):n], scale=0.25)
+        assert torch.equal(step(q, k[:, :, :n], v[:, :, :n], mask[..., :n]), want)
+
+
+def test_window_goes_to_local_layers_only_and_plain_attention_drops_it():
+    gm = captured("llama")
+    n = gm.meta["num_layers"]
+    windows = tuple(7 if i % 2 else 0 for i in range(n))
+    gm = run_passes(gm, PassSettings(attention_windows=windows))
+    for i in range(n):
+        calls = [node for node in getattr(gm, f"layer_{i}").graph.nodes if node.target is ROW_EXACT]
+        assert [c.kwargs.get("window", 0) for c in calls] == [windows[i]]
+    graph = plain_attention(gm.layer_1.graph)
+    assert all("window" not in node.kwargs for node in graph.nodes if node.target is SDPA)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from tests.conftest import decoder, hf_greedy
+from tests.conftest import decoder, hf_batch_greedy, hf_greedy
 
 _BIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
@@ -36,3 +36,14 @@ def test_bf16_greedy_parity_with_many_blocks(family):
         assert out.new_tokens == hf_greedy(model, prompt, 48), f"prompt length {plen}"
         early += out.stats.early_emitted
     assert early > 48  # the test is only meaningful if many tokens went through blocks
+
+
+def test_bf16_padded_batch_rows_decode_as_hfs_batch():
+    """Each row of a padded bf16 batch gives HF's batched greedy tokens (not the prompt alone's: HF's own
+    padded rows round differently from the same prompt alone)."""
+    model = bf16_model("qwen2")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 11, 26, 7)]
+    out = decoder(model, [0, 2], threshold=1e-9, max_pending=3, scale=0.5, seed=3).generate(prompts, 32, pad_token_id=0)
+    assert out.new_tokens == hf_batch_greedy(model, prompts, 32)
+    assert out.stats.early_emitted > 20
