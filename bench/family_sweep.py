@@ -10,9 +10,10 @@ float64 where the model's kernels take it, else float32 (MoE kernels). Each fami
 its own with a time limit: one that crashes or hangs costs only its own row.
 
 ``--window N`` sets every sliding-window and attention-chunk size a config has to N (local layers on),
-so the windows bind within the sweep's 23-45 positions. ``--dtype bfloat16`` builds the models 128 wide
-in bf16: there blocks of deferred rows must round exactly as one row at a time (the eager backend's
-promise; `cudagraphs` reads the whole static K/V in one call per block and promises no bf16 bits).
+so the windows bind within the sweep's 23-45 positions. ``--dtype bfloat16`` (or ``float16``) builds the
+models 128 wide in that dtype: there blocks of deferred rows must round exactly as one row at a time (the
+eager backend's promise; `cudagraphs` reads the whole static K/V in one call per block and promises no
+low-precision bits).
 
 Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``weak`` (equal, but
 without both early tokens and rejections even at gamma 1e-9: proves little), ``refused`` (an AdaDecodeError: the clear error a user gets) or
@@ -42,9 +43,9 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              n_routed_experts=4, shared_expert_intermediate_size=32, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, tie_word_embeddings=False, rotary_dim=4, first_k_dense_replace=1, kv_lora_rank=16,
              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-# --dtype bfloat16: wide enough that the linears take the same kernels as real models' (blocks of rows
-# must round like one row at a time), and a vocabulary where bf16 near-ties happen
-BF16_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128, head_dim=32,
+# --dtype bfloat16 / float16: wide enough that the linears take the same kernels as real models' (blocks of
+# rows must round like one row at a time), and a vocabulary where low-precision near-ties happen
+LOW_PRECISION_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128, head_dim=32,
                   ffn_dim=256, n_inner=256, moe_intermediate_size=128, shared_expert_intermediate_size=128)
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LEAVE_OUT = {"falcon": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",),
@@ -76,7 +77,7 @@ def all_families() -> list[str]:
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if not t.startswith(NOT_DECODERS))
 
 
-def check_family(model_type: str, backends: list[str], window: int | None = None, bf16: bool = False) -> dict:
+def check_family(model_type: str, backends: list[str], window: int | None = None, dtype: str = "float64") -> dict:
     """One family, in this process (the worker side of `main`)."""
     import torch
     import transformers as tf
@@ -91,7 +92,8 @@ def check_family(model_type: str, backends: list[str], window: int | None = None
         if getattr(default, "sub_configs", None):  # its default towers are full size; SMALL reaches none
             return {**out, "no_model": f"wraps sub-models ({', '.join(default.sub_configs)}): its text decoder "
                                        "is swept as a type of its own"}
-        sizes = {**SMALL, **BF16_SIZES} if bf16 else SMALL
+        low = dtype in ("bfloat16", "float16")
+        sizes = {**SMALL, **LOW_PRECISION_SIZES} if low else SMALL
         kw = {k: v for k, v in sizes.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
         if window:
             kw.update({k: window if v is None else v for k, v in WINDOW_FIELDS.items() if hasattr(default, k)})
@@ -115,9 +117,9 @@ def check_family(model_type: str, backends: list[str], window: int | None = None
 
     try:
         try:
-            model, refs = reference(torch.bfloat16 if bf16 else torch.float64)
+            model, refs = reference(getattr(torch, dtype))
         except Exception:  # noqa: BLE001  MoE kernels take no float64
-            if bf16:
+            if low:
                 raise
             model, refs = reference(torch.float32)
     except Exception as e:  # noqa: BLE001
@@ -182,15 +184,15 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
     p.add_argument("--window", type=int, help="set every sliding-window / attention-chunk size a config has to "
                                               "this (with local layers switched on), so windows bind")
-    p.add_argument("--dtype", choices=("float64", "bfloat16"), default="float64",
-                   help="float64 (float32 where a kernel takes no float64), or bfloat16 at width 128: exactness "
-                        "of bf16 blocks, which only the eager backend promises")
+    p.add_argument("--dtype", choices=("float64", "bfloat16", "float16"), default="float64",
+                   help="float64 (float32 where a kernel takes no float64), or bfloat16 / float16 at width 128: "
+                        "exactness of low-precision blocks, which only the eager backend promises")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     if args.worker:
-        print(json.dumps(check_family(args.worker, backends, args.window, args.dtype == "bfloat16")))
+        print(json.dumps(check_family(args.worker, backends, args.window, args.dtype)))
         return 0
     families = args.families.split(",") if args.families else all_families()
     with ThreadPoolExecutor(args.jobs) as pool:

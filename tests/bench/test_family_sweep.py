@@ -24,5 +24,5 @@ def test_windows_bind_within_the_sweeps_lengths_and_bf16_blocks_round_as_rows():
     sweep = bench_script("family_sweep")
     row = sweep.check_family("mistral", ["eager"], window=5)
     assert row["window"] == 5 and row["eager"]["outcome"] == "ok" and row["eager"]["early"] >= 20
-    row = sweep.check_family("qwen2", ["eager"], bf16=True)
+    row = sweep.check_family("qwen2", ["eager"], dtype="bfloat16")
     assert row["dtype"] == "bfloat16" and row["eager"]["outcome"] == "ok" and row["eager"]["early"] >= 20
