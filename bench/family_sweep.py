@@ -16,8 +16,8 @@ eager backend's promise; `cudagraphs` reads the whole static K/V in one call per
 low-precision bits).
 
 Outcomes per backend: ``ok`` (with early tokens and rejections), ``mismatch``, ``weak`` (equal, but
-without both early tokens and rejections even at gamma 1e-9: proves little), ``refused`` (an AdaDecodeError: the clear error a user gets) or
-``error`` (anything else: a bug to fix). ``no_model``:
+without both early tokens and rejections even at gamma 1e-9: proves little), ``refused`` (an
+AdaDecodeError: the clear error a user gets) or ``error`` (anything else: a bug to fix). ``no_model``:
 the sweep could not build a tiny model of the type or HF itself could not generate with it (a limit of
 this script's generic config, not a verdict on AdaDecode), or the type wraps sub-models (multimodal,
 speech) whose text decoder is a type of its own here.
@@ -45,8 +45,9 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 # --dtype bfloat16 / float16: wide enough that the linears take the same kernels as real models' (blocks of
 # rows must round like one row at a time), and a vocabulary where low-precision near-ties happen
-LOW_PRECISION_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128, head_dim=32,
-                  ffn_dim=256, n_inner=256, moe_intermediate_size=128, shared_expert_intermediate_size=128)
+LOW_PRECISION_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128,
+                           head_dim=32, ffn_dim=256, n_inner=256, moe_intermediate_size=128,
+                           shared_expert_intermediate_size=128)
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LEAVE_OUT = {"falcon": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",),
              "youtu": ("head_dim",)}
@@ -138,7 +139,7 @@ def check_family(model_type: str, backends: list[str], window: int | None = None
                     res = dec.generate(p, NEW_TOKENS, eos_token_id=None)
                     same &= res.new_tokens == ref
                     early, rejected = early + res.stats.early_emitted, rejected + res.stats.rejected
-                if early and rejected:
+                if not same or (early and rejected):  # a mismatch at either gamma is the row's outcome
                     break
             outcome = "mismatch" if not same else "ok" if early and rejected else "weak"
             out[backend] = {"outcome": outcome, "gamma": gamma, "early": early, "rejected": rejected,
@@ -210,8 +211,8 @@ def main() -> int:
 
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info("cpu"), "commit": code_commit(), "argv": sys.argv,
-                       "backends": backends, "dtype": args.dtype, "window": args.window, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "families": rows},
-                      f, indent=1)
+                       "backends": backends, "dtype": args.dtype, "window": args.window, "prompts": PROMPTS,
+                       "new_tokens": NEW_TOKENS, "families": rows}, f, indent=1)
     return 0
 
 
