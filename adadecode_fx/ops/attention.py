@@ -92,13 +92,11 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
     layer and step). ``window``: the layer's sliding window or attention chunk (0: every key)."""
     T, S = q.shape[-2], k.shape[-2]
-    if in_prefill() or (attn_mask is None and not is_causal):
+    if (T == 1 and window == 0) or in_prefill() or (attn_mask is None and not is_causal):
         # contiguous: the fake kernel below promises that layout to compilers
         return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
-    if T == 1:
-        if window > 0:
-            return _scripted_last_keys()(q, k, v, attn_mask, dropout_p, scale, enable_gqa, window).contiguous()
-        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
+    if T == 1:  # one row of a local layer
+        return _scripted_last_keys()(q, k, v, attn_mask, dropout_p, scale, enable_gqa, window).contiguous()
     rows = []
     for i in range(T):
         n = S - T + i + 1  # row i's position is the (n-1)-th slot: it sees keys [0, n) when alone
