@@ -131,6 +131,9 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
+    if kwargs.get("inputs_embeds") is not None:
+        raise AdaDecodeError("inputs_embeds are not supported: AdaDecode runs the model from token ids (every "
+                             "step, deferred rows included, starts at the embedding layer); pass input_ids instead")
     if input_ids is None:
         raise AdaDecodeError("generate needs input_ids (a [batch, length] LongTensor)")
     sampling = None

@@ -163,6 +163,13 @@ def test_left_padded_batch_through_hf_equals_hf_batched_greedy(setup):
     assert torch.equal(ours, model.generate(ids, do_sample=False, **args))
 
 
+def test_inputs_embeds_are_refused_with_a_way_out(setup):
+    model, heads = setup
+    with pytest.raises(AdaDecodeError, match="inputs_embeds are not supported.*pass input_ids"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(PROMPT), max_new_tokens=5, pad_token_id=0,
+                       custom_generate=adadecode_fx.generate, exit_heads=heads)
+
+
 def test_right_padding_is_refused_with_a_way_out(setup):
     model, heads = setup
     ids = torch.tensor([[5, 6, 0], [7, 8, 9]])

@@ -25,7 +25,7 @@ from .kv_state import KVState
 from .policy import GreedyDecisions, ProcessedGreedyDecisions, Probe, SamplingDecisions
 from .program import DecodeProgram
 from .prompts import check_positions, check_switches, prompt_batch
-from .sampling import Sampler, SamplingConfig, check_processors
+from .sampling import Sampler, SamplingConfig, check_processors, row_processors
 from .stats import DecodeStats
 
 _BUILDER: list = []
@@ -52,9 +52,13 @@ class _Run:
     drafts: list = field(default_factory=list)         # sampling, per row: q of each pending early token
     ends: list = field(default_factory=list)           # per row: its length once finished (EOS/stop), else None
     final_logits: list | None = None                   # one row, if asked: per verified slot, its logits [V]
+    batch_rows: list[int] | None = None                # per row: its row of the batch (a prefill runs one alone)
 
     def active(self) -> list[int]:
         return [b for b, e in enumerate(self.ends) if e is None]
+
+    def batch_row(self, b: int) -> int:
+        return b if self.batch_rows is None else self.batch_rows[b]
 
 
 @dataclass
@@ -164,11 +168,11 @@ class AdaDecoder:
             self.warm_up(batch=batch.size)
         start = time.perf_counter()
         P, B = batch.length, batch.size
-        sampler = None if sampling is None else Sampler(sampling, self.device)
+        sampler = None if sampling is None else Sampler(sampling, self.device, B)
         if sampler is not None:
             decisions = SamplingDecisions(self.exit_logits, sampler, self.config.gamma)
         elif processors:
-            decisions = ProcessedGreedyDecisions(self.exit_logits, processors, self.config.gamma)
+            decisions = ProcessedGreedyDecisions(self.exit_logits, row_processors(processors, B), self.config.gamma)
         else:
             decisions = GreedyDecisions(self.probe, self.config.gamma, self.program.read_predictions)
         run = _Run(rows=batch.rows, n_verified=P, prompt_len=P, decisions=decisions, sampler=sampler,
@@ -268,7 +272,7 @@ class AdaDecoder:
         for b, row in enumerate(run.rows):
             alone = _Run(rows=[row], n_verified=P, prompt_len=P, kv=run.kv.row(b), stats=run.stats,
                          decisions=run.decisions, sampler=run.sampler, drafts=[[]], ends=[None],
-                         final_logits=run.final_logits)
+                         final_logits=run.final_logits, batch_rows=[b])
             with prefill_block():  # one attention call over the prompt, as plain decoding prefills
                 self._step(alone, P - 1, allow_exit=False, count=False)
         run.kv.fill = [P] * len(run.kv.fill)

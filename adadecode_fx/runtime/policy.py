@@ -52,21 +52,24 @@ class GreedyDecisions:
 
 class ProcessedGreedyDecisions:
     """Greedy decoding after logits processors, as HF's greedy search does it: a position's logits, cast to
-    float32, go through the processors with that position's prefix (padding left out), and the token is
-    their argmax. The heads' logits are processed the same way; an exit needs every unfinished row's
-    processed max probability to reach the layer's threshold."""
+    float32, go through the processors with that position's prefix, and the token is their argmax. The
+    prefix is the row as HF's loop holds it, left padding included: processors that count the length
+    (min length, forced EOS) count the padding as HF does, and HF's repetition penalty skips it.
+    ``row_processors`` holds each batch row's processors (`row_processors`). The heads' logits are
+    processed the same way; an exit needs every unfinished row's processed max probability to reach the
+    layer's threshold."""
 
-    def __init__(self, probe_logits: ProbeLogits, processors, gamma: Callable[[int], float]):
-        self.probe_logits, self.processors, self.gamma = probe_logits, list(processors), gamma
+    def __init__(self, probe_logits: ProbeLogits, row_processors: list[list], gamma: Callable[[int], float]):
+        self.probe_logits, self.row_processors, self.gamma = probe_logits, row_processors, gamma
 
-    def _scores(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
-        return processed_scores(self.processors, logits, prefix, torch.float32)[0]
+    def _scores(self, logits: torch.Tensor, prefix: list[int], row: int) -> torch.Tensor:
+        return processed_scores(self.row_processors[row], logits, prefix, torch.float32)[0]
 
     def draft(self, run, layer, hidden_last):
         logits = self.probe_logits(layer, hidden_last, run.rows)
         tokens = [-1] * len(run.rows)
         for b in run.active():
-            scores = self._scores(logits[b], run.rows[b][run.kv.pad[b]:])
+            scores = self._scores(logits[b], run.rows[b], run.batch_row(b))
             if not bool(torch.isfinite(scores).any()) or float(torch.softmax(scores, -1).max()) < self.gamma(layer):
                 return None
             tokens[b] = int(scores.argmax())
@@ -76,8 +79,9 @@ class ProcessedGreedyDecisions:
         """``logits [B, T, V]``: row ``k`` predicts slot ``first + k + 1`` from the slots before it."""
         verdicts = {}
         for b in run.active():
-            pad, row = run.kv.pad[b], run.rows[b]
-            preds = [int(self._scores(logits[b, k], row[pad:first + k + 1]).argmax()) for k in range(logits.shape[1])]
+            row = run.rows[b]
+            preds = [int(self._scores(logits[b, k], row[:first + k + 1], run.batch_row(b)).argmax())
+                     for k in range(logits.shape[1])]
             verdicts[b] = verify_greedy(row, first, preds)
         return verdicts
 
@@ -93,8 +97,7 @@ class SamplingDecisions:
         logits = self.probe_logits(layer, hidden_last, run.rows)
         qs = {}
         for b in run.active():
-            pad = run.kv.pad[b]
-            q = self.sampler.distribution(logits[b], run.rows[b][pad:])
+            q = self.sampler.distribution(logits[b], run.rows[b], run.batch_row(b))
             if q is None or float(q.max()) < self.gamma(layer):
                 return None
             qs[b] = q
@@ -108,7 +111,7 @@ class SamplingDecisions:
         verdicts = {}
         for b in run.active():
             pad, row = run.kv.pad[b], run.rows[b]
-            probs = self.sampler.distributions(logits[b], row[pad:], first - pad)
+            probs = self.sampler.distributions(logits[b], row, first, run.batch_row(b))
             v = verify_sampling(row[pad:], first - pad, probs, run.drafts[b], self.sampler.generator)
             verdicts[b] = v if v.rejected_at is None else Verdict(v.accepted, v.rejected_at + pad, v.next_token)
             run.drafts[b].clear()  # every pending token is now accepted or rolled back

@@ -39,6 +39,10 @@ def _ints(values, vocab: int, where: str) -> list[int]:
     return [int(t) for t in values]
 
 
+def _pad_slot(t, vocab: int, pad_id: int) -> int:
+    return int(t) if not isinstance(t, bool) and float(t).is_integer() and 0 <= int(t) < vocab else pad_id
+
+
 def _left_pad(row: list[int], mask: list[int], b: int) -> int:
     """Number of leading pad slots of ``row``; refuses right padding and holes."""
     pad = 0
@@ -83,8 +87,10 @@ def prompt_batch(input_ids, attention_mask=None, *, vocab: int, pad_id: int = 0)
     if not rows or not rows[0]:
         raise AdaDecodeError("the prompt is empty: give at least one token (e.g. the BOS token)")
     pad = [_left_pad(r, m, b) for b, (r, m) in enumerate(zip(rows, masks))]
-    # pad slots are never looked at; any valid id will do (HF tokenizers may use ids outside the vocab)
-    rows = [[pad_id] * p + _ints(r[p:], vocab, f"prompt {b}") for b, (r, p) in enumerate(zip(rows, pad))]
+    # pad slots are never embedded, but logits processors read them as HF's loop does (n-grams, lengths):
+    # keep the given ids there, except ids outside the vocabulary, which some tokenizers pad with
+    rows = [[_pad_slot(t, vocab, pad_id) for t in r[:p]] + _ints(r[p:], vocab, f"prompt {b}")
+            for b, (r, p) in enumerate(zip(rows, pad))]
     return PromptBatch(rows, pad, single)
 
 

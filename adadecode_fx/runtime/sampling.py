@@ -8,6 +8,7 @@ speculative-sampling rule, which makes AdaDecode's output distribution that of p
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ _SUPPORTED = (
     "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "MinLengthLogitsProcessor",
     "MinNewTokensLengthLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
     "ForcedEOSTokenLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "LogitNormalization",
+    "ExponentialDecayLengthPenalty",
 )
 
 
@@ -34,6 +36,24 @@ def check_processors(processors, mode: str) -> None:
         raise AdaDecodeError(
             f"logits processors {bad} are not supported with AdaDecode {mode} (they keep state across "
             f"calls or run other models); supported: {', '.join(_SUPPORTED)}")
+
+
+def row_processors(processors, batch: int) -> list[list]:
+    """Per row of a ``batch``, the processors to call with that row alone, as ``[1, length]`` input ids
+    (HF's loop calls them with all ``B`` rows at once). State kept per row is cut to the row: HF's
+    repetition penalty holds each row's padding length (``prompt_ignore_length [B]``, built from the
+    attention mask). Everything else is shared."""
+    rows = [list(processors or ()) for _ in range(batch)]
+    for i, proc in enumerate(processors or ()):
+        ignore = getattr(proc, "prompt_ignore_length", None)
+        if type(proc).__name__ == "RepetitionPenaltyLogitsProcessor" and isinstance(ignore, torch.Tensor):
+            if ignore.numel() != batch:
+                raise AdaDecodeError(f"the repetition penalty's prompt_ignore_length has {ignore.numel()} rows "
+                                     f"for a batch of {batch}: build it for this batch")
+            for b in range(batch):
+                rows[b][i] = copy.copy(proc)
+                rows[b][i].prompt_ignore_length = ignore[b:b + 1]
+    return rows
 
 
 def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype) -> torch.Tensor:
@@ -103,29 +123,30 @@ class SamplingConfig:
 class Sampler:
     """One generation's sampling state: the processors and the random source."""
 
-    def __init__(self, config: SamplingConfig, device):
+    def __init__(self, config: SamplingConfig, device, batch: int = 1):
         self.config = config
-        self.processors = config.processors()
+        self.processors = row_processors(config.processors(), batch)  # per row
         self.device = torch.device(device)
         self.generator = None
         if config.seed is not None:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(config.seed)
 
-    def distribution(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor | None:
-        """Processed probabilities ``[V]`` for the token after ``prefix`` given raw ``logits [V]`` (``-inf``
-        marks tokens a head cannot produce). ``None`` if the processors leave no token possible."""
+    def distribution(self, logits: torch.Tensor, prefix: list[int], row: int = 0) -> torch.Tensor | None:
+        """Processed probabilities ``[V]`` for the token after ``prefix`` (batch row ``row``, its padding
+        included, as HF's loop passes it) given raw ``logits [V]`` (``-inf`` marks tokens a head cannot
+        produce). ``None`` if the processors leave no token possible."""
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        scores = processed_scores(self.processors, logits, prefix, dtype)
+        scores = processed_scores(self.processors[row], logits, prefix, dtype)
         if not bool(torch.isfinite(scores).any()):
             return None
         return torch.softmax(scores, dim=-1)[0]
 
-    def distributions(self, logits: torch.Tensor, tokens: list[int], first_row_pos: int) -> list:
+    def distributions(self, logits: torch.Tensor, tokens: list[int], first_row_pos: int, row: int = 0) -> list:
         """Row ``k`` of ``logits [T, V]`` predicts the token after ``tokens[:first_row_pos + k + 1]``."""
         out = []
         for k in range(logits.shape[0]):
-            p = self.distribution(logits[k], tokens[:first_row_pos + k + 1])
+            p = self.distribution(logits[k], tokens[:first_row_pos + k + 1], row)
             if p is None:
                 raise AdaDecodeError("the logits processors leave no token possible at the final layer")
             out.append(p)

@@ -51,7 +51,53 @@ def test_through_custom_generate_and_for_a_batch():
     assert torch.equal(out, ref)
     dec = adadecode_fx.decoder_for(model, {"threshold": 0.02}, heads)
     batch = dec.generate(list(PROMPTS), 20, eos_token_id=None, logits_processor=_processors())
-    assert batch.new_tokens == [_hf(model, p, 20) for p in PROMPTS]  # each row as if decoded alone
+    ids, mask = _left_padded(list(PROMPTS), pad_id=0)  # token lists are padded with id 0
+    hf_batch = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=0,
+                              logits_processor=_processors())
+    assert batch.new_tokens == hf_batch[:, ids.shape[1]:].tolist()  # HF's loop on the same padded rows
+
+
+def _left_padded(prompts, pad_id):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_padded_batch_through_custom_generate_equals_hf_on_the_same_batch(monkeypatch, do_sample):
+    """HF builds its processors for the padded batch: the repetition penalty keeps each row's padding
+    length to skip, and min length, forced EOS and the length penalty count the padding. Each row must
+    equal HF's on the same padded batch (top_k=1 makes sampling deterministic: the same check). Before,
+    the repetition penalty raised and forced EOS never came in padded rows."""
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [1, 3], scale=1.0, seed=2)
+    ids, mask = _left_padded([[5, 6, 7], list(range(20, 33)), [9, 10, 9, 10, 9]], pad_id=3)
+    kw = dict(attention_mask=mask, max_new_tokens=20, pad_token_id=3, eos_token_id=4, do_sample=do_sample)
+    if do_sample:
+        kw["top_k"] = 1
+    settings = dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=3, forced_eos_token_id=4,
+                    exponential_decay_length_penalty=(4, 1.3))
+    ref = model.generate(ids, **kw, **settings)
+    assert not torch.equal(ref, model.generate(ids, **kw))  # the processors matter here
+    assert (ref[:, ids.shape[1]:] == 4).any(1).all()  # every row ends where the length processors end it
+    dec = adadecode_fx.decoder_for(model, {"threshold": 0.02, "max_pending": 3}, heads)
+    results = []
+    plain_generate = dec.generate
+    monkeypatch.setattr(dec, "generate", lambda *a, **k: results.append(plain_generate(*a, **k)) or results[-1])
+    out = model.generate(ids, **kw, **settings, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                         adadecode={"threshold": 0.02, "max_pending": 3})
+    assert torch.equal(out, ref)
+    stats = results[-1].stats
+    assert stats.early_emitted >= 10 and stats.rejected >= 3, stats
+
+
+def test_pad_slots_keep_their_ids_for_the_processors():
+    """An n-gram through a pad slot bans a token in HF; the row's pad ids must reach the processors."""
+    from adadecode_fx.runtime.prompts import prompt_batch
+    ids, mask = _left_padded([[5, 6], [7, 8, 9, 10]], pad_id=11)
+    assert prompt_batch(ids, mask, vocab=128).rows[0] == [11, 11, 5, 6]
+    assert prompt_batch(torch.tensor([[500, 5]]), torch.tensor([[0, 1]]), vocab=128).rows[0] == [0, 5]
 
 
 def test_stateful_processors_are_refused():
