@@ -79,15 +79,19 @@ def _check_generate_args(args) -> tuple[tuple[int, ...], dict]:
     return layers, sampling
 
 
-def _processors(args):
-    """HF logits processors from --repetition-penalty and --no-repeat-ngram-size (None when neither)."""
+def _processors(args, pads=None):
+    """HF logits processors from --repetition-penalty and --no-repeat-ngram-size (None when neither).
+    ``pads``: per row of a left-padded batch, its pad slots, which the repetition penalty skips (as HF's
+    generate builds it from the attention mask)."""
+    import torch
     from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     out = LogitsProcessorList()
     if args.repetition_penalty is not None:
         if not args.repetition_penalty > 0:
             raise AdaDecodeError(f"--repetition-penalty must be > 0 (1.0 is no penalty), got {args.repetition_penalty}")
-        out.append(RepetitionPenaltyLogitsProcessor(args.repetition_penalty))
+        ignore = None if pads is None else torch.tensor(pads)
+        out.append(RepetitionPenaltyLogitsProcessor(args.repetition_penalty, prompt_ignore_length=ignore))
     if args.no_repeat_ngram_size is not None:
         at_least(args, no_repeat_ngram_size=1)
         out.append(NoRepeatNGramLogitsProcessor(args.no_repeat_ngram_size))
@@ -118,6 +122,9 @@ def torch_ids(ids):
 
 
 def _run_batch(args, decoder, tokenizer, texts, rows, sampling) -> int:
+    if sampling.get("logits_processor") is not None:  # the rows are left-padded to the longest
+        width = max(map(len, rows))
+        sampling = {**sampling, "logits_processor": _processors(args, [width - len(r) for r in rows])}
     result = decoder.generate(rows, max_new_tokens=args.max_new_tokens, **sampling)
     outs = [tokenizer.decode(new, skip_special_tokens=True) for new in result.new_tokens]
     if args.json:

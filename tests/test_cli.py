@@ -98,6 +98,18 @@ def test_repetition_penalty_and_no_repeat_ngrams_give_hfs_text(model_dir, capsys
                          repetition_penalty=1.5, no_repeat_ngram_size=3)[0, ids.shape[1]:].tolist()
     assert data["generated_ids"] == ref != hf_greedy(model, data["prompt_ids"], 20)
     assert data["stats"]["early_emitted"] > 0
+    # a batch: each row as HF's generate decodes it in the same left-padded batch. The penalty skips the
+    # pads: the second row's output holds the pad id (0), which a penalty over its pad slots would demote
+    prompts = ["w5 w17 w3 w99 w42 w8", "w1 w36"]
+    rc, out, err = run(capsys, "--model", str(model_dir), "--dtype", "fp64", "--prompt", prompts[0], "--prompt",
+                       prompts[1], "--json", "--exit-layers", "1,2", "--threshold", "0.01", "--max-new-tokens", "20",
+                       "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "3")
+    assert rc == 0, err
+    rows = json.loads(out)["prompt_ids"]
+    ids = torch.tensor([[0] * (6 - len(r)) + r for r in rows])
+    ref = model.generate(ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=20, pad_token_id=0,
+                         repetition_penalty=1.5, no_repeat_ngram_size=3)[:, 6:].tolist()
+    assert json.loads(out)["generated_ids"] == ref and 0 in ref[1]
     for bad in (["--repetition-penalty", "0"], ["--no-repeat-ngram-size", "0"]):
         rc, out, err = run(capsys, "--model", str(model_dir), "--prompt", "w1 w2", *bad)
         assert rc == 2 and bad[0] in err and out == ""
