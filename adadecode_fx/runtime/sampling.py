@@ -9,6 +9,7 @@ speculative-sampling rule, which makes AdaDecode's output distribution that of p
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ _SUPPORTED = (
     "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "MinLengthLogitsProcessor",
     "MinNewTokensLengthLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
     "ForcedEOSTokenLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "LogitNormalization",
-    "ExponentialDecayLengthPenalty",
+    "ExponentialDecayLengthPenalty", "PrefixConstrainedLogitsProcessor",
 )
 
 
@@ -40,11 +41,16 @@ def check_processors(processors, mode: str) -> None:
 
 def row_processors(processors, batch: int) -> list[list]:
     """Per row of a ``batch``, the processors to call with that row alone, as ``[1, length]`` input ids
-    (HF's loop calls them with all ``B`` rows at once). State kept per row is cut to the row: HF's
+    (HF's loop calls them with all ``B`` rows at once). What depends on the row is fixed to it: HF's
     repetition penalty holds each row's padding length (``prompt_ignore_length [B]``, built from the
-    attention mask). Everything else is shared."""
+    attention mask), and ``prefix_allowed_tokens_fn(batch_id, ids)`` must get the row's batch index.
+    Everything else is shared."""
     rows = [list(processors or ()) for _ in range(batch)]
     for i, proc in enumerate(processors or ()):
+        if type(proc).__name__ == "PrefixConstrainedLogitsProcessor" and batch > 1:
+            for b in range(batch):
+                rows[b][i] = copy.copy(proc)
+                rows[b][i]._prefix_allowed_tokens_fn = functools.partial(_as_row, proc._prefix_allowed_tokens_fn, b)
         ignore = getattr(proc, "prompt_ignore_length", None)
         if type(proc).__name__ == "RepetitionPenaltyLogitsProcessor" and isinstance(ignore, torch.Tensor):
             if ignore.numel() != batch:
@@ -54,6 +60,10 @@ def row_processors(processors, batch: int) -> list[list]:
                 rows[b][i] = copy.copy(proc)
                 rows[b][i].prompt_ignore_length = ignore[b:b + 1]
     return rows
+
+
+def _as_row(fn, row: int, _batch_id: int, ids: torch.Tensor):
+    return fn(row, ids)
 
 
 def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype) -> torch.Tensor:

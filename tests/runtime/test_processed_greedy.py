@@ -92,6 +92,33 @@ def test_a_padded_batch_through_custom_generate_equals_hf_on_the_same_batch(monk
     assert stats.early_emitted >= 10 and stats.rejected >= 3, stats
 
 
+def _allowed(batch_id, ids):
+    """A pure constraint that depends on the row's batch index and its last token."""
+    return [t for t in range(128) if (t + int(ids[-1]) + batch_id) % 3]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_prefix_allowed_tokens_get_each_rows_batch_index(monkeypatch, do_sample):
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [1, 3], scale=1.0, seed=3)
+    ids, mask = _left_padded([[5, 6, 7], list(range(20, 33))], pad_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=20, pad_token_id=0, do_sample=do_sample)
+    if do_sample:
+        kw["top_k"] = 1
+    ref = model.generate(ids, **kw, prefix_allowed_tokens_fn=_allowed)
+    assert not torch.equal(ref, model.generate(ids, **kw))  # the constraint matters here
+    # the second row's tokens obey the constraint of batch index 1, which index 0 would not
+    assert all((t + int(prev) + 1) % 3 for prev, t in zip(ref[1, 12:-1], ref[1, 13:]))
+    dec = adadecode_fx.decoder_for(model, {"threshold": 0.02, "max_pending": 3}, heads)
+    results = []
+    plain_generate = dec.generate
+    monkeypatch.setattr(dec, "generate", lambda *a, **k: results.append(plain_generate(*a, **k)) or results[-1])
+    out = model.generate(ids, **kw, prefix_allowed_tokens_fn=_allowed, custom_generate=adadecode_fx.generate,
+                         exit_heads=heads, adadecode={"threshold": 0.02, "max_pending": 3})
+    assert torch.equal(out, ref)
+    assert results[-1].stats.early_emitted >= 10 and results[-1].stats.rejected >= 3, results[-1].stats
+
+
 def test_pad_slots_keep_their_ids_for_the_processors():
     """An n-gram through a pad slot bans a token in HF; the row's pad ids must reach the processors."""
     from adadecode_fx.runtime.prompts import prompt_batch
