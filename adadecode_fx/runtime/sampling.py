@@ -45,21 +45,22 @@ def row_processors(processors, batch: int) -> list[list]:
     repetition penalty holds each row's padding length (``prompt_ignore_length [B]``, built from the
     attention mask), and ``prefix_allowed_tokens_fn(batch_id, ids)`` must get the row's batch index.
     Everything else is shared."""
-    rows = [list(processors or ()) for _ in range(batch)]
-    for i, proc in enumerate(processors or ()):
-        if type(proc).__name__ == "PrefixConstrainedLogitsProcessor" and batch > 1:
-            for b in range(batch):
-                rows[b][i] = copy.copy(proc)
-                rows[b][i]._prefix_allowed_tokens_fn = functools.partial(_as_row, proc._prefix_allowed_tokens_fn, b)
-        ignore = getattr(proc, "prompt_ignore_length", None)
-        if type(proc).__name__ == "RepetitionPenaltyLogitsProcessor" and isinstance(ignore, torch.Tensor):
-            if ignore.numel() != batch:
-                raise AdaDecodeError(f"the repetition penalty's prompt_ignore_length has {ignore.numel()} rows "
-                                     f"for a batch of {batch}: build it for this batch")
-            for b in range(batch):
-                rows[b][i] = copy.copy(proc)
-                rows[b][i].prompt_ignore_length = ignore[b:b + 1]
-    return rows
+    return [[_for_row(proc, b, batch) for proc in processors or ()] for b in range(batch)]
+
+
+def _for_row(proc, b: int, batch: int):
+    name = type(proc).__name__
+    ignore = getattr(proc, "prompt_ignore_length", None)
+    if name == "RepetitionPenaltyLogitsProcessor" and isinstance(ignore, torch.Tensor):
+        if ignore.numel() != batch:
+            raise AdaDecodeError(f"the repetition penalty's prompt_ignore_length has {ignore.numel()} rows "
+                                 f"for a batch of {batch}: build it for this batch")
+        proc = copy.copy(proc)
+        proc.prompt_ignore_length = ignore[b:b + 1]
+    elif name == "PrefixConstrainedLogitsProcessor" and batch > 1:
+        proc = copy.copy(proc)
+        proc._prefix_allowed_tokens_fn = functools.partial(_as_row, proc._prefix_allowed_tokens_fn, b)
+    return proc
 
 
 def _as_row(fn, row: int, _batch_id: int, ids: torch.Tensor):
