@@ -148,8 +148,10 @@ def _self_check(op, variant: _Variant) -> str | None:
 
 
 def rows_alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """ATen's result for each position of ``x [B, T, K]`` computed alone, as plain decoding's steps do."""
-    return torch.stack([F.linear(x[:, i], w, b) for i in range(x.shape[1])], dim=1)
+    """ATen's result for each row of ``x [..., K]`` computed alone, as decoding its prompt alone, one
+    position at a time, computes it (a batch row included)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.cat([F.linear(rows[r:r + 1], w, b) for r in range(rows.shape[0])]).view(*x.shape[:-1], w.shape[0])
 
 
 def cancelling(n: int, k: int, batch: int, m: int, bias: bool, gen: torch.Generator, big: float = 2.0 ** 20):

@@ -128,13 +128,8 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const bool has_bias = b.has_value() && b->defined();
   auto aten = [&](const at::Tensor& t) { return has_bias ? at::linear(t, w, *b) : at::linear(t, w); };
   if (g_prefill) return aten(x);
-  // A batch's decode step is one ATen call over its B rows, whose rounding depends on B: a block of
-  // such steps is computed one position at a time, as plain decoding computes it.
-  if (x.dim() >= 3 && x.numel() > x.size(-2) * K) {
-    std::vector<at::Tensor> steps;
-    for (int64_t i = 0; i < x.size(-2); ++i) steps.push_back(aten(x.select(-2, i)));
-    return at::stack(steps, -2);
-  }
+  // Every other row, a batch's rows included, is computed as that row alone: a batch row then decodes
+  // exactly as its prompt does alone (ATen's one call over B rows would round a row by B).
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   auto sizes = x.sizes().vec();

@@ -6,6 +6,11 @@ which flips near-ties and breaks token parity with plain greedy decoding. A prom
 exception: plain decoding prefills the prompt as one block, so the runtime wraps it in `prefill_block`
 and the op then runs one call, as HF does.
 
+Batches: each row attends over its own slots only, from its first real one. A left-padded row's pad
+slots are masked, but SDPA over a longer, partly masked key row rounds differently in bf16 (a prefill
+of 20 queries after 5 masked slots parts from the same 20 alone), so a batch row would part from its
+prompt decoded alone.
+
 Local layers (``window > 0``: a sliding window or attention chunk): HF's cache hands a one-row step only
 the last ``window`` keys (it keeps ``window - 1`` rows and adds the new one), so each row attends over
 exactly those, under the matching columns of the mask. Attending over every key under the window's mask
@@ -20,7 +25,7 @@ import contextlib
 import functools
 import threading
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import fx
@@ -64,25 +69,68 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
-def _last_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-               dropout_p: float, scale: Optional[float], enable_gqa: bool, window: int) -> torch.Tensor:
-    """One row over the last ``window`` keys. Scripted, so that a trace of a one-row layer step
-    (`adadecode_fx.lower.scripted_rows`) calls it and slices by each call's K/V length, not the traced one's."""
-    n = k.size(-2)
-    lo = max(0, n - window)
-    if attn_mask is not None:
-        attn_mask = attn_mask[..., lo:n]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k[..., lo:n, :], v[..., lo:n, :], attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False,
-        scale=scale, enable_gqa=enable_gqa)
+def _first_keys(attn_mask: Optional[torch.Tensor], masked_below: float) -> List[int]:
+    """Per batch row of the mask (one entry where it broadcasts over the batch): the first key slot that
+    any query of the row may see. A left-padded row's pad slots come before it."""
+    if attn_mask is None:
+        return [0]
+    seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask > masked_below
+    seen = seen.reshape(seen.size(0), -1, seen.size(-1))
+    seen = seen.select(1, 0) if seen.size(1) == 1 else seen.any(1)
+    firsts: List[int] = seen.to(torch.uint8).argmax(-1).tolist()
+    return firsts
+
+
+def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+           dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window: int,
+           block: bool, masked_below: float) -> torch.Tensor:
+    """Each batch row's queries over exactly the keys the row has when its prompt is decoded alone: from
+    its first visible slot (after a left-padded row's pads) and, in a local layer (``window > 0``), only
+    the last ``window``. ``block``: a prompt's prefill, whose queries go in one call as plain decoding
+    prefills them; otherwise each query row is a call of its own. Rows with the same keys share a call
+    (the kernel treats batch rows independently when no key is masked).
+
+    Scripted, so that a trace of a one-row layer step (`adadecode_fx.lower.scripted_rows`) runs this
+    logic on every call instead of freezing the traced K/V length and padding."""
+    T, S = q.size(-2), k.size(-2)
+    firsts = _first_keys(attn_mask, masked_below)
+    shared = min(firsts) == max(firsts)
+    groups = 1 if shared else q.size(0)
+    out: List[torch.Tensor] = []
+    for i in range(1 if block else T):
+        n = S if block else S - T + i + 1  # query row i is slot n - 1: alone it sees keys [0, n)
+        rows: List[torch.Tensor] = []
+        for b in range(groups):
+            lo = firsts[0] if shared else firsts[b]
+            if window > 0 and not block:
+                lo = max(lo, n - window)
+            qb, kb, vb = q, k, v
+            mask = attn_mask
+            if not shared:
+                qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
+                if mask is not None and mask.size(0) > 1:
+                    mask = mask[b:b + 1]
+            if not block:
+                qb = qb[:, :, i:i + 1]
+                if mask is not None and mask.size(-2) > 1:
+                    mask = mask[:, :, i:i + 1]
+            if lo > 0 or n < S:  # a one-row step with no padding reads every key: no views to make
+                kb, vb = kb[:, :, lo:n], vb[:, :, lo:n]
+                if mask is not None:
+                    mask = mask[:, :, :, lo:n]
+            rows.append(torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and block, scale=scale,
+                enable_gqa=enable_gqa))
+        out.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=0))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
 
 
 @functools.cache
-def _scripted_last_keys():
+def _scripted_alone():
     with warnings.catch_warnings():
         # torch.jit is deprecated, but only a scripted call keeps its sizes dynamic inside a trace
         warnings.simplefilter("ignore")
-        return torch.jit.script(_last_keys)
+        return torch.jit.script(_alone)
 
 
 def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -90,23 +138,16 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               enable_gqa: bool = False, window: int = 0) -> torch.Tensor:
     """The op's body as a plain function: eager segments call it directly (`adadecode_fx.lower.eager`),
     skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
-    layer and step). ``window``: the layer's sliding window or attention chunk (0: every key)."""
-    T, S = q.shape[-2], k.shape[-2]
-    if (T == 1 and window == 0) or in_prefill() or (attn_mask is None and not is_causal):
+    layer and step). ``window``: the layer's sliding window or attention chunk (0: every key).
+
+    CUDA keeps one call per block: its kernels are not bit-exact across row counts anyway (cuBLAS picks
+    kernels by shape), and reading the padding back to the host would stall every layer."""
+    if (attn_mask is None and not is_causal) or q.is_cuda:
         # contiguous: the fake kernel below promises that layout to compilers
         return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
-    if T == 1:  # one row of a local layer
-        return _scripted_last_keys()(q, k, v, attn_mask, dropout_p, scale, enable_gqa, window).contiguous()
-    rows = []
-    for i in range(T):
-        n = S - T + i + 1  # row i's position is the (n-1)-th slot: it sees keys [0, n) when alone
-        lo = max(0, n - window) if window > 0 else 0  # a local layer's cache holds only the last `window`
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask[..., i:i + 1, lo:n] if attn_mask.shape[-2] > 1 else attn_mask[..., lo:n]
-        rows.append(_sdpa(q[..., i:i + 1, :], k[..., lo:n, :], v[..., lo:n, :], mask, dropout_p, False, scale,
-                          enable_gqa))
-    return torch.cat(rows, dim=-2)
+    masked_below = 0.0 if attn_mask is None or attn_mask.dtype == torch.bool else torch.finfo(attn_mask.dtype).min / 2
+    return _scripted_alone()(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, in_prefill(),
+                             masked_below).contiguous()
 
 
 @torch.library.custom_op("adadecode::row_exact_sdpa", mutates_args=())

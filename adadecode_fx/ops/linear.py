@@ -39,16 +39,17 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     from the same rows alone in the last bit), and even a one-row call can take another path than the
     one ATen picks for a block. A deferred row must equal what HF's one-row decode step computed, so
     outside a prompt's prefill (`prefill_block`, which plain decoding runs as one block too) each row is
-    its own call. Blocks then cost one call per row; where the `block_linear` kernel is exact it is used
-    instead (see the pass)."""
-    if x.dim() < 2 or x.shape[-2] == 1 or in_prefill():
+    its own call, and so is each row of a batch (one call over B rows rounds a row by B: SmolLM2's
+    576 x 1536 down projection). Blocks and batches then cost one call per row; where the
+    `block_linear` kernel is exact it is used instead (see the pass)."""
+    if x.dim() < 2 or x.numel() == x.shape[-1] or in_prefill():
         return LINEAR(x, weight, bias)
-    # x[..., i, :], not a length-1 slice: a slice keeps the block's strides, and ATen then runs it as a
-    # batched matmul that repacks the weight on every call (~10x slower; docs/kernels.md). For a batch
-    # this is also one call over the batch's rows, as plain decoding's step is.
-    if x.dim() == 2:
-        return torch.cat([LINEAR(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
-    return torch.stack([LINEAR(x[..., i, :], weight, bias) for i in range(x.shape[-2])], dim=-2)
+    # rows[i:i + 1], a contiguous [1, K] row, not a length-1 slice of a block: such a slice keeps the
+    # block's strides, and ATen then runs it as a batched matmul that repacks the weight on every call
+    # (~10x slower; docs/kernels.md). A batch's rows are computed alone too, as each prompt alone is.
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.cat([LINEAR(rows[i:i + 1], weight, bias) for i in range(rows.shape[0])])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("adadecode::row_linear", mutates_args=())

@@ -13,9 +13,11 @@ i.e. ``kv_bucket=1``).
 Returns: the same module with every ``aten.scaled_dot_product_attention`` inside a layer segment
 replaced by ``adadecode::row_exact_sdpa`` (and views of its output by reshapes, `_views_to_reshapes`):
 for a block of T rows whose K/V ends at the block's last position, row ``i`` attends over exactly the
-keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. A prefill is the
-exception: plain decoding prefills the prompt as one block, so the runtime marks it (`prefill_block`)
-and the op then runs the single block call, like HF does. A layer with a sliding window or attention
+keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per row. In a batch each
+row's keys also start at its first real slot: a left-padded row attends over its own slots only, as its
+prompt alone does (SDPA over masked pad keys rounds differently). A prefill is the exception to the
+per-row calls: plain decoding prefills the prompt as one block, so the runtime marks it
+(`prefill_block`) and the op then runs the single block call over the prompt's slots, like HF does. A layer with a sliding window or attention
 chunk (``settings.attention_windows``) passes it to the op, whose rows then attend over the last
 ``window`` keys only, as HF's cache hands them to a one-row step.
 

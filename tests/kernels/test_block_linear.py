@@ -102,11 +102,14 @@ def test_long_blocks_still_equal_one_row_aten(n, k64, m, bias, seed):
 
 @needs_avx512
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_batch_block_equals_the_batch_steps(bias):
-    # plain decoding of a batch runs one ATen call over the batch's rows per step; its rounding depends
-    # on the batch size, so the kernel computes such a block one position (one call) at a time
+def test_a_batch_block_equals_each_row_alone(bias):
+    # plain decoding of a batch runs one ATen call over the batch's rows per step, whose rounding depends
+    # on the batch size; the kernel computes every row of a batch as that row alone, so a batch row
+    # decodes as its prompt alone
     x, w, b = cancelling(896, 4864 // 2, 3, 4, bias, torch.Generator().manual_seed(0))
     assert torch.equal(block_linear_op()(x, w, b), rows_alone(x, w, b))
+    x1 = x[:, :1]  # one decode step of the batch: [3, 1, K]
+    assert torch.equal(block_linear_op()(x1, w, b), torch.cat([F.linear(x1[r], w, b)[None] for r in range(3)]))
 
 
 @needs_avx512

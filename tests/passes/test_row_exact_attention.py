@@ -26,14 +26,32 @@ def _inputs(T=4, S=37, dtype=torch.bfloat16, seed=0):
     return q, k, v, mask
 
 
-def test_rows_match_one_row_calls():
+def test_rows_match_one_row_calls_over_their_own_keys():
+    """Each query row of each batch row equals the call it gets when its prompt is decoded alone: keys
+    from its first real slot (row 1 is left-padded by 3) up to its own position."""
     q, k, v, mask = _inputs()
     T, S = q.shape[2], k.shape[2]
     out = row_exact_sdpa(q, k, v, mask, scale=0.25)
-    for i in range(T):
-        n = S - T + i + 1
-        alone = SDPA(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], mask[..., i:i + 1, :n], scale=0.25)
-        assert torch.equal(out[:, :, i:i + 1], alone)
+    for b, pad in enumerate((0, 3)):
+        for i in range(T):
+            n = S - T + i + 1
+            alone = SDPA(q[b:b + 1, :, i:i + 1], k[b:b + 1, :, pad:n], v[b:b + 1, :, pad:n],
+                         mask[b:b + 1, :, i:i + 1, pad:n], scale=0.25)
+            assert torch.equal(out[b:b + 1, :, i:i + 1], alone)
+    # the masked pad keys are not just hidden but left out: reading them rounds differently in bf16
+    hidden = SDPA(q[1:, :, -1:], k[1:], v[1:], mask[1:, :, -1:], scale=0.25)
+    assert not torch.equal(out[1:, :, -1:], hidden)
+
+
+def test_a_padded_prefill_reads_only_its_own_slots():
+    """A left-padded row's prompt is prefilled in one call, over its real slots only, as alone."""
+    q, k, v, _ = _inputs(T=20, S=25)
+    mask = torch.ones(1, 1, 20, 25, dtype=torch.bool).tril(5)
+    mask[..., :5] = False
+    with prefill_block():
+        out = row_exact_sdpa(q[:1], k[:1], v[:1], mask)
+    assert not torch.equal(out, SDPA(q[:1], k[:1], v[:1], mask))  # the pads, if read, change the bits
+    assert torch.equal(out, SDPA(q[:1], k[:1, :, 5:], v[:1, :, 5:], mask[..., 5:]))
 
 
 def test_block_semantics_unchanged():

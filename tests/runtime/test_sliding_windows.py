@@ -61,9 +61,13 @@ def test_bf16_local_layers_decode_as_hf_at_full_depth_and_with_exits(family):
     assert early > 60 and rejected > 10
 
 
-def test_bf16_local_layers_in_a_padded_batch_decode_as_hfs_batch():
+def test_bf16_local_layers_in_a_padded_batch_decode_as_each_prompt_alone():
     model = local_model("qwen2")
+    differs = False
     for seed in (1, 2):
         ps = prompts(4, seed=seed)
         out = decoder(model, [0, 2], threshold=1e-9, max_pending=3, scale=0.5, seed=3).generate(ps, 30, pad_token_id=0)
-        assert out.new_tokens == hf_batch_greedy(model, ps, 30)
+        alone = [hf_greedy(model, p, 30) for p in ps]
+        assert out.new_tokens == alone
+        differs = differs or hf_batch_greedy(model, ps, 30) != alone
+    assert differs  # HF's own batch parts from alone here: the test can fail
