@@ -72,7 +72,7 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
 def _first_keys(attn_mask: Optional[torch.Tensor], masked_below: float) -> List[int]:
     """Per batch row of the mask (one entry where it broadcasts over the batch): the first key slot that
     any query of the row may see. A left-padded row's pad slots come before it."""
-    if attn_mask is None:
+    if attn_mask is None or attn_mask.dim() != 4:
         return [0]
     seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask > masked_below
     seen = seen.reshape(seen.size(0), -1, seen.size(-1))
@@ -83,17 +83,18 @@ def _first_keys(attn_mask: Optional[torch.Tensor], masked_below: float) -> List[
 
 def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
            dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window: int,
-           block: bool, masked_below: float) -> torch.Tensor:
+           block: bool, pads: bool, masked_below: float) -> torch.Tensor:
     """Each batch row's queries over exactly the keys the row has when its prompt is decoded alone: from
     its first visible slot (after a left-padded row's pads) and, in a local layer (``window > 0``), only
-    the last ``window``. ``block``: a prompt's prefill, whose queries go in one call as plain decoding
+    the last ``window``. ``pads``: read each row's first visible slot from the mask (else every row
+    starts at slot 0). ``block``: a prompt's prefill, whose queries go in one call as plain decoding
     prefills them; otherwise each query row is a call of its own. Rows with the same keys share a call
     (the kernel treats batch rows independently when no key is masked).
 
     Scripted, so that a trace of a one-row layer step (`adadecode_fx.lower.scripted_rows`) runs this
     logic on every call instead of freezing the traced K/V length and padding."""
     T, S = q.size(-2), k.size(-2)
-    firsts = _first_keys(attn_mask, masked_below)
+    firsts = _first_keys(attn_mask, masked_below) if pads else [0]
     shared = min(firsts) == max(firsts)
     groups = 1 if shared else q.size(0)
     out: List[torch.Tensor] = []
@@ -113,11 +114,11 @@ def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optiona
             if not block:
                 qb = qb[:, :, i:i + 1]
                 if mask is not None and mask.size(-2) > 1:
-                    mask = mask[:, :, i:i + 1]
+                    mask = mask[..., i:i + 1, :]
             if lo > 0 or n < S:  # a one-row step with no padding reads every key: no views to make
                 kb, vb = kb[:, :, lo:n], vb[:, :, lo:n]
                 if mask is not None:
-                    mask = mask[:, :, :, lo:n]
+                    mask = mask[..., lo:n]
             rows.append(torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and block, scale=scale,
                 enable_gqa=enable_gqa))
@@ -140,14 +141,14 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
     layer and step). ``window``: the layer's sliding window or attention chunk (0: every key).
 
-    CUDA keeps one call per block: its kernels are not bit-exact across row counts anyway (cuBLAS picks
-    kernels by shape), and reading the padding back to the host would stall every layer."""
-    if (attn_mask is None and not is_causal) or q.is_cuda:
+    On CUDA every row starts at slot 0, pads included: reading the padding back to the host would stall
+    every layer, and its kernels are not bit-exact across row counts anyway (cuBLAS picks them by shape)."""
+    if attn_mask is None and not is_causal:
         # contiguous: the fake kernel below promises that layout to compilers
         return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
     masked_below = 0.0 if attn_mask is None or attn_mask.dtype == torch.bool else torch.finfo(attn_mask.dtype).min / 2
     return _scripted_alone()(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, in_prefill(),
-                             masked_below).contiguous()
+                             not q.is_cuda, masked_below).contiguous()
 
 
 @torch.library.custom_op("adadecode::row_exact_sdpa", mutates_args=())

@@ -54,6 +54,13 @@ def test_a_padded_prefill_reads_only_its_own_slots():
     assert torch.equal(out, SDPA(q[:1], k[:1, :, 5:], v[:1, :, 5:], mask[..., 5:]))
 
 
+def test_an_additive_float_mask_finds_the_same_first_keys():
+    """Masks given as 0 / dtype-min biases (HF's float form) trim the same pad slots as boolean ones."""
+    q, k, v, mask = _inputs()
+    bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    assert torch.equal(row_exact_sdpa(q, k, v, bias, scale=0.25), row_exact_sdpa(q, k, v, mask, scale=0.25))
+
+
 def test_block_semantics_unchanged():
     q, k, v, mask = _inputs(dtype=torch.float64)
     torch.testing.assert_close(row_exact_sdpa(q, k, v, mask), SDPA(q, k, v, mask), rtol=1e-12, atol=1e-12)
