@@ -61,3 +61,25 @@ def test_smollm2_bf16_greedy_with_a_repetition_penalty_equals_hf():
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.scores + out.logits, ref.scores + ref.logits))
     assert adadecode_fx.decoder_for(model).config.exit_layers  # the shipped heads took part
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_batch_rows_equal_their_prompts_alone():
+    """A padded bf16 batch on real weights: every row equals its prompt decoded alone by HF, at full depth
+    and with the shipped heads. HF's own batch parts from alone here (one linear call over B rows rounds
+    a row by B, and a padded row reads its masked pad keys), so the comparison can fail."""
+    from adadecode_fx.api import decoder_for
+    from tests.conftest import smollm2
+
+    model, tokenizer = smollm2("bfloat16")
+    tokenizer.padding_side = "left"
+    texts = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n# load a csv file and"]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    kw = dict(do_sample=False, max_new_tokens=40, eos_token_id=[], pad_token_id=0)
+    rows = [enc.input_ids[b][enc.attention_mask[b].bool()][None] for b in range(len(texts))]
+    alone = [model.generate(r, attention_mask=torch.ones_like(r), **kw)[0, r.shape[1]:].tolist() for r in rows]
+    hf_batch = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:].tolist()
+    assert hf_batch != alone
+    for decoder in (AdaDecoder(model), decoder_for(model)):
+        out = decoder.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=40, eos_token_id=None)
+        assert out.new_tokens == alone
