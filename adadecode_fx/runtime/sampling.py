@@ -27,6 +27,8 @@ _SUPPORTED = (
     "MinNewTokensLengthLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
     "ForcedEOSTokenLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "LogitNormalization",
     "ExponentialDecayLengthPenalty", "PrefixConstrainedLogitsProcessor",
+    # reseeds its generator from the position's prefix on every call: a function of the prefix
+    "WatermarkLogitsProcessor",
 )
 
 

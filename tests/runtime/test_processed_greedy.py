@@ -119,6 +119,34 @@ def test_prefix_allowed_tokens_get_each_rows_batch_index(monkeypatch, do_sample)
     assert results[-1].stats.early_emitted >= 10 and results[-1].stats.rejected >= 3, results[-1].stats
 
 
+@pytest.mark.parametrize("scheme,do_sample", [("lefthash", False), ("selfhash", False), ("lefthash", True)])
+def test_watermarking_equals_hf_with_many_exits(monkeypatch, scheme, do_sample):
+    """HF's watermark reseeds its generator from each position's prefix on every call, so it is a function
+    of the prefix and verification applies it per position. Greedy, and sampling with top_k=1 (then
+    deterministic), for one prompt and a padded batch, equal HF; the greedy watermark changes the tokens."""
+    from transformers import WatermarkingConfig
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(model.generation_config, "eos_token_id", None)
+    heads = ExitHeads.random(model, [1, 3], scale=1.0, seed=4)
+    config = {"threshold": 0.02, "max_pending": 4}
+    ids, mask = _left_padded(list(PROMPTS), pad_id=0)
+    kw = dict(attention_mask=mask, do_sample=do_sample, max_new_tokens=24, pad_token_id=0,
+              watermarking_config=WatermarkingConfig(bias=2.5, seeding_scheme=scheme), **({"top_k": 1} if do_sample else {}))
+    ref = model.generate(ids, **kw)
+    out = model.generate(ids, custom_generate=adadecode_fx.generate, exit_heads=heads, adadecode=config, **kw)
+    assert torch.equal(out, ref)
+    one = ids[2:, -len(PROMPTS[2]):]
+    kw["attention_mask"] = torch.ones_like(one)
+    ref = model.generate(one, **kw)
+    assert torch.equal(model.generate(one, custom_generate=adadecode_fx.generate, exit_heads=heads, adadecode=config, **kw), ref)
+    if not do_sample:  # HF adds the bias after top_k, so with top_k=1 the watermark cannot move a token
+        assert ref[0, one.shape[1]:].tolist() != hf_greedy(model, PROMPTS[2], 24)
+    dec = adadecode_fx.decoder_for(model, config, heads)
+    stats = dec.generate(PROMPTS[2], 24, eos_token_id=None).stats
+    assert stats.early_emitted >= 5 and stats.rejected >= 1
+
+
 def test_pad_slots_keep_their_ids_for_the_processors():
     """An n-gram through a pad slot bans a token in HF; the row's pad ids must reach the processors."""
     from adadecode_fx.runtime.prompts import prompt_batch
