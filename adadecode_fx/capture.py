@@ -147,16 +147,29 @@ def kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 def attention_windows(model) -> tuple[int, ...]:
-    """Per decoder layer, how many keys HF's cache hands a one-row step: the sliding window or attention
-    chunk of a local layer (`DynamicSlidingWindowLayer` keeps ``window - 1`` rows and adds the new one),
-    0 where the layer sees every key. Read from the cache HF's ``generate`` builds for the model."""
+    """Per decoder layer, how many keys HF's cache hands a one-row step: the sliding window ``W`` of a
+    local layer (`DynamicSlidingWindowLayer` keeps ``W - 1`` rows and adds the new one), ``-C`` for an
+    attention chunk of ``C`` (the same cache; the op must tell the two apart, see
+    `adadecode_fx.ops.attention`), 0 where the layer sees every key. Read from the cache HF's
+    ``generate`` builds for the model."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     config = model.config.get_text_config(decoder=True)
     layers = DynamicCache(config=config).layers
-    return tuple(int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else 0
-                 for layer in layers)
+    types = _layer_types(config, len(layers))
+    return tuple((-1 if kind == "chunked_attention" else 1) * int(layer.sliding_window)
+                 if isinstance(layer, DynamicSlidingWindowLayer) else 0 for layer, kind in zip(layers, types))
+
+
+def _layer_types(config, count: int) -> list:
+    """HF's name for each layer's attention (``chunked_attention``, ``sliding_attention``...)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types = list(get_layer_types_and_kwargs(config)[0])
+    except (ImportError, AttributeError):  # older transformers: the config's own list, if it has one
+        types = list(getattr(config, "layer_types", None) or [])
+    return (types + [None] * count)[:count]
 
 
 def example_inputs(model, shapes, block: int = 3, seq: int = 8, batch: int = 2):

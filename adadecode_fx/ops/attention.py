@@ -11,9 +11,9 @@ slots are masked, but SDPA over a longer, partly masked key row rounds different
 of 20 queries after 5 masked slots parts from the same 20 alone), so a batch row would part from its
 prompt decoded alone.
 
-Local layers (``window > 0``: a sliding window or attention chunk): HF's cache hands a one-row step only
-the last ``window`` keys (it keeps ``window - 1`` rows and adds the new one), so each row attends over
-exactly those, under the matching columns of the mask. Attending over every key under the window's mask
+Local layers (``window``: a sliding window W > 0, or an attention chunk C given as -C): HF's cache hands
+a one-row step only the last W (or C) keys (it keeps W - 1 rows and adds the new one), so each row
+attends over exactly those, under the matching columns of the mask. Attending over every key under the window's mask
 gives the same softmax in exact arithmetic, but the kernel blocks and sums a longer row differently
 (bf16: 1 of 6 generations of a tiny Qwen2 with a 5-key window parted from HF, even at full depth).
 
@@ -85,16 +85,20 @@ def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optiona
            dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window: int,
            block: bool, pads: bool, masked_below: float) -> torch.Tensor:
     """Each batch row's queries over exactly the keys the row has when its prompt is decoded alone: from
-    its first visible slot (after a left-padded row's pads) and, in a local layer (``window > 0``), only
-    the last ``window``. ``pads``: read each row's first visible slot from the mask (else every row
-    starts at slot 0). ``block``: a prompt's prefill, whose queries go in one call as plain decoding
+    its first visible slot (after a left-padded row's pads) and, in a local layer (``window != 0``), only
+    the last ``window`` (an attention chunk comes as ``-C``: the last ``C``). ``pads``: read each row's
+    first visible slot from the mask (else every row starts at slot 0). A chunked layer's one-row mask
+    starts at its chunk, not its pads, and HF's cache still hands it the last ``C`` keys: there the
+    mask cannot tell pads from chunk, so its rows keep slot 0 (a padded row younger than ``C`` then reads
+    masked pads; `prefill_block` is exact, its first query's chunk starts at the row's first slot). ``block``: a prompt's prefill, whose queries go in one call as plain decoding
     prefills them; otherwise each query row is a call of its own. Rows with the same keys share a call
     (the kernel treats batch rows independently when no key is masked).
 
     Scripted, so that a trace of a one-row layer step (`adadecode_fx.lower.scripted_rows`) runs this
     logic on every call instead of freezing the traced K/V length and padding."""
     T, S = q.size(-2), k.size(-2)
-    firsts = _first_keys(attn_mask, masked_below) if pads else [0]
+    keep = abs(window)
+    firsts = _first_keys(attn_mask, masked_below) if pads and (block or window >= 0) else [0]
     shared = min(firsts) == max(firsts)
     groups = 1 if shared else q.size(0)
     out: List[torch.Tensor] = []
@@ -103,8 +107,8 @@ def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optiona
         rows: List[torch.Tensor] = []
         for b in range(groups):
             lo = firsts[0] if shared else firsts[b]
-            if window > 0 and not block:
-                lo = max(lo, n - window)
+            if keep > 0 and not block:
+                lo = max(lo, n - keep)
             qb, kb, vb = q, k, v
             mask = attn_mask
             if not shared:
@@ -139,7 +143,8 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               enable_gqa: bool = False, window: int = 0) -> torch.Tensor:
     """The op's body as a plain function: eager segments call it directly (`adadecode_fx.lower.eager`),
     skipping the dispatcher round trip of a Python custom op (~0.1 ms per call on a 2-core CPU, once per
-    layer and step). ``window``: the layer's sliding window or attention chunk (0: every key).
+    layer and step). ``window``: the layer's sliding window, or its attention chunk as ``-C`` (0: every
+    key).
 
     On CUDA every row starts at slot 0, pads included: reading the padding back to the host would stall
     every layer, and its kernels are not bit-exact across row counts anyway (cuBLAS picks them by shape)."""

@@ -132,6 +132,21 @@ def test_rows_of_a_local_layer_attend_over_its_last_window_keys():
     assert torch.equal(short, SDPA(q[:, :, :1], k[:, :, :4], v[:, :, :4], mask[..., :1, :4], scale=0.25))
 
 
+def test_a_chunked_layers_row_reads_hfs_last_chunk_keys_not_from_its_chunk_start():
+    """An attention chunk (window -C): HF's cache hands a one-row step the last C keys, and the mask
+    hides those before the row's chunk. The mask's first visible key is the chunk start there, not a
+    pad, so the row must not be cut to it (that rounds differently: seed 2 below)."""
+    g = torch.Generator().manual_seed(2)
+    S, C, start = 100, 37, 74  # position 99's chunk of 37 starts at 74
+    q = torch.randn(1, 6, 1, 16, generator=g).bfloat16()
+    k, v = (torch.randn(1, 6, S, 16, generator=g).bfloat16() for _ in range(2))
+    mask = torch.zeros(1, 1, 1, S, dtype=torch.bool)
+    mask[..., start:] = True
+    hf = SDPA(q, k[:, :, S - C:], v[:, :, S - C:], mask[..., S - C:])
+    assert torch.equal(row_exact(q, k, v, mask, window=-C), hf)
+    assert not torch.equal(hf, SDPA(q, k[:, :, start:], v[:, :, start:], mask[..., start:]))
+
+
 def test_a_traced_one_row_step_slices_the_window_by_each_calls_length():
     """Scripted decode rows trace a layer at one K/V length and run it at every other one."""
     q, k, v, mask = _inputs(T=1, S=37)

@@ -44,6 +44,8 @@ def prompts(n=6, seed=0):
 def test_windows_are_read_from_the_cache_hf_builds():
     assert attention_windows(local_model("qwen2")) == (0, 5, 5, 5)
     assert attention_windows(local_model("gemma3_text")) == (5, 0, 5, 0)
+    chunked = tf.Llama4TextConfig(attention_chunk_size=5, num_local_experts=2, **_WIDE)
+    assert attention_windows(tf.AutoModelForCausalLM.from_config(chunked)) == (-5, -5, -5, 0)  # chunks as -C
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
