@@ -36,36 +36,45 @@ def private_copy(gm: fx.GraphModule, edit=None) -> fx.GraphModule:
     return copy_
 
 
-def _repeated_kv(node):
-    """``kv`` if ``node`` is HF's ``repeat_kv(kv)`` (unsqueeze -> expand -> reshape), else None."""
+def _whole_slice(node) -> bool:
+    """``x[..., 0:]`` along one dim: a no-op view that torch 2.11's export leaves in ``repeat_kv``."""
+    return (isinstance(node, fx.Node) and node.target is torch.ops.aten.slice.Tensor and len(node.args) >= 3
+            and node.args[2] == 0 and (len(node.args) < 4 or node.args[3] is None or node.args[3] >= 2 ** 62)
+            and (len(node.args) < 5 or node.args[4] == 1))
+
+
+def _repeat_chain(node) -> list | None:
+    """The nodes of HF's ``repeat_kv(kv)`` from ``node`` down to ``kv`` (reshape <- expand <- [no-op
+    slices] <- unsqueeze <- kv), or None if ``node`` is not one."""
     if not (isinstance(node, fx.Node) and node.target is torch.ops.aten.reshape.default):
         return None
     expand = node.args[0]
     if not (isinstance(expand, fx.Node) and expand.target is torch.ops.aten.expand.default):
         return None
-    unsqueeze = expand.args[0]
-    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is torch.ops.aten.unsqueeze.default
-            and unsqueeze.args[1] == 2):
+    chain, below = [node, expand], expand.args[0]
+    while _whole_slice(below):
+        chain.append(below)
+        below = below.args[0]
+    if not (isinstance(below, fx.Node) and below.target is torch.ops.aten.unsqueeze.default and below.args[1] == 2):
         return None
-    return unsqueeze.args[0]
+    return chain + [below, below.args[0]]
 
 
 def _unrepeat_kv(graph: fx.Graph) -> None:
     """Attention reads the K/V heads as they are (``enable_gqa``, as HF's decode does) instead of a copy of
     the whole K/V repeated per query head: bit-identical on CPU (tests/passes/test_row_exact_attention.py),
-    and ~80 us less per layer and step for Qwen2.5's 14/2 heads at 264 positions."""
+    and ~80 us less per layer and step for Qwen2.5's 14/2 heads at 264 positions. Without the copy a
+    segment also sizes nothing by the K/V length, so its one-row steps can be scripted."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not row_exact or len(node.args) < 3:
             continue
-        k, v = _repeated_kv(node.args[1]), _repeated_kv(node.args[2])
-        if k is None or v is None:
+        k_chain, v_chain = _repeat_chain(node.args[1]), _repeat_chain(node.args[2])
+        if k_chain is None or v_chain is None:
             continue
-        old = node.args[1:3]
-        node.args = (node.args[0], k, v, *node.args[3:])
+        node.args = (node.args[0], k_chain[-1], v_chain[-1], *node.args[3:])
         node.kwargs = {**node.kwargs, "enable_gqa": True}
-        for reshape in old:  # the repeat chain, now unused
-            chain = [reshape, reshape.args[0], reshape.args[0].args[0]]
-            for n in chain:
+        for chain in (k_chain, v_chain):  # the repeat chain, now unused (kv itself stays)
+            for n in chain[:-1]:
                 if not n.users:
                     graph.erase_node(n)
 

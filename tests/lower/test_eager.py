@@ -63,3 +63,30 @@ def test_bf16_probes_read_their_adapter_through_the_block_kernel():
     fp32 = tiny_model("qwen2", dtype=torch.float32)
     dec32 = AdaDecoder(fp32, ExitHeads.random(fp32, (1,), seed=0), AdaDecodeConfig(threshold=0.5))
     assert all(p.linear is None for p in dec32.program.probe_fns.values())
+
+
+def test_repeat_kv_with_torch_211s_whole_slice_is_unrepeated_too():
+    """torch 2.11's export writes ``repeat_kv`` as unsqueeze -> slice(0:) -> expand -> reshape; the no-op
+    slice must not stop the rewrite (without it 2.11 kept the copy, and the K/V length in the expand
+    kept every layer's one-row steps off the scripted path)."""
+    from torch import fx
+    from adadecode_fx.lower.eager import _unrepeat_kv
+
+    graph = fx.Graph()
+    q, k, v = graph.placeholder("q"), graph.placeholder("k"), graph.placeholder("v")
+    a = torch.ops.aten
+
+    def repeated(kv):
+        x = graph.call_function(a.unsqueeze.default, (kv, 2))
+        x = graph.call_function(a.slice.Tensor, (x, 3, 0, 9223372036854775807))
+        x = graph.call_function(a.expand.default, (x, [1, 2, 2, 5, 8]))
+        return graph.call_function(a.reshape.default, (x, [1, 4, 5, 8]))
+
+    out = graph.call_function(row_exact, (q, repeated(k), repeated(v)))
+    graph.output(out)
+    _unrepeat_kv(graph)
+    assert out.args[1:3] == (k, v) and out.kwargs["enable_gqa"] is True
+    assert _targets(graph) == [row_exact]  # the whole chain is gone
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    qt, kt, vt = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    torch.testing.assert_close(gm(qt, kt, vt), SDPA(qt, kt.repeat_interleave(2, 1), vt.repeat_interleave(2, 1)))
