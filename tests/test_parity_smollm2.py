@@ -81,5 +81,6 @@ def test_smollm2_bf16_batch_rows_equal_their_prompts_alone():
     hf_batch = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:].tolist()
     assert hf_batch != alone
     for decoder in (AdaDecoder(model), decoder_for(model)):
-        out = decoder.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=40, eos_token_id=None)
+        out = decoder.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=40,
+                               eos_token_id=None)
         assert out.new_tokens == alone

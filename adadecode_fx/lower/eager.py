@@ -55,7 +55,8 @@ def _repeat_chain(node) -> list | None:
     while _whole_slice(below):
         chain.append(below)
         below = below.args[0]
-    if not (isinstance(below, fx.Node) and below.target is torch.ops.aten.unsqueeze.default and below.args[1] == 2):
+    unsqueeze = torch.ops.aten.unsqueeze.default
+    if not (isinstance(below, fx.Node) and below.target is unsqueeze and below.args[1] == 2):
         return None
     return chain + [below, below.args[0]]
 

@@ -13,9 +13,10 @@ prompt decoded alone.
 
 Local layers (``window``: a sliding window W > 0, or an attention chunk C given as -C): HF's cache hands
 a one-row step only the last W (or C) keys (it keeps W - 1 rows and adds the new one), so each row
-attends over exactly those, under the matching columns of the mask. Attending over every key under the window's mask
-gives the same softmax in exact arithmetic, but the kernel blocks and sums a longer row differently
-(bf16: 1 of 6 generations of a tiny Qwen2 with a 5-key window parted from HF, even at full depth).
+attends over exactly those, under the matching columns of the mask. Attending over every key under the
+window's mask gives the same softmax in exact arithmetic, but the kernel blocks and sums a longer row
+differently (bf16: 1 of 6 generations of a tiny Qwen2 with a 5-key window parted from HF, even at full
+depth).
 
 The op is opaque to dynamo, so compiled segments call it as an extern kernel and decide at run time.
 """
@@ -90,8 +91,9 @@ def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optiona
     first visible slot from the mask (else every row starts at slot 0). A chunked layer's one-row mask
     starts at its chunk, not its pads, and HF's cache still hands it the last ``C`` keys: there the
     mask cannot tell pads from chunk, so its rows keep slot 0 (a padded row younger than ``C`` then reads
-    masked pads; `prefill_block` is exact, its first query's chunk starts at the row's first slot). ``block``: a prompt's prefill, whose queries go in one call as plain decoding
-    prefills them; otherwise each query row is a call of its own. Rows with the same keys share a call
+    masked pads; `prefill_block` is exact, its first query's chunk starts at the row's first slot).
+    ``block``: a prompt's prefill, whose queries go in one call as plain decoding prefills them;
+    otherwise each query row is a call of its own. Rows with the same keys share a call
     (the kernel treats batch rows independently when no key is masked).
 
     Scripted, so that a trace of a one-row layer step (`adadecode_fx.lower.scripted_rows`) runs this
@@ -151,7 +153,8 @@ def row_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if attn_mask is None and not is_causal:
         # contiguous: the fake kernel below promises that layout to compilers
         return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
-    masked_below = 0.0 if attn_mask is None or attn_mask.dtype == torch.bool else torch.finfo(attn_mask.dtype).min / 2
+    float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
+    masked_below = torch.finfo(attn_mask.dtype).min / 2 if float_mask else 0.0
     return _scripted_alone()(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, in_prefill(),
                              not q.is_cuda, masked_below).contiguous()
 

@@ -17,9 +17,9 @@ keys it sees when decoded alone (the first ``S - T + i + 1``), one SDPA call per
 row's keys also start at its first real slot: a left-padded row attends over its own slots only, as its
 prompt alone does (SDPA over masked pad keys rounds differently). A prefill is the exception to the
 per-row calls: plain decoding prefills the prompt as one block, so the runtime marks it
-(`prefill_block`) and the op then runs the single block call over the prompt's slots, like HF does. A layer with a sliding window or attention
-chunk (``settings.attention_windows``) passes it to the op, whose rows then attend over the last
-``window`` keys only, as HF's cache hands them to a one-row step.
+(`prefill_block`) and the op then runs the single block call over the prompt's slots, like HF does. A
+layer with a sliding window or attention chunk (``settings.attention_windows``) passes it to the op,
+whose rows then attend over the last ``window`` keys only, as HF's cache hands them to a one-row step.
 
 The op is opaque to dynamo (a custom op), so compiled segments call it as an extern kernel and decide
 at run time; ONNX export maps it back to plain SDPA (fp32 engines; see `lower.onnx_rewrite`).

@@ -132,14 +132,14 @@ def test_watermarking_equals_hf_with_many_exits(monkeypatch, scheme, do_sample):
     config = {"threshold": 0.02, "max_pending": 4}
     ids, mask = _left_padded(list(PROMPTS), pad_id=0)
     kw = dict(attention_mask=mask, do_sample=do_sample, max_new_tokens=24, pad_token_id=0,
-              watermarking_config=WatermarkingConfig(bias=2.5, seeding_scheme=scheme), **({"top_k": 1} if do_sample else {}))
-    ref = model.generate(ids, **kw)
-    out = model.generate(ids, custom_generate=adadecode_fx.generate, exit_heads=heads, adadecode=config, **kw)
-    assert torch.equal(out, ref)
+              watermarking_config=WatermarkingConfig(bias=2.5, seeding_scheme=scheme),
+              **({"top_k": 1} if do_sample else {}))
+    ours = dict(custom_generate=adadecode_fx.generate, exit_heads=heads, adadecode=config)
+    assert torch.equal(model.generate(ids, **ours, **kw), model.generate(ids, **kw))
     one = ids[2:, -len(PROMPTS[2]):]
     kw["attention_mask"] = torch.ones_like(one)
     ref = model.generate(one, **kw)
-    assert torch.equal(model.generate(one, custom_generate=adadecode_fx.generate, exit_heads=heads, adadecode=config, **kw), ref)
+    assert torch.equal(model.generate(one, **ours, **kw), ref)
     if not do_sample:  # HF adds the bias after top_k, so with top_k=1 the watermark cannot move a token
         assert ref[0, one.shape[1]:].tolist() != hf_greedy(model, PROMPTS[2], 24)
     dec = adadecode_fx.decoder_for(model, config, heads)
