@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..kernels import linear_backward, save_linear_inputs
+from ..kernels import linear_backward, rows_alone, save_linear_inputs
 from .attention import add_prefill_switch, in_prefill
 
 LINEAR = torch.ops.aten.linear.default
@@ -44,12 +44,10 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     `block_linear` kernel is exact it is used instead (see the pass)."""
     if x.dim() < 2 or x.numel() == x.shape[-1] or in_prefill():
         return LINEAR(x, weight, bias)
-    # rows[i:i + 1], a contiguous [1, K] row, not a length-1 slice of a block: such a slice keeps the
-    # block's strides, and ATen then runs it as a batched matmul that repacks the weight on every call
-    # (~10x slower; docs/kernels.md). A batch's rows are computed alone too, as each prompt alone is.
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch.cat([LINEAR(rows[i:i + 1], weight, bias) for i in range(rows.shape[0])])
-    return out.view(*x.shape[:-1], weight.shape[0])
+    # one contiguous [1, K] row per call, not a length-1 slice of a block: such a slice keeps the block's
+    # strides, and ATen then runs it as a batched matmul that repacks the weight on every call (~10x
+    # slower; docs/kernels.md). A batch's rows are computed alone too, as each prompt alone is.
+    return rows_alone(x, weight, bias)
 
 
 @torch.library.custom_op("adadecode::row_linear", mutates_args=())
