@@ -101,6 +101,33 @@ def _hf_output(generation_config, result, prompt: torch.Tensor, processors):
     return GenerateDecoderOnlyOutput(sequences=result.sequences, scores=scores, logits=logits)
 
 
+def with_stop_strings(stopping_criteria, stop_strings, tokenizer):
+    """``stopping_criteria`` plus HF's criterion for ``stop_strings`` (a string or a list of them)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    if tokenizer is None:
+        raise AdaDecodeError("stop_strings need the model's tokenizer to find the strings in the tokens: pass "
+                             "tokenizer=...")
+    try:
+        criterion = StopStringCriteria(tokenizer, stop_strings)
+    except Exception as exc:  # HF's criterion reads the vocabulary; some tokenizers it cannot read
+        raise AdaDecodeError(f"HF's StopStringCriteria cannot read this tokenizer's vocabulary ({type(exc).__name__}: "
+                             f"{exc}); stop on a token instead (eos_token_id=[...]) or pass stopping_criteria of "
+                             "your own") from exc
+    return StoppingCriteriaList([*(stopping_criteria or []), criterion])
+
+
+def stop_function(stopping_criteria, input_ids):
+    """The runtime's ``stop(tokens)`` asking HF stopping criteria about one row (None without criteria)."""
+    if not stopping_criteria:
+        return None
+    device = getattr(input_ids, "device", None)
+
+    def stop(tokens):
+        return bool(stopping_criteria(torch.tensor([tokens], device=device), None).any())
+    return stop
+
+
 def generate(model, input_ids=None, logits_processor=None, stopping_criteria=None, generation_config=None,
              synced_gpus=False, streamer=None, exit_heads=None, adadecode=None, stream=None, seed=None, **kwargs):
     """AdaDecode generation (greedy, or sampling); returns ``[B, prompt + new]`` token ids like ``model.generate``.
@@ -109,8 +136,10 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     rows that end early are padded with ``pad_token_id`` (see `AdaDecoder.generate` for how rows share steps).
 
     Called by HF (``custom_generate``), ``generation_config`` holds the length and EOS settings and
-    ``stopping_criteria`` is honoured after every verified token. Called directly, pass
-    ``max_new_tokens`` / ``eos_token_id`` as keywords. ``exit_heads`` and ``adadecode`` (an
+    ``stopping_criteria`` is honoured after every verified token (HF drops ``tokenizer=`` for a callable, so
+    its ``stop_strings=`` fail there: pass ``StopStringCriteria(tok, [...])`` among the criteria). Called
+    directly, pass ``max_new_tokens`` / ``eos_token_id`` / ``stopping_criteria`` / ``stop_strings`` (with
+    ``tokenizer``) as keywords. ``exit_heads`` and ``adadecode`` (an
     `AdaDecodeConfig` or a dict of its fields) choose the heads and settings.
 
     Streaming through HF: transformers 5.24 passes a callable ``custom_generate`` only the arguments
@@ -162,11 +191,7 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
         if max_new is None:
             max_new = generation_config.max_length - prompt_len
         eos = generation_config.eos_token_id
-        stop = None
-        if stopping_criteria:
-            def stop(tokens):
-                ids = torch.tensor([tokens], device=input_ids.device)
-                return bool(stopping_criteria(ids, None).any())
+        stop = stop_function(stopping_criteria, input_ids)
         greedy = {"logits_processor": logits_processor} if sampling is None and logits_processor else {}
         as_dict = getattr(generation_config, "return_dict_in_generate", False)
         scored = as_dict and (generation_config.output_scores or generation_config.output_logits)
@@ -178,14 +203,17 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
         return result.sequences
     max_new = kwargs.pop("max_new_tokens", 64)
     eos = kwargs.pop("eos_token_id", "default")
+    stop_strings, tokenizer = kwargs.pop("stop_strings", None), kwargs.pop("tokenizer", None)
+    if stop_strings:
+        stopping_criteria = with_stop_strings(stopping_criteria, stop_strings, tokenizer)
     do_sample = bool(kwargs.pop("do_sample", False))
     options = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "min_p") if k in kwargs}
     if logits_processor is not None:
         options["logits_processor"] = logits_processor
     if kwargs:
         raise AdaDecodeError(f"unexpected arguments {sorted(kwargs)}; generate takes max_new_tokens, eos_token_id, "
-                             "attention_mask, pad_token_id, streamer, exit_heads, adadecode, and for sampling do_sample, temperature, top_k, "
-                             "top_p, min_p, seed")
+                             "attention_mask, pad_token_id, stopping_criteria, stop_strings (with tokenizer), streamer, "
+                             "exit_heads, adadecode, and for sampling do_sample, temperature, top_k, top_p, min_p, seed")
     if seed is not None:
         options["seed"] = seed
     greedy = {}
@@ -194,5 +222,5 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     if options and not do_sample:
         raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
     return decoder.generate(input_ids, max_new_tokens=max_new, eos_token_id=eos, streamer=streamer,
-                            attention_mask=mask, pad_token_id=pad_id,
+                            stop=stop_function(stopping_criteria, input_ids), attention_mask=mask, pad_token_id=pad_id,
                             sampling=SamplingConfig(**options) if do_sample else None, **greedy).sequences

@@ -7,8 +7,9 @@ import sys
 
 from .errors import AdaDecodeError
 from .config import BACKENDS, canonical_dtype, parse_threshold
-from .cli_checks import at_least, int_list
+from .cli_checks import at_least, int_list, stop_strings
 from .heads.cli import add_heads_commands
+from .report_files import check_writable
 
 
 def _generate(args) -> int:
@@ -45,6 +46,7 @@ def _check_generate_args(args) -> tuple[tuple[int, ...], dict]:
         raise AdaDecodeError("--stream prints one sequence; give one --prompt, or drop --stream for a batch")
     if args.stream and args.json:
         raise AdaDecodeError("--stream prints text as it is verified; it cannot be combined with --json")
+    args.stop = stop_strings(args.stop)
     layers = int_list(args.exit_layers, "--exit-layers")
     AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending,
                     backend=args.backend, dtype=args.dtype)
@@ -115,6 +117,15 @@ def _heads_and_config(args, model, layers, **config_fields):
     return heads, config
 
 
+def _stop(args, tokenizer):
+    """``stop(tokens)`` for the runtime from --stop (None without it)."""
+    if not args.stop:
+        return None
+    from .api import stop_function, with_stop_strings
+
+    return stop_function(with_stop_strings(None, args.stop, tokenizer), None)
+
+
 def torch_ids(ids):
     import torch
 
@@ -125,7 +136,7 @@ def _run_batch(args, decoder, tokenizer, texts, rows, sampling) -> int:
     if sampling.get("logits_processor") is not None:  # the rows are left-padded to the longest
         width = max(map(len, rows))
         sampling = {**sampling, "logits_processor": _processors(args, [width - len(r) for r in rows])}
-    result = decoder.generate(rows, max_new_tokens=args.max_new_tokens, **sampling)
+    result = decoder.generate(rows, max_new_tokens=args.max_new_tokens, stop=_stop(args, tokenizer), **sampling)
     outs = [tokenizer.decode(new, skip_special_tokens=True) for new in result.new_tokens]
     if args.json:
         print(json.dumps({"model": args.exported or args.model, "prompts": texts, "prompt_ids": rows,
@@ -178,10 +189,11 @@ def _run_generation(args, decoder, tokenizer, texts, rows, sampling) -> int:
         # verified tokens only: an early token is printed once the last layer has confirmed it
         streamer = TextStreamer(tokenizer, skip_special_tokens=True)
         streamer.put(ids)
-        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                                  stop=_stop(args, tokenizer), **sampling)
         print(f"[adadecode] {result.stats.summary()}", file=sys.stderr)
         return 0
-    result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
+    result = decoder.generate(ids, max_new_tokens=args.max_new_tokens, stop=_stop(args, tokenizer), **sampling)
     out_text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"model": args.exported or args.model, "prompt": text, "prompt_ids": ids[0].tolist(),
@@ -209,6 +221,7 @@ def _export(args) -> int:
 
     require_onnx()
     dtype = check_dtype(canonical_dtype(args.dtype))
+    check_writable(args.out, "--out", directory=True)
     layers = int_list(args.exit_layers, "--exit-layers")
     AdaDecodeConfig(exit_layers=layers, threshold=args.threshold, max_pending=args.max_pending)
     model, tokenizer = models.load(args.model, dtype=dtype)
@@ -266,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as HF's repetition_penalty (greedy or sampling; 1.0 is none): the output stays HF's with it")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="as HF's no_repeat_ngram_size: never repeat an n-gram of this size")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a row once its text ends with TEXT, kept in the output (HF's stop_strings); "
+                        "repeatable; \\n and \\t are a newline and a tab")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--stream", action="store_true", help="print text as tokens are verified (never rolled back)")

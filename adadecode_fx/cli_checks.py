@@ -17,3 +17,27 @@ def at_least(args, **minimums) -> None:
     for name, low in minimums.items():
         if getattr(args, name) < low:
             raise AdaDecodeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def stop_strings(values) -> list[str] | None:
+    """--stop values with ``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash (a shell
+    passes them as two characters); an empty one is refused."""
+    if not values:
+        return None
+    out = []
+    for text in values:
+        chars, i = [], 0
+        while i < len(text):
+            if text[i] == "\\" and text[i + 1:i + 2] in _ESCAPES:
+                chars.append(_ESCAPES[text[i + 1]])
+                i += 2
+            else:
+                chars.append(text[i])
+                i += 1
+        if not chars:
+            raise AdaDecodeError("--stop is empty: give the text that ends a row (e.g. --stop '\\n\\n')")
+        out.append("".join(chars))
+    return out

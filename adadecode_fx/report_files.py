@@ -4,8 +4,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
+
+from .errors import AdaDecodeError
 
 PLOT_EXTRA_HINT = "pip install 'adadecode-fx[bench]'  (or: pip install matplotlib)"
 
@@ -14,11 +17,40 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def check_writable(path, flag: str, directory: bool = False) -> None:
+    """Refuse, before a long run starts, an output ``path`` (a file, or a folder with ``directory``) that
+    cannot be written: found at the end, the run's results would be lost. Creates the folder."""
+    if not path:
+        return
+    target = Path(path)
+    if not directory and target.is_dir():
+        raise AdaDecodeError(f"{flag} {path} is a directory; give a file path such as {target / 'report.json'}")
+    if directory and target.exists() and not target.is_dir():
+        raise AdaDecodeError(f"{flag} {path} is a file; give a directory (it is created if missing)")
+    folder = target if directory else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".adadecode-write-check-"):
+            pass
+    except OSError as exc:
+        raise AdaDecodeError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); give a path in a "
+                             "writable directory") from None
+
+
 def write_report(rep: dict, json_path=None, png_path=None, *, plot: Callable[[dict, Path], None]) -> None:
-    """The JSON always comes first, so a missing plotting library never costs the measured numbers."""
+    """The JSON always comes first, so a missing plotting library never costs the measured numbers. A JSON
+    path that cannot be written after all (checked before the run, see `check_writable`) puts the report in
+    the temporary directory instead, and the error says where."""
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rep, indent=1))
+        text = json.dumps(rep, indent=1)
+        try:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(text)
+        except OSError as exc:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="adadecode-report-", delete=False) as f:
+                f.write(text)
+            raise AdaDecodeError(f"cannot write {json_path} ({exc.strerror or exc}); the report was saved to "
+                                 f"{f.name} instead") from None
     if not png_path:
         return
     if not have_matplotlib():

@@ -83,6 +83,12 @@ def test_stopping_criteria_and_eos_cut_where_hf_cuts(setup):
     eos = full[9]
     assert _ours(model, heads, max_new_tokens=40, eos_token_id=eos).tolist() == \
         _hf(model, max_new_tokens=40, eos_token_id=eos).tolist()
+    # called directly too: the criteria are honoured, not dropped
+    direct = adadecode_fx.generate(model, PROMPT, max_new_tokens=40, eos_token_id=None, stopping_criteria=crit,
+                                   exit_heads=heads, adadecode={"threshold": 0.02, "max_pending": 3})
+    assert direct.tolist() == _hf(model, max_new_tokens=40, stopping_criteria=crit).tolist()
+    with pytest.raises(AdaDecodeError, match="pass tokenizer="):
+        adadecode_fx.generate(model, PROMPT, max_new_tokens=4, stop_strings=["w1"], exit_heads=heads)
 
 
 class _Stateful(LogitsProcessor):

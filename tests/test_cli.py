@@ -115,6 +115,33 @@ def test_repetition_penalty_and_no_repeat_ngrams_give_hfs_text(model_dir, capsys
         assert rc == 2 and bad[0] in err and out == ""
 
 
+@pytest.mark.slow
+def test_stop_ends_each_row_where_hfs_stop_strings_end_it(capsys):
+    """--stop on real SmolLM2 bf16 (HF's stop strings need a real tokenizer): one prompt, and a batch in
+    which one row reaches the text and the other does not."""
+    import torch
+    from tests.conftest import smollm2
+
+    model, tokenizer = smollm2("bfloat16")
+    prompts = ["def fibonacci(n):", "The capital of France is"]
+    kw = dict(do_sample=False, max_new_tokens=24, pad_token_id=0)
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    full = [model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, x.shape[1]:].tolist() for x in ids]
+    stop = tokenizer.decode(full[0][10:12])
+    assert stop.strip() and stop not in tokenizer.decode(full[1])
+    ref = model.generate(ids[0], attention_mask=torch.ones_like(ids[0]), stop_strings=[stop], tokenizer=tokenizer,
+                         **kw)[0, ids[0].shape[1]:].tolist()
+    assert len(ref) < len(full[0])
+    base = ["--model", "smollm2-135m", "--dtype", "bf16", "--json", "--max-new-tokens", "24", "--threshold", "0.3",
+            "--stop", stop.replace("\\", "\\\\").replace("\n", "\\n")]
+    rc, out, err = run(capsys, *base, "--prompt", prompts[0])
+    assert rc == 0, err
+    assert json.loads(out)["generated_ids"] == ref
+    rc, out, err = run(capsys, *base, "--prompt", prompts[0], "--prompt", prompts[1])
+    assert rc == 0, err
+    assert json.loads(out)["generated_ids"] == [ref, full[1]]
+
+
 def test_unknown_model(capsys):
     rc, out, err = run(capsys, "--model", "no-such-model", "--prompt", "hi")
     assert rc == 2 and "unknown model 'no-such-model'" in err
@@ -189,6 +216,7 @@ def no_decoder(monkeypatch):
     (("--temperature", "0.5"), "--do-sample"),
     (("--do-sample", "--top-p", "2"), "top_p"),
     (("--stream", "--json"), "--stream"),
+    (("--stop", ""), "--stop is empty"),
 ])
 def test_cheap_arguments_are_checked_before_loading(nothing_slow, capsys, argv, needle):
     assert_clean_failure(*run(capsys, "--prompt", "w1", *argv), needle)
@@ -204,6 +232,25 @@ def test_bench_checks_device_and_lengths_before_loading(nothing_slow, capsys):
     for argv, needle in ((("--device", "tpu"), "unknown device 'tpu'"), (("--max-new-tokens", "0"), "--max-new-tokens"),
                          (("--backends", "tvm"), "unknown backends/methods ['tvm']")):
         rc = cli.main(["bench", *argv])
+        out, err = capsys.readouterr()
+        assert_clean_failure(rc, out, err, needle)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_loading(nothing_slow, tmp_path, capsys):
+    """A report or a heads folder found unwritable only at the end would cost the whole run."""
+    from adadecode_fx.heads import shipped_heads
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv, needle in ((("bench", "--json", str(a_file / "r.json")), "--json"),
+                         (("bench", "--plot", str(a_file / "r.png")), "--plot"),
+                         (("bench", "--json", str(tmp_path)), "is a directory"),
+                         (("eval-heads", "--heads", str(shipped_heads("smollm2-135m")), "--data", "mbpp", "--json",
+                           str(a_file / "r.json")), "--json"),
+                         (("train-heads", "--data", "mbpp", "--out", str(a_file)), "is a file"),
+                         (("train-heads", "--data", "mbpp", "--out", str(a_file / "sub")), "cannot write"),
+                         (("export", "--out", str(a_file / "sub")), "cannot write")):
+        rc = cli.main(list(argv))
         out, err = capsys.readouterr()
         assert_clean_failure(rc, out, err, needle)
 

@@ -84,3 +84,26 @@ def test_smollm2_bf16_batch_rows_equal_their_prompts_alone():
         out = decoder.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=40,
                                eos_token_id=None)
         assert out.new_tokens == alone
+
+
+@pytest.mark.slow
+def test_stop_strings_as_a_stopping_criterion_cut_where_hfs_stop_strings_cut(smol):
+    """transformers 5.24 drops ``tokenizer=`` before it calls a callable ``custom_generate``, so
+    ``stop_strings=`` fails in HF's own generate; the README's way out, HF's ``StopStringCriteria`` as a
+    stopping criterion, must cut where HF's ``stop_strings`` cut, with exits and rollbacks on the way."""
+    import adadecode_fx
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    model, tokenizer = smol
+    x = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48, pad_token_id=0)
+    full = model.generate(x, **kw)[0, x.shape[1]:].tolist()
+    stop = tokenizer.decode(full[20:22]).strip()[:5]  # text the continuation reaches near token 20
+    assert stop
+    ref = model.generate(x, stop_strings=[stop], tokenizer=tokenizer, **kw)
+    assert ref.shape[1] - x.shape[1] < len(full)
+    heads = ExitHeads.random(model, [4, 12, 20], scale=0.5, seed=1)
+    out = model.generate(x, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                         adadecode={"threshold": 0.02, "max_pending": 4},
+                         stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, [stop])]), **kw)
+    assert torch.equal(out, ref)

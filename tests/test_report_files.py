@@ -30,3 +30,15 @@ def test_with_matplotlib_the_plot_is_written(tmp_path):
     seen = []
     report_files.write_report({"a": 1}, None, tmp_path / "d" / "p.png", plot=lambda rep, path: seen.append(path))
     assert seen == [tmp_path / "d" / "p.png"] and (tmp_path / "d").is_dir()
+
+
+def test_a_json_path_that_fails_at_the_end_keeps_the_report_elsewhere(tmp_path):
+    import pytest
+    from adadecode_fx import AdaDecodeError
+
+    (tmp_path / "a_file").write_text("x")
+    rep = {"methods": [], "tok_s": 12.5}
+    with pytest.raises(AdaDecodeError, match="saved to") as e:
+        report_files.write_report(rep, tmp_path / "a_file" / "r.json", None, plot=_never_plot)
+    saved = str(e.value).split("saved to ")[1].split(" instead")[0]
+    assert json.loads(open(saved).read()) == rep

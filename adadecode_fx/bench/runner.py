@@ -48,6 +48,7 @@ from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed,
 from .report import (aggregate, code_commit, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot,
                      summary_table, write)
 from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
+from ..report_files import check_writable
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
@@ -164,57 +165,31 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     names = [m.name for m in methods]
     by_name = {m.name: m for m in methods}
     per_prompt = []
+    interrupted = None
     bar = _progress(len(prompts) * len(methods), progress)
-    for i, (p, ids) in enumerate(zip(prompts, inputs)):
-        k = i % len(methods)
-        order = methods[k:] + methods[:k]
-        runs = {}
-        for m in order:
-            bar.set_description(f"{p['id']} {m.name}"[-48:])
-            runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
-            bar.update(1)
-        for name, r in runs.items():
-            if r["new_tokens"] != T:  # would make every other method look divergent (or this one)
-                log(f"{p['id']} {name}: {r['new_tokens']} new tokens, not {T}: the honest-length scheme failed")
-        ref = runs["hf_greedy"]["tokens"]
-        ref_again = []  # the reference's untimed rerun, made once per prompt and only on a divergence
-        eos = _eos_ids(model)
-        row = {"id": p["id"], "prompt_tokens": int(ids.shape[1]), "prompt_ids": list(p["input_ids"]),
-               "order": [m.name for m in order],
-               "eos_at": next((j for j, t in enumerate(ref) if t in eos), None), "reference_ids": ref,
-               "methods": {}}
-        for name, r in runs.items():
-            first_diff = _first_diff(ref, r["tokens"])
-            entry = {"tok_s": r["tok_s"], "seconds": r["seconds"], "new_tokens": r["new_tokens"],
-                     "speedup": r["tok_s"] / runs["hf_greedy"]["tok_s"] if runs["hf_greedy"]["tok_s"] else None,
-                     "identical": first_diff is None, "first_diff": first_diff, "peak_mem_mb": r["peak_mem_mb"]}
-            if first_diff is not None:
-                entry["ids"] = r["tokens"]
-                if cfg.recheck_divergence:
-                    entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name["hf_greedy"], ref_again)
-            if r["stats"] is not None:
-                s = r["stats"]
-                entry["stats"] = {k: s[k] for k in ("early_emitted", "accepted", "rejected", "steps",
-                                                    "critical_path_layers", "layer_rows", "early_exit_rate",
-                                                    "acceptance_rate", "critical_path_per_token", "exit_histogram")}
-            row["methods"][name] = entry
-        for name, entry in row["methods"].items():
-            base = row["methods"].get(f"{name}_full_depth")
-            if base is not None and base["tok_s"]:
-                entry["heads_gain"] = entry["tok_s"] / base["tok_s"]
-        per_prompt.append(row)
+    try:
+        for i, (p, ids) in enumerate(zip(prompts, inputs)):
+            k = i % len(methods)
+            per_prompt.append(_measure_prompt(p, ids, methods[k:] + methods[:k], by_name, model, cfg, device, bar,
+                                              log))
+    except KeyboardInterrupt:
+        if not per_prompt:
+            raise
+        interrupted = {"prompts_measured": len(per_prompt), "prompts_asked": len(prompts)}
+        log(f"interrupted: the report covers the {len(per_prompt)} of {len(prompts)} prompts measured in full "
+            "(no oracle bound, no batch sizes)")
     bar.close()
 
     per_method = {name: aggregate(name, per_prompt, L, next(m for m in methods if m.name == name))
                   for name in names}
     oracle = None
-    if cfg.oracle and eager_decoder is not None:
+    if cfg.oracle and eager_decoder is not None and not interrupted:
         try:
             oracle = oracle_bound(eager_decoder, heads, per_prompt, layers, threshold, cfg.max_pending)
         except Exception as exc:  # noqa: BLE001
             oracle = {"error": _reason(exc)}
     batching = None
-    if cfg.batch_sizes:
+    if cfg.batch_sizes and not interrupted:
         from .batch import run_batch_bench
         batching = run_batch_bench(model, {n: d for n, d in decoders.items() if n in names},
                                    [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log)
@@ -225,7 +200,47 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                                         "processors"},
             "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
             "heads_gain": heads_gain(per_prompt, names), "oracle_bound": oracle, "per_prompt": per_prompt,
-            "batching": batching}
+            "batching": batching, "interrupted": interrupted}
+
+
+def _measure_prompt(p: dict, ids, order: list, by_name: dict, model, cfg: BenchConfig, device: str, bar, log) -> dict:
+    """One prompt through every method in ``order`` (timed, interleaved), with parity against HF greedy."""
+    T = cfg.max_new_tokens
+    runs = {}
+    for m in order:
+        bar.set_description(f"{p['id']} {m.name}"[-48:])
+        runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
+        bar.update(1)
+    for name, r in runs.items():
+        if r["new_tokens"] != T:  # would make every other method look divergent (or this one)
+            log(f"{p['id']} {name}: {r['new_tokens']} new tokens, not {T}: the honest-length scheme failed")
+    ref = runs["hf_greedy"]["tokens"]
+    ref_again = []  # the reference's untimed rerun, made once per prompt and only on a divergence
+    eos = _eos_ids(model)
+    row = {"id": p["id"], "prompt_tokens": int(ids.shape[1]), "prompt_ids": list(p["input_ids"]),
+           "order": [m.name for m in order],
+           "eos_at": next((j for j, t in enumerate(ref) if t in eos), None), "reference_ids": ref,
+           "methods": {}}
+    for name, r in runs.items():
+        first_diff = _first_diff(ref, r["tokens"])
+        entry = {"tok_s": r["tok_s"], "seconds": r["seconds"], "new_tokens": r["new_tokens"],
+                 "speedup": r["tok_s"] / runs["hf_greedy"]["tok_s"] if runs["hf_greedy"]["tok_s"] else None,
+                 "identical": first_diff is None, "first_diff": first_diff, "peak_mem_mb": r["peak_mem_mb"]}
+        if first_diff is not None:
+            entry["ids"] = r["tokens"]
+            if cfg.recheck_divergence:
+                entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name["hf_greedy"], ref_again)
+        if r["stats"] is not None:
+            s = r["stats"]
+            entry["stats"] = {k: s[k] for k in ("early_emitted", "accepted", "rejected", "steps",
+                                                "critical_path_layers", "layer_rows", "early_exit_rate",
+                                                "acceptance_rate", "critical_path_per_token", "exit_histogram")}
+        row["methods"][name] = entry
+    for name, entry in row["methods"].items():
+        base = row["methods"].get(f"{name}_full_depth")
+        if base is not None and base["tok_s"]:
+            entry["heads_gain"] = entry["tok_s"] / base["tok_s"]
+    return row
 
 
 def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method, ref_again: list) -> dict:
@@ -333,6 +348,8 @@ def main(args, argv=None) -> int:
     exit_layers = _ints(args.exit_layers, "--exit-layers")
     args.threshold = parse_threshold(args.threshold)  # text from the command line; set already by the adadecode CLI
     _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
     device = check_device(args.device)
     torch.manual_seed(0)
     records = prompt_sources([args.task + (":chat" if args.chat else "")], "eval", n=args.n, seed=args.seed)
@@ -357,6 +374,9 @@ def main(args, argv=None) -> int:
            "wall_s": time.time() - started, **rep}
     rep["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     write(rep, args.json, args.plot)
+    if rep.get("interrupted"):
+        print(f"interrupted: {rep['interrupted']['prompts_measured']} of {rep['interrupted']['prompts_asked']} "
+              "prompts measured")
     print(summary_table(rep))
     if rep.get("batching"):
         from .batch import batch_table

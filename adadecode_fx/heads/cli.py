@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..cli_checks import at_least, int_list
 from ..config import canonical_dtype
 from ..errors import AdaDecodeError
+from ..report_files import check_writable
 
 
 def add_heads_commands(command) -> None:
@@ -86,6 +87,7 @@ def _train_heads(args) -> int:
         if args.corpus_tokens < 1 or args.corpus_window < 2:
             raise AdaDecodeError("--corpus-tokens must be >= 1 and --corpus-window >= 2")
     given_layers = None if args.layers == "auto" else int_list(args.layers, "--layers")
+    check_writable(args.out, "--out", directory=True)
     gen_dtype = canonical_dtype(args.gen_dtype)
     canonical_dtype(args.dtype)
     records = prompt_sources(args.data or (), "train", n=args.max_prompts)
@@ -123,6 +125,10 @@ def _eval_heads(args) -> int:
     canonical_dtype(args.dtype)
     canonical_dtype(args.gen_dtype)
     heads = ExitHeads.load(args.heads)  # a broken heads folder fails before the model loads
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    if args.set_threshold:
+        check_writable(args.heads, "--heads (with --set-threshold)", directory=True)
     records = prompt_sources(args.data, "eval", n=args.n, seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     heads.check(model)

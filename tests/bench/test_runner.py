@@ -139,3 +139,25 @@ def test_honest_length_past_the_models_eos():
     assert row["reference_ids"] == free and row["eos_at"] == 2
     for name, entry in row["methods"].items():
         assert entry["new_tokens"] == T and entry["identical"], name
+
+
+def test_ctrl_c_reports_the_prompts_measured_so_far():
+    """An interrupted benchmark keeps what it measured: the prompts finished before Ctrl-C, marked as such."""
+    model = tiny_model("llama")
+    prompts = [{"id": c, "input_ids": list(range(3 + i, 12 + i))} for i, c in enumerate("abc")]
+    stop_at = []  # first token of the prompt whose run is interrupted
+
+    def run(ids):
+        if ids[0, 0].item() in stop_at:
+            raise KeyboardInterrupt
+        return hf_greedy(model, ids[0].tolist(), T), None
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy",), backends=("eager",), batch_sizes=(2,))
+    bench = dict(extra_methods=(Method("interrupting", run),), progress=False, log=lambda m: None)
+    stop_at.append(4)
+    rep = run_bench(model, None, prompts, cfg, **bench)
+    assert rep["interrupted"] == {"prompts_measured": 1, "prompts_asked": 3}
+    assert [r["id"] for r in rep["per_prompt"]] == ["a"] and rep["batching"] is None
+    assert rep["per_method"]["hf_greedy"]["n"] == rep["per_method"]["interrupting"]["n"] == 1
+    stop_at[:] = [3]  # the first prompt interrupts: nothing measured, nothing to report
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(model, None, prompts, cfg, **bench)
