@@ -240,11 +240,26 @@ def _bench(args) -> int:
     return bench_main(args, args.argv)
 
 
+def _version() -> str:
+    """The package's version and the versions it runs on (what a bug report needs), without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"adadecode-fx {__version__} (torch {of('torch')}, transformers {of('transformers')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .argparse_help import HelpFormatter
 
     p = argparse.ArgumentParser(prog="adadecode", description="AdaDecode for Hugging Face decoders",
                                 formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, help_text):

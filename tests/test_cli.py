@@ -147,6 +147,20 @@ def test_unknown_model(capsys):
     assert rc == 2 and "unknown model 'no-such-model'" in err
 
 
+def test_version_names_the_package_torch_and_transformers(capsys):
+    import torch
+    import transformers
+
+    import adadecode_fx
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert f"adadecode-fx {adadecode_fx.__version__}" in out and torch.__version__ in out
+    assert transformers.__version__ in out
+
+
 def test_missing_prompt_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--model", "x"])
