@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from .backend import compiled_options, is_compiled, parse_options
-from .config import AdaDecodeConfig
+from .config import AdaDecodeConfig, check_names, config_fields
 from .errors import AdaDecodeError
 from .heads.format import ExitHeads, find_shipped_heads
 from .runtime.decoder import AdaDecoder
@@ -56,6 +56,7 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     key = (config_key, heads_key)
     if key not in per_model:
         if not isinstance(config, AdaDecodeConfig):
+            check_names(config or {}, config_fields(), "adadecode setting(s)")
             config = AdaDecodeConfig(**(config or {}))
         per_model[key] = AdaDecoder(model, resolve_heads(model, heads), config)
     return per_model[key]

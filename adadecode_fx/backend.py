@@ -18,25 +18,21 @@ Options: every `AdaDecodeConfig` field (``threshold``, ``exit_layers``, ``max_pe
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import fx
 
-from .config import AdaDecodeConfig
+from .config import AdaDecodeConfig, check_names, config_fields
 from .errors import AdaDecodeError
 
 BACKEND_NAME = "adadecode"
-_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(AdaDecodeConfig))
 
 
 def parse_options(options) -> tuple[dict, object]:
     """``options`` dict -> (config fields the user set, heads spec), validated: unknown keys and bad
     values are errors, not ignored. Fields left out default to the heads' calibration."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(_CONFIG_KEYS) - {"heads"})
-    if unknown:
-        raise AdaDecodeError(f"unknown adadecode option(s) {unknown}; valid: heads, {', '.join(_CONFIG_KEYS)}")
+    check_names(options, ("heads",) + config_fields(), "adadecode option(s)")
     heads = options.pop("heads", "shipped")
     AdaDecodeConfig(**options)
     return options, heads

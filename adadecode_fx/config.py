@@ -16,6 +16,26 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16", "float64": "float64", "fp64": "float64"}
 
 
+def check_names(given, allowed, what: str) -> None:
+    """Refuse keys of ``given`` that are not in ``allowed``, naming the closest valid one (a typo in an
+    option must not be ignored, nor end in a TypeError)."""
+    import difflib
+
+    unknown = sorted(set(given) - set(allowed))
+    if not unknown:
+        return
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1)
+        named.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise AdaDecodeError(f"unknown {what} {', '.join(named)}; valid: {', '.join(allowed)}")
+
+
+def config_fields() -> tuple[str, ...]:
+    """`AdaDecodeConfig`'s field names (what a dict of options may hold)."""
+    return tuple(f.name for f in dataclasses.fields(AdaDecodeConfig))
+
+
 def canonical_dtype(name: str) -> str:
     if name == "auto":
         return "auto"

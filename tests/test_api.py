@@ -169,6 +169,16 @@ def test_left_padded_batch_through_hf_equals_hf_batched_greedy(setup):
     assert torch.equal(ours, model.generate(ids, do_sample=False, **args))
 
 
+def test_a_misspelt_setting_names_the_right_one(setup):
+    model, heads = setup
+    with pytest.raises(AdaDecodeError, match="unknown adadecode setting.*'thresh' \\(did you mean 'threshold'\\?\\)"):
+        adadecode_fx.generate(model, PROMPT, max_new_tokens=2, exit_heads=heads, adadecode={"thresh": 0.5})
+    with pytest.raises(AdaDecodeError, match="'max_pendin' \\(did you mean 'max_pending'\\?\\)"):
+        model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                       adadecode={"max_pendin": 2})
+
+
 def test_inputs_embeds_are_refused_with_a_way_out(setup):
     model, heads = setup
     with pytest.raises(AdaDecodeError, match="inputs_embeds are not supported.*pass input_ids"):

@@ -71,6 +71,9 @@ def test_bad_options_fail_at_the_first_call_with_our_message():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown adadecode option.*'gamma'"):
         torch.compile(model, backend="adadecode", options={"gamma": 0.9})(torch.tensor([[1, 2]]))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="'treshold' \\(did you mean 'threshold'\\?\\)"):
+        torch.compile(model, backend="adadecode", options={"treshold": 0.9})(torch.tensor([[1, 2]]))
     with pytest.raises(Exception, match="threshold must be in"):
         torch.compile(model, backend="adadecode", options={"threshold": 1.5})(torch.tensor([[1, 2]]))
 
