@@ -19,7 +19,8 @@ def have_matplotlib() -> bool:
 
 def check_writable(path, flag: str, directory: bool = False) -> None:
     """Refuse, before a long run starts, an output ``path`` (a file, or a folder with ``directory``) that
-    cannot be written: found at the end, the run's results would be lost. Creates the folder."""
+    cannot be written: found at the end, the run's results would be lost. Writes nothing: the check is
+    a temporary file in the nearest folder that exists, removed at once."""
     if not path:
         return
     target = Path(path)
@@ -27,13 +28,17 @@ def check_writable(path, flag: str, directory: bool = False) -> None:
         raise AdaDecodeError(f"{flag} {path} is a directory; give a file path such as {target / 'report.json'}")
     if directory and target.exists() and not target.is_dir():
         raise AdaDecodeError(f"{flag} {path} is a file; give a directory (it is created if missing)")
-    folder = target if directory else target.parent
+    existing = (target if directory else target.parent).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AdaDecodeError(f"{flag} {path}: cannot write under {existing}, which is a file; give a path in a "
+                             "writable directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".adadecode-write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".adadecode-write-check-"):
             pass
     except OSError as exc:
-        raise AdaDecodeError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); give a path in a "
+        raise AdaDecodeError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or exc}); give a path in a "
                              "writable directory") from None
 
 
