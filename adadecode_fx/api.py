@@ -102,6 +102,25 @@ def _hf_output(generation_config, result, prompt: torch.Tensor, processors):
     return GenerateDecoderOnlyOutput(sequences=result.sequences, scores=scores, logits=logits)
 
 
+def _streamer_hf_kept():
+    """The ``streamer=`` given to HF's ``generate``, which called us (None if there is none): transformers
+    5.24 does not pass it on to a callable ``custom_generate``. Read from the caller's frame, by name;
+    a version of HF that calls us from elsewhere simply yields None (and ``stream=`` still works)."""
+    import inspect
+
+    from transformers.generation.streamers import BaseStreamer
+
+    frame = inspect.currentframe()
+    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+    try:
+        if caller is None or caller.f_code.co_name != "generate":
+            return None
+        found = caller.f_locals.get("streamer")
+        return found if isinstance(found, BaseStreamer) else None
+    finally:
+        del frame, caller
+
+
 def with_stop_strings(stopping_criteria, stop_strings, tokenizer):
     """``stopping_criteria`` plus HF's criterion for ``stop_strings`` (a string or a list of them)."""
     from transformers import StoppingCriteriaList, StopStringCriteria
@@ -144,9 +163,10 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     `AdaDecodeConfig` or a dict of its fields) choose the heads and settings.
 
     Streaming through HF: transformers 5.24 passes a callable ``custom_generate`` only the arguments
-    that HF's own ``_sample`` does not take, so ``streamer=`` never reaches us (it gets the prompt and
-    nothing more). Pass the streamer as ``stream=`` instead; it then receives the prompt, the verified
-    tokens as they are final, and ``end()``.
+    that HF's own ``_sample`` does not take, so ``streamer=`` does not reach us as an argument, although
+    HF has put the prompt into it (a ``TextIteratorStreamer``'s reader would then wait for ever). So
+    the streamer is taken from HF's ``generate`` call itself (`_streamer_hf_kept`). ``stream=`` does the
+    same explicitly; either receives the prompt, the verified tokens as they are final, and ``end()``.
 
     Sampling: through HF, ``do_sample=True`` (with ``temperature``, ``top_k``, ``top_p``...) applies HF's
     prepared ``logits_processor`` list to the exit heads' and the final layer's logits alike; the output is
@@ -181,6 +201,8 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
             stream is not None or streamer is not None):
         raise AdaDecodeError("a streamer takes one sequence (as in HF); drop it for a batch")
     decoder = decoder_for(model, adadecode, exit_heads)
+    if stream is None and streamer is None and generation_config is not None:
+        streamer = _streamer_hf_kept()  # HF has put the prompt into it already
     if stream is not None:
         stream.put(torch.as_tensor(input_ids).cpu())  # HF streamers take the prompt first
         streamer = stream

@@ -56,6 +56,29 @@ def test_custom_generate_matches_hf_greedy_and_streams_only_verified_tokens(setu
     assert streamer.ended
 
 
+def test_hfs_own_streamer_argument_streams_and_ends(setup):
+    """HF does not pass ``streamer=`` on to a callable custom_generate but puts the prompt into it first:
+    the streamer must still get the verified tokens and ``end()`` (a TextIteratorStreamer would hang)."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    model, heads = setup
+    streamer = Recorder()
+    out = _ours(model, heads, max_new_tokens=30, streamer=streamer)
+    assert out.tolist() == _hf(model, max_new_tokens=30).tolist()
+    assert streamer.chunks[0] == PROMPT[0].tolist()  # put by HF, once
+    assert sum(streamer.chunks[1:], []) == out[0, PROMPT.shape[1]:].tolist() and streamer.ended
+
+    class Ids:  # a tokenizer for the iterator streamer: every id is its own word
+        def decode(self, ids, **kw):
+            return "".join(f" {i}" for i in ids)
+    reader = TextIteratorStreamer(Ids(), skip_prompt=True, timeout=60)
+    Thread(target=_ours, args=(model, heads), kwargs=dict(max_new_tokens=12, streamer=reader)).start()
+    text = "".join(reader)  # ends only when end() comes
+    assert text.split() == [str(t) for t in _hf(model, max_new_tokens=12)[0, PROMPT.shape[1]:].tolist()]
+
+
 def test_streamed_chunks_are_never_taken_back(setup):
     model, heads = setup
     decoder = adadecode_fx.decoder_for(model, {"threshold": 0.02, "max_pending": 3}, heads)
