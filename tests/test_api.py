@@ -106,6 +106,13 @@ def test_stopping_criteria_and_eos_cut_where_hf_cuts(setup):
     eos = full[9]
     assert _ours(model, heads, max_new_tokens=40, eos_token_id=eos).tolist() == \
         _hf(model, max_new_tokens=40, eos_token_id=eos).tolist()
+    # HF's default length and EOS criteria are the runtime's own checks: not asked per token
+    from adadecode_fx.api import _beyond_the_runtime
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    prepared = StoppingCriteriaList([MaxLengthCriteria(45), EosTokenCriteria(7), crit[0], EosTokenCriteria([7, 9])])
+    assert list(_beyond_the_runtime(prepared, 45, [7])) == [crit[0], prepared[3]]
+    assert len(_beyond_the_runtime(prepared, 46, 7)) == 3  # a criterion that stops sooner stays
     # called directly too: the criteria are honoured, not dropped
     direct = adadecode_fx.generate(model, PROMPT, max_new_tokens=40, eos_token_id=None, stopping_criteria=crit,
                                    exit_heads=heads, adadecode={"threshold": 0.02, "max_pending": 3})
