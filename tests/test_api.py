@@ -132,6 +132,7 @@ class _Stateful(LogitsProcessor):
     ({"do_sample": True, "logits_processor": LogitsProcessorList([_Stateful()])}, "not supported with AdaDecode sampling"),
     ({"logits_processor": LogitsProcessorList([_Stateful()])}, "not supported with AdaDecode greedy decoding"),
     ({"num_beams": 2}, "beam search"),
+    ({"guidance_scale": 1.5}, "drop guidance_scale"),
     ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search mode is not supported"),
     ({"dola_layers": "low"}, "dola generation mode is not supported"),
     ({"prompt_lookup_num_tokens": 3}, "two ways to speed up the same decoding"),

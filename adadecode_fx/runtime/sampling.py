@@ -32,13 +32,23 @@ _SUPPORTED = (
 )
 
 
+# what to do instead, for refused processors a generate argument makes
+_WAY_OUT = {
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "drop guidance_scale: classifier-free guidance runs the "
+                                                      "model a second time per token, outside the decoding program",
+    "ClassifierFreeGuidanceLogitsProcessor": "drop guidance_scale: classifier-free guidance runs the model a "
+                                             "second time per token, outside the decoding program",
+}
+
+
 def check_processors(processors, mode: str) -> None:
     """Refuse processors that could not be applied per position (see `_SUPPORTED`)."""
     bad = sorted({type(p).__name__ for p in (processors or ()) if type(p).__name__ not in _SUPPORTED})
     if bad:
+        hints = "; ".join(dict.fromkeys(_WAY_OUT[b] for b in bad if b in _WAY_OUT))
         raise AdaDecodeError(
             f"logits processors {bad} are not supported with AdaDecode {mode} (they keep state across "
-            f"calls or run other models); supported: {', '.join(_SUPPORTED)}")
+            f"calls or run other models); " + (f"{hints}. " if hints else "") + f"supported: {', '.join(_SUPPORTED)}")
 
 
 def row_processors(processors, batch: int) -> list[list]:
