@@ -214,12 +214,12 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     pad_id = kwargs.pop("pad_token_id", None)
     if generation_config is not None and pad_id is None:
         pad_id = generation_config.pad_token_id
+    if stream is None and streamer is None and generation_config is not None:
+        streamer = _streamer_hf_kept()  # HF has put the prompt into it already
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1 and (
             stream is not None or streamer is not None):
         raise AdaDecodeError("a streamer takes one sequence (as in HF); drop it for a batch")
     decoder = decoder_for(model, adadecode, exit_heads)
-    if stream is None and streamer is None and generation_config is not None:
-        streamer = _streamer_hf_kept()  # HF has put the prompt into it already
     if stream is not None:
         stream.put(torch.as_tensor(input_ids).cpu())  # HF streamers take the prompt first
         streamer = stream

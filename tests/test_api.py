@@ -70,6 +70,11 @@ def test_hfs_own_streamer_argument_streams_and_ends(setup):
     assert streamer.chunks[0] == PROMPT[0].tolist()  # put by HF, once
     assert sum(streamer.chunks[1:], []) == out[0, PROMPT.shape[1]:].tolist() and streamer.ended
 
+    batch = torch.cat([PROMPT, PROMPT + 1])
+    with pytest.raises(AdaDecodeError, match="a streamer takes one sequence"):  # HF's own put took the batch
+        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads, streamer=Recorder())
+
     class Ids:  # a tokenizer for the iterator streamer: every id is its own word
         def decode(self, ids, **kw):
             return "".join(f" {i}" for i in ids)
