@@ -15,6 +15,7 @@ from ..ops.attention import ROW_EXACT, row_exact
 from ..ops.linear import ROW_LINEAR, block_linear_fits, block_linear_kernel, row_linear
 from ..passes.insert_exit_probes import ExitProbe
 from ..passes.split_layers import copy_graph
+from .eager_attention_rows import SOFTMAX_OPS, eager_attention_rows
 from .scripted_rows import script_decode_rows
 
 # custom op -> the plain function with the same signature and result
@@ -92,10 +93,11 @@ def _plain_calls(graph: fx.Graph) -> None:
 def lower_eager(program, config):
     layer_fns = list(program.layer_fns)
     for i, layer in enumerate(layer_fns):
-        if not isinstance(layer, fx.GraphModule) or not any(n.target in _PLAIN or n.target in _ASSERTS
-                                                            for n in layer.graph.nodes):
+        if not isinstance(layer, fx.GraphModule) or not any(n.target in _PLAIN or n.target in _ASSERTS or
+                                                            n.target in SOFTMAX_OPS for n in layer.graph.nodes):
             continue
         layer = private_copy(layer, _plain_calls)
+        eager_attention_rows(layer)
         layer_fns[i] = layer
     program = program.replace(layer_fns=layer_fns, probe_fns=_kernel_adapters(program), backend="eager")
     return script_decode_rows(program) if config.script_rows else program

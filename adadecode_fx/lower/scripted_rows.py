@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from .eager_attention_rows import PerRowAttention
+
 _UNTRACED = object()
 
 
@@ -38,10 +40,14 @@ class ScriptedRows:
         self.gm, self.residual = gm, residual
         self.traces: dict[int, object] = {}  # batch size -> trace (None: tracing failed)
         self.failure: str | None = None
+        # a per-row eager attention picks its calls from the mask in Python, which a trace would freeze;
+        # one row never cuts, so its trace stays right
+        self.one_row_only = any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), PerRowAttention)
+                                for n in gm.graph.nodes)
 
     def __call__(self, *args):
         rows = args[self.residual]
-        if rows.dim() != 3 or rows.shape[1] != 1 or not _fusers_off():
+        if rows.dim() != 3 or rows.shape[1] != 1 or not _fusers_off() or (self.one_row_only and rows.shape[0] != 1):
             return self.gm(*args)
         trace = self.traces.get(rows.shape[0], _UNTRACED)
         if trace is _UNTRACED:
