@@ -18,6 +18,8 @@ Eager lowering only: compiled and exported segments keep the graph (they are not
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -75,18 +77,20 @@ def _region(scores: fx.Node, out: fx.Node) -> list[fx.Node] | None:
             continue
         above.add(node)
         todo.extend(node.all_input_nodes)
+    # a tuple's unused part (GPT-OSS's ``max(...).indices``) goes with the region
+    above |= {u for n in above for u in n.users if u.target is operator.getitem and not u.users}
     region = sorted(above, key=order.__getitem__)
     if any(u not in above for n in region if n is not out for u in n.users):
         return None
     return region
 
 
-def _sub_module(region: list[fx.Node], inputs: list[fx.Node], owner: fx.GraphModule) -> fx.GraphModule:
+def _sub_module(region: list[fx.Node], inputs: list[fx.Node], out: fx.Node, owner: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     env = {n: graph.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
     for node in region:
         env[node] = graph.node_copy(node, env.__getitem__)
-    graph.output(env[region[-1]])
+    graph.output(env[out])
     return fx.GraphModule(owner, graph)
 
 
@@ -140,7 +144,7 @@ def eager_attention_rows(gm: fx.GraphModule) -> bool:
         for node in region:
             inputs.extend(a for a in node.all_input_nodes if a not in members and a not in inputs)
         name = f"eager_attention_rows_{sum(1 for n, _ in gm.named_children() if n.startswith('eager_attention'))}"
-        gm.add_submodule(name, PerRowAttention(_sub_module(region, inputs, gm)))
+        gm.add_submodule(name, PerRowAttention(_sub_module(region, inputs, out, gm)))
         with gm.graph.inserting_before(out):
             call = gm.graph.call_module(name, tuple(inputs))
         call.meta.update(out.meta)

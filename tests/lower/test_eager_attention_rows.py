@@ -1,7 +1,6 @@
 """Eager attention (``q @ k^T -> softmax -> P @ V`` in the layer graph) per batch row from its first real
 key: each row of a left-padded bf16 batch equals the row alone, where reading the masked pads first
 does not (`adadecode_fx.lower.eager_attention_rows`)."""
-import pytest
 import torch
 import transformers as tf
 from torch import fx
@@ -83,3 +82,19 @@ def test_an_unpadded_region_and_other_graphs_are_left_alone():
     program = build_program(model, None, AdaDecodeConfig())
     for fn in program.layer_fns:
         assert not eager_attention_rows(fn)
+
+
+def test_gpt_oss_sinks_and_the_unused_max_indices_go_with_the_region():
+    """GPT-OSS appends per-head sink logits to the scores and subtracts ``max(...).values``: the unused
+    ``.indices`` must not stop the rewrite, and the sinks (at the keys' end) stay whole for every row."""
+    cfg = tf.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=256, sliding_window=4096,
+                          layer_types=["full_attention"] * 2)
+    model = random_decoder(cfg, torch.bfloat16, seed=0)
+    decoder = AdaDecoder(model, ExitHeads.random(model, (0,), seed=3), AdaDecodeConfig(threshold=0.005))
+    assert all(any(isinstance(m, PerRowAttention) for m in getattr(fn, "gm", fn).children())
+               for fn in decoder.program.layer_fns)
+    rows = [list(range(5, 9)), list(range(20, 45)), list(range(60, 73))]
+    out = decoder.generate(rows, max_new_tokens=16, eos_token_id=None)
+    assert out.new_tokens == [hf_greedy(model, r, 16) for r in rows] and out.stats.early_emitted > 0
