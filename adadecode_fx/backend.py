@@ -18,7 +18,6 @@ Options: every `AdaDecodeConfig` field (``threshold``, ``exit_layers``, ``max_pe
 """
 from __future__ import annotations
 
-
 import torch
 from torch import fx
 

@@ -103,9 +103,11 @@ class PerRowAttention(torch.nn.Module):
         self.region = region
 
     def forward(self, q, k_t, v, *rest):
+        if q.size(0) == 1 or q.is_cuda:  # one row (every step of one prompt) never cuts
+            return self.region(q, k_t, v, *rest)
         S = k_t.size(-1)
         mask = next((t for t in rest if isinstance(t, torch.Tensor) and t.dim() == 4 and t.size(-1) == S), None)
-        if q.size(0) == 1 or mask is None or q.is_cuda or mask.size(0) == 1:
+        if mask is None or mask.size(0) == 1:
             return self.region(q, k_t, v, *rest)
         below = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else 0.0
         firsts = _first_keys(mask, below)

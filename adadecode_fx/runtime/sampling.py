@@ -33,12 +33,10 @@ _SUPPORTED = (
 
 
 # what to do instead, for refused processors a generate argument makes
-_WAY_OUT = {
-    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "drop guidance_scale: classifier-free guidance runs the "
-                                                      "model a second time per token, outside the decoding program",
-    "ClassifierFreeGuidanceLogitsProcessor": "drop guidance_scale: classifier-free guidance runs the model a "
-                                             "second time per token, outside the decoding program",
-}
+_NO_GUIDANCE = ("drop guidance_scale: classifier-free guidance runs the model a second time per token, outside "
+                "the decoding program")
+_WAY_OUT = {"UnbatchedClassifierFreeGuidanceLogitsProcessor": _NO_GUIDANCE,
+            "ClassifierFreeGuidanceLogitsProcessor": _NO_GUIDANCE}
 
 
 def check_processors(processors, mode: str) -> None:

@@ -18,6 +18,12 @@ def _gemma2_attention(q, k_t, v, mask):  # the shape of HF's eager attention wit
     return torch.matmul(torch.softmax(w, -1, dtype=torch.float32).to(q.dtype), v)
 
 
+def _rewritten(decoder) -> list[int]:
+    """Per layer, how many `PerRowAttention` calls the eager lowering put in it."""
+    return [sum(isinstance(m, PerRowAttention) for m in getattr(fn, "gm", fn).children())
+            for fn in decoder.program.layer_fns]
+
+
 def test_each_row_attends_as_alone_where_leading_pads_part():
     torch.manual_seed(0)
     per_row = PerRowAttention(fx.symbolic_trace(_gemma2_attention))
@@ -57,8 +63,7 @@ def test_a_padded_gemma2_batch_decodes_every_row_as_alone():
     alone = [hf_greedy(model, r, 40) for r in rows]
     heads = ExitHeads.random(model, (0, 2), scale=0.5, seed=3)
     for decoder in (AdaDecoder(model), AdaDecoder(model, heads, AdaDecodeConfig(threshold=1e-9, max_pending=3))):
-        assert [sum(isinstance(m, PerRowAttention) for m in getattr(fn, "gm", fn).children())
-                for fn in decoder.program.layer_fns] == [1] * cfg.num_hidden_layers
+        assert _rewritten(decoder) == [1] * cfg.num_hidden_layers
         out = decoder.generate(rows, 40, pad_token_id=0, eos_token_id=None)
         assert out.new_tokens == alone
     assert out.stats.early_emitted > 0 and out.stats.rejected > 0
@@ -70,8 +75,7 @@ def test_llama_with_eager_attention_gets_the_rewrite_and_decodes_a_batch_as_alon
     cfg._attn_implementation = "eager"
     model = random_decoder(cfg, torch.bfloat16, seed=2)
     decoder = AdaDecoder(model, ExitHeads.random(model, (1, 2), seed=3), AdaDecodeConfig(threshold=0.005))
-    assert all(any(isinstance(m, PerRowAttention) for m in getattr(fn, "gm", fn).children())
-               for fn in decoder.program.layer_fns)
+    assert all(_rewritten(decoder))
     rows = [list(range(5, 9)), list(range(20, 45)), list(range(60, 73))]
     out = decoder.generate(rows, max_new_tokens=24, eos_token_id=None)
     assert out.new_tokens == [hf_greedy(model, r, 24) for r in rows] and out.stats.early_emitted > 0
@@ -93,8 +97,7 @@ def test_gpt_oss_sinks_and_the_unused_max_indices_go_with_the_region():
                           layer_types=["full_attention"] * 2)
     model = random_decoder(cfg, torch.bfloat16, seed=0)
     decoder = AdaDecoder(model, ExitHeads.random(model, (0,), seed=3), AdaDecodeConfig(threshold=0.005))
-    assert all(any(isinstance(m, PerRowAttention) for m in getattr(fn, "gm", fn).children())
-               for fn in decoder.program.layer_fns)
+    assert all(_rewritten(decoder))
     rows = [list(range(5, 9)), list(range(20, 45)), list(range(60, 73))]
     out = decoder.generate(rows, max_new_tokens=16, eos_token_id=None)
     assert out.new_tokens == [hf_greedy(model, r, 16) for r in rows] and out.stats.early_emitted > 0
