@@ -235,7 +235,7 @@ def _export(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench.runner import main as bench_main
+    from .bench.command import main as bench_main
 
     return bench_main(args, args.argv)
 
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="directory to write (manifest.json, *.onnx, heads/, tokenizer/)")
     x.set_defaults(func=_export)
 
-    from .bench.runner import add_arguments as _bench_arguments
+    from .bench.command import add_arguments as _bench_arguments
     b = command("bench", "AdaDecode vs HF greedy / static+compile / prompt lookup / early exit; JSON + PNG report")
     _bench_arguments(b)
     b.set_defaults(func=_bench)

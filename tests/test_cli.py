@@ -380,12 +380,12 @@ def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch,
 def test_bench_accepts_its_default_methods_and_full_depth():
     import argparse
 
-    from adadecode_fx.bench import runner
+    from adadecode_fx.bench import command
 
     p = argparse.ArgumentParser()
-    runner.add_arguments(p)
+    command.add_arguments(p)
     for argv in ([], ["--methods", "hf_greedy,full_depth", "--backends", "eager"]):
-        runner._check_args(p.parse_args(argv), ())  # raises AdaDecodeError on a name it does not know
+        command._check_args(p.parse_args(argv), ())  # raises AdaDecodeError on a name it does not know
 
 
 def test_bench_chat_needs_a_chat_template(model_dir, tmp_path, capsys):

@@ -2,15 +2,18 @@
 
 A `Method` wraps one way of decoding behind ``run(input_ids [1, P]) -> (new token ids, stats or None)``
 so `adadecode_fx.bench.run_bench` can interleave them without knowing what they are. The Hugging Face
-methods share one greedy generation config with EOS stopping disabled and no sampling knobs, so every
-method produces exactly ``max_new_tokens`` argmax tokens (the "honest length" of `adadecode_fx.bench`);
-the AdaDecode method wraps an `AdaDecoder` for one lowering backend and returns its decode statistics.
+methods share one generation config with EOS stopping disabled, so every method produces exactly
+``max_new_tokens`` tokens (the "honest length" of `adadecode_fx.bench`): greedy argmax tokens, or with
+``sampling`` (a dict of temperature / top_k / top_p / min_p) tokens sampled with those warpers and
+nothing else, from torch's global RNG, which the runner seeds before every call. The AdaDecode method
+wraps an `AdaDecoder` for one lowering backend, takes the same sampling settings and returns its
+decode statistics.
 `run_timed` times one call (wall clock over the whole ``generate``, prefill included, CUDA synchronized)
 and its peak memory (`PeakMemory`).
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import os
 import threading
@@ -27,51 +30,74 @@ class Method:
     info: dict = field(default_factory=dict)
 
 
-def _gen_config(model, max_new_tokens: int, **extra):
-    gc = copy.deepcopy(model.generation_config)
-    gc.do_sample = False
-    gc.num_beams = 1
-    gc.max_new_tokens = max_new_tokens
-    gc.min_new_tokens = None
-    gc.eos_token_id = []  # honest length: nobody stops at EOS (None would fall back to the model's EOS)
-    if gc.pad_token_id is None:
-        gc.pad_token_id = 0
-    for k in ("temperature", "top_p", "top_k"):
-        setattr(gc, k, None)
+SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def _gen_config(model, max_new_tokens: int, sampling: dict | None = None, **extra):
+    """A generation config of the model's special tokens and nothing else of its own: a checkpoint's
+    ``generation_config.json`` may set a repetition penalty, top-k or other processors, which would change
+    HF's tokens only (the AdaDecode methods get the same explicit settings as here)."""
+    from transformers import GenerationConfig
+
+    src = model.generation_config
+    gc = GenerationConfig(bos_token_id=src.bos_token_id, decoder_start_token_id=src.decoder_start_token_id,
+                          pad_token_id=0 if src.pad_token_id is None else src.pad_token_id,
+                          eos_token_id=[],  # honest length: nobody stops at EOS (None would mean the model's EOS)
+                          do_sample=sampling is not None, num_beams=1, max_new_tokens=max_new_tokens)
+    if sampling is not None:  # explicit, or HF's global defaults (top_k 50) would warp HF's distribution only
+        gc.update(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, **sampling})
     for k, v in extra.items():
         setattr(gc, k, v)
     return gc
 
 
-def hf_method(name: str, model, max_new_tokens: int, **extra) -> Method:
+@contextlib.contextmanager
+def _generation_defaults(model, gc):
+    """HF's ``generate`` fills every field left unset in the config it is given from
+    ``model.generation_config``; with ``gc`` in its place for the call, only HF's global defaults remain."""
+    saved = model.generation_config
+    model.generation_config = gc
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def hf_method(name: str, model, max_new_tokens: int, sampling: dict | None = None, **extra) -> Method:
     import torch
 
-    gc = _gen_config(model, max_new_tokens, **extra)
+    gc = _gen_config(model, max_new_tokens, sampling, **extra)
 
     @torch.no_grad()
     def run(ids):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        with _generation_defaults(model, gc):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
         return out[0, ids.shape[1]:].tolist(), None
 
     info = {k: (repr(v) if k == "compile_config" else v) for k, v in extra.items()}
+    if sampling is not None:
+        info["sampling"] = dict(sampling)
     return Method(name, run, info)
 
 
-def static_compile_method(model, max_new_tokens: int, device: str) -> Method:
+def static_compile_method(model, max_new_tokens: int, device: str, sampling: dict | None = None) -> Method:
     from transformers import CompileConfig
 
     cc = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if device.startswith("cuda") else "default")
     if not device.startswith("cuda"):
         cc._compile_all_devices = True  # HF only auto-compiles on accelerators unless told
-    return hf_method("hf_static_compile", model, max_new_tokens, cache_implementation="static", compile_config=cc)
+    return hf_method("hf_static_compile", model, max_new_tokens, sampling, cache_implementation="static",
+                     compile_config=cc)
 
 
 def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pending: int,
-                     max_new_tokens: int, full_depth: bool = False) -> tuple[Method, object]:
+                     max_new_tokens: int, full_depth: bool = False,
+                     sampling: dict | None = None) -> tuple[Method, object]:
     """``adadecode_<backend>``, or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
     capture, passes and lowering without exit heads (``exit_layers=()``), so every token runs all
     layers. Their tok/s ratio is what the heads buy (`adadecode_fx.bench.report.heads_gain`), apart
-    from everything the lowering itself gains over HF."""
+    from everything the lowering itself gains over HF. ``sampling``: sample with these settings from
+    torch's global RNG (``seed=None``), as the HF methods do."""
     from ..config import AdaDecodeConfig
     from ..runtime import AdaDecoder
 
@@ -80,12 +106,15 @@ def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pen
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
                           backend=backend)
     dec = AdaDecoder(model, heads, cfg)
+    knobs = {} if sampling is None else {"do_sample": True, "seed": None, **sampling}
 
     def run(ids):
-        res = dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=None)
+        res = dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=None, **knobs)
         return list(res.new_tokens), res.stats.to_dict()
 
     info = {"config": json.loads(dec.config.to_json())}
+    if sampling is not None:
+        info.update(sampling=dict(sampling), own_draws=not full_depth)  # exits draw early tokens from the heads
     if full_depth:
         info["note"] = "same program and lowering as adadecode_" + backend + " without exit heads"
     return Method(f"adadecode_{backend}" + ("_full_depth" if full_depth else ""), run, info), dec
@@ -165,4 +194,4 @@ def _rss_reader():
         return rss
 
 
-__all__ = ["Method", "PeakMemory", "adadecode_method", "hf_method", "run_timed", "static_compile_method"]
+__all__ = ["SAMPLING_KNOBS", "Method", "PeakMemory", "adadecode_method", "hf_method", "run_timed", "static_compile_method"]

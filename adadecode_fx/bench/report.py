@@ -1,7 +1,8 @@
 """What a benchmark report holds beyond the raw per-prompt timings, and how it is written out.
 
 - `aggregate`: one method's per-prompt rows summarized (tok/s, speed-up quantiles against
-  ``hf_greedy``, parity, peak memory and, for AdaDecode methods, exit / acceptance rates and
+  ``hf_greedy`` (``hf_sample`` when sampling), parity (``None`` for sampling methods that draw their own
+  way), peak memory and, for AdaDecode methods, exit / acceptance rates and
   critical-path layers per token);
 - `heads_gain`: per backend, AdaDecode tok/s over the same program's at full depth, prompt by prompt
   (median, p25, p75): what the exit heads buy, apart from what the lowering gains over HF;
@@ -99,7 +100,7 @@ def aggregate(name: str, per_prompt: list, L: int, method: Method) -> dict:
            "speedup_median": statistics.median(sp) if sp else None, "speedup_p25": _quantile(sp, 0.25),
            "speedup_p75": _quantile(sp, 0.75), "speedup_min": min(sp) if sp else None,
            "speedup_max": max(sp) if sp else None,
-           "parity": sum(r["identical"] for r in rows) / len(rows),
+           "parity": _parity(rows),
            "new_tokens_total": sum(r["new_tokens"] for r in rows),
            "peak_mem_mb": max(mem) if mem else None, "info": method.info,
            "exit_rate_per_layer": None, "early_exit_rate": None, "acceptance_rate": None,
@@ -118,9 +119,23 @@ def aggregate(name: str, per_prompt: list, L: int, method: Method) -> dict:
                    acceptance_rate=acc / (acc + rej) if acc + rej else None,
                    accepted=acc, rejected=rej, early_emitted=sum(s["early_emitted"] for s in stats),
                    critical_path_per_token=sum(s["critical_path_layers"] for s in stats) / tokens)
-    elif name in ("hf_greedy", "hf_static_compile"):
+    elif name in ("hf_greedy", "hf_sample", "hf_static_compile"):
         out["critical_path_per_token"] = float(L)  # every token runs the whole stack, one after another
     return out
+
+
+def _parity(rows: list) -> float | None:
+    """Share of prompts whose ids equal the baseline's; ``None`` where nothing was compared (a sampling
+    method that draws its own way)."""
+    same = [r["identical"] for r in rows]
+    return None if any(x is None for x in same) else sum(same) / len(same)
+
+
+def parity_text(m: dict, sep: str = " ") -> str:
+    """``100% (20/20)``, or ``n/a`` where parity was not measured (a sampling method that draws its own way)."""
+    if m["parity"] is None:
+        return "n/a"
+    return f"{m['parity']:.0%}{sep}({round(m['parity'] * m['n'])}/{m['n']})"
 
 
 def heads_gain(per_prompt: list, names: list) -> dict:
@@ -225,17 +240,20 @@ def plot(rep: dict, path) -> None:
     for bar_, n in zip(bars, names):
         top = max(bar_.get_height(), pm[n]["speedup_p75"] or 0.0)
         a.text(bar_.get_x() + bar_.get_width() / 2, top + 0.02,
-               f"{pm[n]['speedup_median']:.2f}x\nparity {pm[n]['parity']:.0%}", ha="center", va="bottom", fontsize=8)
+               f"{pm[n]['speedup_median']:.2f}x\nparity {parity_text(pm[n], chr(10))}", ha="center", va="bottom",
+               fontsize=8)
     a.axhline(1.0, ls="--", c="k", lw=0.8)
     ob = (rep.get("oracle_bound") or {}).get("oracle_speedup_bound")
     if ob:
         a.axhline(ob, ls=":", c="tab:red", lw=1, label=f"oracle bound {ob:.2f}x (critical-path layers)")
         a.legend(fontsize=8, loc="upper left")
     a.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-    a.set_ylabel("speed-up vs hf_greedy (median, bars p25-p75)")
+    a.set_ylabel(f"speed-up vs {rep.get('baseline', 'hf_greedy')} (median, bars p25-p75)")
     cfg = rep["config"]
+    sampling = cfg.get("sampling")
+    how = "greedy" if sampling is None else "sampling " + ", ".join(f"{k} {v}" for k, v in sampling.items())
     a.set_title(f"{rep.get('model', '')} {cfg['dtype']}, {rep.get('task', '')} n={len(rep['per_prompt'])}, "
-                f"{cfg['max_new_tokens']} tokens", fontsize=9)
+                f"{cfg['max_new_tokens']} tokens, {how}", fontsize=9)
     a.set_ylim(0, max(med + [ob or 0, 1.0]) * 1.35)
 
     L = cfg["num_layers"]
@@ -330,8 +348,8 @@ def summary_table(rep: dict) -> str:
         g = gains.get(n)
         gain = f"{g['median']:.2f}x [{g['p25']:.2f}, {g['p75']:.2f}]" if g else "-"
         lines.append(f"| {n} | {m['tok_s_median']:.2f} | {f(m['speedup_median'], '.2f')}x "
-                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {gain} | {m['parity']:.0%} "
-                     f"({round(m['parity'] * m['n'])}/{m['n']}) | {f(m['early_exit_rate'], '.1%')} | "
+                     f"[{f(m['speedup_p25'], '.2f')}, {f(m['speedup_p75'], '.2f')}] | {gain} | {parity_text(m)} | "
+                     f"{f(m['early_exit_rate'], '.1%')} | "
                      f"{f(m['acceptance_rate'], '.1%')} | {f(m['critical_path_per_token'], '.1f')} | "
                      f"{f(m['peak_mem_mb'], '.0f')} |")
     for n, why in rep.get("skipped", {}).items():

@@ -4,7 +4,8 @@ Methods (each warmed up once, then interleaved per prompt with a rotating order 
 hits all of them alike):
 
 - ``hf_greedy``: ``model.generate`` greedy, default attention, dynamic cache. The baseline: speed-ups
-  and sequence parity are measured against it, prompt by prompt.
+  and sequence parity are measured against it, prompt by prompt. With ``BenchConfig.sampling`` it is
+  ``hf_sample`` instead (the same call with ``do_sample=True`` and those warpers).
 - ``hf_static_compile``: greedy with ``cache_implementation="static"`` and HF's automatic
   ``torch.compile`` of the forward (forced on CPU via ``CompileConfig._compile_all_devices``).
 - ``hf_prompt_lookup``: ``prompt_lookup_num_tokens=10``.
@@ -30,28 +31,36 @@ Parity: a method is identical on a prompt when its new token ids equal ``hf_gree
 Where they differ, both are run once more, untimed (``recheck``), so a report says whether the
 divergence is reproducible in that process or came from state that changed between runs.
 
+Sampling (``BenchConfig.sampling``, ``--do-sample``): every method samples with the same warpers, and
+torch's global RNG is seeded with ``sampling_seed + prompt index`` before each timed call, so every
+method starts a prompt from the same seed. A method that draws one token per step from the final
+layer's distribution (HF static cache + compile, AdaDecode at full depth) then draws HF's very tokens
+where its logits are HF's, and parity compares them id for id: it checks that the settings and the
+distribution are the same. Methods that draw their own way (``Method.info["own_draws"]``: AdaDecode
+with exits draws early tokens from its heads and accepts or resamples them; HF's assisted methods
+draw a block at a time) get other tokens by design: their parity is ``None``. That their output is
+distributed as plain sampling is what the test suite checks (tests/runtime/test_sampling.py). No
+recheck, no oracle bound (it replays greedy sequences) and no batch sizes.
+
 Code: this module runs the benchmark (`run_bench`: builds the methods, warms them up, interleaves them,
-compares token ids) and holds the command line shared by ``adadecode bench`` and
-``bench/run_bench.py``; the methods and their timing are `adadecode_fx.bench.methods`, the summaries,
-oracle bound, JSON, table and plot are `adadecode_fx.bench.report`.
+compares token ids); the methods and their timing are `adadecode_fx.bench.methods`, the summaries,
+oracle bound, JSON, table and plot are `adadecode_fx.bench.report`; the command line shared by ``adadecode
+bench`` and ``bench/run_bench.py`` is `adadecode_fx.bench.command`.
 """
 from __future__ import annotations
 
-import os
-import shlex
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 
-from .methods import Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
-from .report import (aggregate, code_commit, heads_gain, heads_gain_lines, machine_info, oracle_bound, plot,
-                     summary_table, write)
-from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
-from ..report_files import check_writable
+from .methods import SAMPLING_KNOBS, Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
+from .report import aggregate, heads_gain, machine_info, oracle_bound, plot, summary_table, write
+from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
+SAMPLING_BASELINE = "hf_sample"     # hf_greedy's name when the bench samples
 FULL_DEPTH = "full_depth"           # per backend: the same lowering without exit heads
 METHODS = HF_METHODS + (FULL_DEPTH,)
 TASKS = ("humaneval", "gsm8k", "xsum", "mbpp")
@@ -72,6 +81,26 @@ class BenchConfig:
     mem_interval_s: float = 0.005
     batch_sizes: tuple[int, ...] = ()          # also measure batched throughput (`adadecode_fx.bench_batch`)
     recheck_divergence: bool = True            # rerun (untimed) a method and the reference where they differ
+    sampling: dict | None = None               # sample with these warpers (temperature, top_k, top_p, min_p)
+    sampling_seed: int = 0                     # torch.manual_seed(sampling_seed + prompt index) before each call
+
+    @property
+    def baseline(self) -> str:
+        return SAMPLING_BASELINE if self.sampling is not None else "hf_greedy"
+
+
+def check_sampling(sampling: dict | None, batch_sizes=()) -> None:
+    """Refuse sampling settings the decoder would refuse, before anything is loaded."""
+    if sampling is None:
+        return
+    from ..runtime.sampling import SamplingConfig
+
+    unknown = sorted(set(sampling) - set(SAMPLING_KNOBS))
+    if unknown:
+        raise AdaDecodeError(f"unknown sampling settings {unknown}: the bench samples with {', '.join(SAMPLING_KNOBS)}")
+    SamplingConfig(**{k: v for k, v in sampling.items() if v is not None})
+    if batch_sizes:
+        raise AdaDecodeError("batch sizes are measured for greedy decoding only: drop --batch-sizes or --do-sample")
 
 
 def resolve_heads_settings(heads, cfg: BenchConfig, num_layers: int) -> tuple[tuple[int, ...], float]:
@@ -93,24 +122,29 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         raise AdaDecodeError("no prompts to benchmark")
     if cfg.max_new_tokens < 1:
         raise AdaDecodeError("--max-new-tokens must be >= 1")
+    check_sampling(cfg.sampling, cfg.batch_sizes)
     T = cfg.max_new_tokens
     L = model.config.num_hidden_layers
+    sampling = cfg.sampling
     layers, threshold = resolve_heads_settings(heads, cfg, model.config.num_hidden_layers)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise AdaDecodeError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     skipped: dict[str, str] = {}
-    methods: list[Method] = [hf_method("hf_greedy", model, T)]
+    methods: list[Method] = [hf_method(cfg.baseline, model, T, sampling)]
     if "hf_static_compile" in cfg.methods:
-        methods.append(static_compile_method(model, T, device))
+        methods.append(static_compile_method(model, T, device, sampling))
     if "hf_prompt_lookup" in cfg.methods:
-        methods.append(hf_method("hf_prompt_lookup", model, T, prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens))
+        methods.append(hf_method("hf_prompt_lookup", model, T, sampling,
+                                 prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens))
+        methods[-1].info["own_draws"] = sampling is not None
     if "hf_early_exit" in cfg.methods:
         E = cfg.early_exit_layers or (layers[0] + 1 if layers else None)
         if E is None:
             skipped["hf_early_exit"] = "no exit layer to take E from (give heads or --early-exit-layers)"
         else:
-            methods.append(hf_method("hf_early_exit", model, T, assistant_early_exit=int(E)))
+            methods.append(hf_method("hf_early_exit", model, T, sampling, assistant_early_exit=int(E)))
+            methods[-1].info["own_draws"] = sampling is not None
     eager_decoder = None
     decoders = {}
     for backend in cfg.backends:
@@ -120,7 +154,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                 skipped[name] = "no exit heads"
                 continue
             try:
-                m, dec = adadecode_method(model, heads, backend, threshold, layers, cfg.max_pending, T, full_depth=full)
+                m, dec = adadecode_method(model, heads, backend, threshold, layers, cfg.max_pending, T, full_depth=full,
+                                          sampling=sampling)
             except (AdaDecodeError, ImportError, NotImplementedError) as exc:
                 skipped[name] = f"construction failed: {_reason(exc)}"
                 log(f"skipping {name}: {skipped[name]}")
@@ -149,7 +184,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
                     m.run(inputs[shortest])
                 warmup[m.name] = {"seconds": time.perf_counter() - t0, "tokens": len(toks)}
             except Exception as exc:  # noqa: BLE001 - a method that cannot run is recorded, not fatal
-                if m.name == "hf_greedy":
+                if m.name == cfg.baseline:
                     raise
                 skipped[m.name] = f"warm-up failed: {_reason(exc)}"
                 log(f"skipping {m.name}: {skipped[m.name]}")
@@ -171,7 +206,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         for i, (p, ids) in enumerate(zip(prompts, inputs)):
             k = i % len(methods)
             per_prompt.append(_measure_prompt(p, ids, methods[k:] + methods[:k], by_name, model, cfg, device, bar,
-                                              log))
+                                              log, seed=cfg.sampling_seed + i))
     except KeyboardInterrupt:
         if not per_prompt:
             raise
@@ -183,7 +218,9 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     per_method = {name: aggregate(name, per_prompt, L, next(m for m in methods if m.name == name))
                   for name in names}
     oracle = None
-    if cfg.oracle and eager_decoder is not None and not interrupted:
+    if cfg.oracle and sampling is not None:
+        oracle = {"skipped": "sampling: the oracle bound replays greedy sequences"}
+    elif cfg.oracle and eager_decoder is not None and not interrupted:
         try:
             oracle = oracle_bound(eager_decoder, heads, per_prompt, layers, threshold, cfg.max_pending)
         except Exception as exc:  # noqa: BLE001
@@ -193,43 +230,58 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         from .batch import run_batch_bench
         batching = run_batch_bench(model, {n: d for n, d in decoders.items() if n in names},
                                    [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log)
+    scheme = ("exactly max_new_tokens greedy tokens for every method; EOS stopping disabled everywhere (HF: "
+              "eos_token_id=[], AdaDecode: None), no logits processors")
+    if sampling is not None:
+        scheme = ("exactly max_new_tokens sampled tokens for every method, with the warpers of config.sampling and "
+                  "no other logits processor; torch.manual_seed(sampling_seed + prompt index) before every call; EOS "
+                  "stopping disabled everywhere (HF: eos_token_id=[], AdaDecode: None); parity not measured")
     return {"config": {**asdict(cfg), "exit_layers": list(layers), "threshold": threshold, "num_layers": L,
                        "dtype": str(model.dtype).replace("torch.", ""), "device": device,
-                       "length_scheme": "exactly max_new_tokens greedy tokens for every method; EOS stopping "
-                                        "disabled everywhere (HF: eos_token_id=[], AdaDecode: None), no logits "
-                                        "processors"},
-            "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
+                       "length_scheme": scheme},
+            "baseline": cfg.baseline, "methods": names, "skipped": skipped, "warmup": warmup, "per_method": per_method,
             "heads_gain": heads_gain(per_prompt, names), "oracle_bound": oracle, "per_prompt": per_prompt,
             "batching": batching, "interrupted": interrupted}
 
 
-def _measure_prompt(p: dict, ids, order: list, by_name: dict, model, cfg: BenchConfig, device: str, bar, log) -> dict:
-    """One prompt through every method in ``order`` (timed, interleaved), with parity against HF greedy."""
+def _measure_prompt(p: dict, ids, order: list, by_name: dict, model, cfg: BenchConfig, device: str, bar, log,
+                    seed: int = 0) -> dict:
+    """One prompt through every method in ``order`` (timed, interleaved), with parity against HF greedy
+    (sampling: every call starts from ``seed``; no parity)."""
+    import torch
+
     T = cfg.max_new_tokens
+    base = cfg.baseline
     runs = {}
     for m in order:
         bar.set_description(f"{p['id']} {m.name}"[-48:])
+        if cfg.sampling is not None:
+            torch.manual_seed(seed)
         runs[m.name] = run_timed(m, ids, device, cfg.mem_interval_s)
         bar.update(1)
     for name, r in runs.items():
         if r["new_tokens"] != T:  # would make every other method look divergent (or this one)
             log(f"{p['id']} {name}: {r['new_tokens']} new tokens, not {T}: the honest-length scheme failed")
-    ref = runs["hf_greedy"]["tokens"]
+    ref = runs[base]["tokens"]
     ref_again = []  # the reference's untimed rerun, made once per prompt and only on a divergence
     eos = _eos_ids(model)
     row = {"id": p["id"], "prompt_tokens": int(ids.shape[1]), "prompt_ids": list(p["input_ids"]),
-           "order": [m.name for m in order],
+           "order": [m.name for m in order], **({"sampling_seed": seed} if cfg.sampling is not None else {}),
            "eos_at": next((j for j, t in enumerate(ref) if t in eos), None), "reference_ids": ref,
            "methods": {}}
     for name, r in runs.items():
         first_diff = _first_diff(ref, r["tokens"])
         entry = {"tok_s": r["tok_s"], "seconds": r["seconds"], "new_tokens": r["new_tokens"],
-                 "speedup": r["tok_s"] / runs["hf_greedy"]["tok_s"] if runs["hf_greedy"]["tok_s"] else None,
+                 "speedup": r["tok_s"] / runs[base]["tok_s"] if runs[base]["tok_s"] else None,
                  "identical": first_diff is None, "first_diff": first_diff, "peak_mem_mb": r["peak_mem_mb"]}
-        if first_diff is not None:
+        if cfg.sampling is not None:
+            entry["ids"] = r["tokens"]
+            if by_name[name].info.get("own_draws"):  # draws its own way from the RNG: other tokens by design
+                entry.update(identical=None, first_diff=None)
+        elif first_diff is not None:
             entry["ids"] = r["tokens"]
             if cfg.recheck_divergence:
-                entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name["hf_greedy"], ref_again)
+                entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name[base], ref_again)
         if r["stats"] is not None:
             s = r["stats"]
             entry["stats"] = {k: s[k] for k in ("early_emitted", "accepted", "rejected", "steps",
@@ -295,138 +347,6 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# command line (shared by `adadecode bench` and bench/run_bench.py)
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="zoo name (smollm2-135m, qwen2.5-coder-0.5b) or HF dir")
-    p.add_argument("--heads", help="exit heads directory (default: the heads shipped for a zoo model)")
-    p.add_argument("--task", default="humaneval", help="humaneval | gsm8k | xsum | mbpp | PATH.jsonl (eval slice)")
-    p.add_argument("--n", type=int, default=5, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="every method generates exactly this many")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp32 | fp16")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="HF baselines to run (hf_greedy always runs), and full_depth: each backend's program "
-                        "without exit heads (adadecode_<backend>_full_depth), which heads_gain divides by; "
-                        "choose from " + ",".join(METHODS))
-    p.add_argument("--backends", default="eager,inductor",
-                   help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BACKENDS))
-    p.add_argument("--threshold", default=None,
-                   help="one gamma, or LAYER:GAMMA pairs (7:0.8,23:0.97); default: the heads' calibrated gamma")
-    p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")
-    p.add_argument("--max-pending", type=int, default=5,
-                   help="at most this many early tokens wait for verification (0: no early exits)")
-    p.add_argument("--early-exit-layers", type=int, default=None,
-                   help="E for hf_early_exit (layers the draft uses); default: our first exit layer + 1")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw prompts; "
-                                                      "an error for a tokenizer without one)")
-    p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
-    p.add_argument("--batch-sizes", default="", help="also measure batched throughput at these batch sizes "
-                                                      "(e.g. 1,4,8; each at most --n) against HF greedy")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="skip the untimed warm-up run of each method (compiling and cache set-up then land in "
-                        "the first timed prompt)")
-    p.add_argument("--no-oracle", action="store_true", help="skip the oracle bound")
-    p.add_argument("--no-recheck", action="store_true",
-                   help="do not rerun a method (and the reference) where its tokens differ from hf_greedy's")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--plot", help="write a PNG here (speed-up bars + exit-layer histogram)")
-
-
-def main(args, argv=None) -> int:
-    import torch
-
-    from ..zoo import models
-    from ..zoo.data import prompt_sources, source_texts
-    from ..heads import ExitHeads, shipped_heads
-
-    def names(text):
-        return tuple(x.strip() for x in (text or "").split(",") if x.strip())
-
-    exit_layers = _ints(args.exit_layers, "--exit-layers")
-    args.threshold = parse_threshold(args.threshold)  # text from the command line; set already by the adadecode CLI
-    _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
-    check_writable(args.json, "--json")
-    check_writable(args.plot, "--plot")
-    device = check_device(args.device)
-    torch.manual_seed(0)
-    records = prompt_sources([args.task + (":chat" if args.chat else "")], "eval", n=args.n, seed=args.seed)
-    model, tokenizer = models.load(args.model, dtype=args.dtype)
-    model = model.to(device)
-    heads_dir = args.heads or shipped_heads(args.model)
-    heads = ExitHeads.load(heads_dir, model) if heads_dir else None
-    prompts = [{"id": r["id"], "input_ids": tokenizer(text).input_ids}
-               for r, text in zip(records, source_texts(tokenizer, records))]  # --chat needs a chat template
-    cfg = BenchConfig(max_new_tokens=args.max_new_tokens, methods=names(args.methods), backends=names(args.backends),
-                      threshold=args.threshold, exit_layers=exit_layers, max_pending=args.max_pending,
-                      early_exit_layers=args.early_exit_layers, warmup=not args.no_warmup, oracle=not args.no_oracle,
-                      recheck_divergence=not args.no_recheck,
-                      batch_sizes=_ints(args.batch_sizes, "--batch-sizes"))
-    machine = machine_info(device)
-    started = time.time()
-    rep = run_bench(model, heads, prompts, cfg, device=device, progress=not args.no_progress)
-    rep = {"machine": machine, "commit": code_commit(),
-           "command": shlex.join(argv if argv is not None else sys.argv),
-           "model": str(args.model), "heads": str(heads_dir) if heads_dir else None, "task": args.task,
-           "chat": bool(args.chat), "prompt_ids_seed": args.seed,
-           "wall_s": time.time() - started, **rep}
-    rep["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    write(rep, args.json, args.plot)
-    if rep.get("interrupted"):
-        print(f"interrupted: {rep['interrupted']['prompts_measured']} of {rep['interrupted']['prompts_asked']} "
-              "prompts measured")
-    print(summary_table(rep))
-    if rep.get("batching"):
-        from .batch import batch_table
-        print(batch_table(rep["batching"]))
-    for line in heads_gain_lines(rep):
-        print(line)
-    return 0
-
-
-def _check_args(args, exit_layers) -> None:
-    for flag, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
-        if value < low:
-            raise AdaDecodeError(f"{flag} must be >= {low}, got {value}")
-    canonical_dtype(args.dtype)
-    AdaDecodeConfig(exit_layers=exit_layers, threshold=args.threshold, max_pending=args.max_pending)
-    names = [x.strip() for x in (args.backends or "").split(",") if x.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
-    unknown += [m for m in methods if m not in METHODS]
-    if unknown:
-        raise AdaDecodeError(f"unknown backends/methods {unknown}: backends are {', '.join(BACKENDS)}; methods "
-                             f"{', '.join(METHODS)}")
-    if any(b < 1 or b > args.n for b in _ints(args.batch_sizes, "--batch-sizes")):
-        raise AdaDecodeError(f"--batch-sizes must lie in 1..--n ({args.n}), got {args.batch_sizes!r}")
-
-
-def _ints(text, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in (text or "").split(",") if x.strip())
-    except ValueError:
-        raise AdaDecodeError(f"{flag} must be comma-separated integers, got {text!r}") from None
-
-
-def cli_main(argv=None) -> int:
-    import argparse
-
-    from ..argparse_help import HelpFormatter
-
-    p = argparse.ArgumentParser(prog="run_bench.py", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return main(args, ["bench/run_bench.py", *(sys.argv[1:] if argv is None else argv)])
-    except AdaDecodeError as e:
-        print(f"adadecode bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-__all__ = ["BenchConfig", "FULL_DEPTH", "HF_METHODS", "METHODS", "Method", "PeakMemory", "TASKS",
-           "adadecode_method", "add_arguments", "cli_main", "heads_gain", "hf_method", "machine_info", "main",
-           "oracle_bound", "plot", "resolve_heads_settings", "run_bench", "static_compile_method",
-           "summary_table", "write"]
+__all__ = ["BenchConfig", "FULL_DEPTH", "HF_METHODS", "METHODS", "Method", "PeakMemory", "SAMPLING_BASELINE", "TASKS",
+           "adadecode_method", "check_sampling", "heads_gain", "hf_method", "machine_info", "oracle_bound", "plot",
+           "resolve_heads_settings", "run_bench", "static_compile_method", "summary_table", "write"]

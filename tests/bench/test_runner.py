@@ -161,3 +161,23 @@ def test_ctrl_c_reports_the_prompts_measured_so_far():
     stop_at[:] = [3]  # the first prompt interrupts: nothing measured, nothing to report
     with pytest.raises(KeyboardInterrupt):
         run_bench(model, None, prompts, cfg, **bench)
+
+
+def test_a_checkpoints_generation_defaults_reach_no_method():
+    """A checkpoint's generation_config.json may set processors (Qwen2.5-Coder-Instruct's sets a repetition
+    penalty and top-k). HF's generate fills every unset field from it, so the HF methods would apply them and
+    AdaDecode would not: the bench runs every method with the same explicit settings only."""
+    model = copy.deepcopy(tiny_model("llama"))
+    prompt = list(range(3, 15))
+    plain = hf_greedy(model, prompt, T)
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.repetition_penalty = 1.5
+    assert hf_greedy(model, prompt, T) != plain  # the checkpoint's settings do change HF's greedy tokens
+    heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "full_depth"),
+                      backends=("eager",), threshold=0.02, max_pending=3, oracle=False)
+    rep = run_bench(model, heads, [{"id": "a", "input_ids": prompt}], cfg, progress=False, log=lambda m: None)
+    row = rep["per_prompt"][0]
+    assert row["reference_ids"] == plain
+    assert all(entry["identical"] for entry in row["methods"].values()), row["methods"]
+    assert model.generation_config.no_repeat_ngram_size == 1  # the model's own config is left as it was
