@@ -6,10 +6,10 @@ of earlier early tokens at each layer (deferred work). It ends either at an exit
 confident enough (the token is emitted early, its remaining layers parked) or at the last layer,
 where `verify_greedy` checks every pending early token and rolls back on the first mismatch.
 
-Sampling (``do_sample=True`` / a `SamplingConfig`): an exit probe's logits go through the same logits
-processors as the final layer's; if the resulting distribution ``q`` is confident enough (max >= threshold)
-an early token is drawn from it and ``q`` is kept; `verify_sampling` then accepts or resamples by the
-speculative-sampling rule, so the output is distributed as plain sampling.
+Sampling (``do_sample=True`` / a `SamplingConfig`): an exit probe's logits go through the same warpers
+as the final layer's, giving ``q``; if the head is confident enough (its own softmax's max and max ``q``
+both >= threshold) an early token is drawn from ``q`` and ``q`` is kept; `verify_sampling` then accepts
+or resamples by the speculative-sampling rule, so the output is distributed as plain sampling.
 """
 from __future__ import annotations
 

@@ -26,6 +26,12 @@ Probe = Callable[[int, torch.Tensor, list], tuple[list, list]]
 ProbeLogits = Callable[[int, torch.Tensor, list], torch.Tensor]
 
 
+def head_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` -> the softmax's max ``[...]`` in float32 (``-inf`` outside a shortlist)."""
+    logits = logits.float()
+    return torch.exp(logits.max(-1).values - torch.logsumexp(logits, -1))
+
+
 class Decisions(Protocol):
     def draft(self, run, layer: int, hidden_last: torch.Tensor) -> list[int] | None: ...
 
@@ -91,14 +97,25 @@ class SamplingDecisions:
         self.probe_logits, self.sampler, self.gamma = probe_logits, sampler, gamma
 
     def draft(self, run, layer, hidden_last):
-        """Per row, ``q`` = the processed head distribution; the exit is taken only if every unfinished row's
-        max q reaches the layer's threshold, and then each row's token is drawn from its q (kept for `judge`).
-        Finished rows get token -1."""
+        """Per row, ``q`` = the processed head distribution. The exit is taken only if, in every unfinished
+        row, both the head's own confidence (its softmax's max, what the threshold is calibrated on in
+        greedy decoding: how often the final layer's argmax is the head's) and max q reach the layer's
+        threshold; then each row's token is drawn from its q (kept for `judge`). Finished rows get -1.
+
+        Max q alone is not enough: temperature < 1, top-k and top-p sharpen q, so a head that is right
+        only 70% of the time can show max q = 1. With the shipped Qwen2.5-Coder heads at temperature
+        0.7, top-k 20, top-p 0.8 that rule exited on 62% of tokens, 76% of them accepted, and decoded
+        0.82x as fast as no exits; with the head's confidence it exits on 58%, 93% accepted, 1.11x
+        (8 HumanEval x 192, docs/benchmarks.md)."""
         logits = self.probe_logits(layer, hidden_last, run.rows)
+        active = run.active()
+        gamma = self.gamma(layer)
+        if float(head_confidence(logits[active]).min()) < gamma:
+            return None
         qs = {}
-        for b in run.active():
-            q = self.sampler.distribution(logits[b], run.rows[b], run.batch_row(b))
-            if q is None or float(q.max()) < self.gamma(layer):
+        for b in active:
+            q = self.sampler.draft_distribution(logits[b], run.rows[b], run.batch_row(b))
+            if q is None or float(q.max()) < gamma:
                 return None
             qs[b] = q
         tokens = [-1] * len(run.rows)

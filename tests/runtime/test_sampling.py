@@ -205,3 +205,75 @@ def test_unsupported_settings_are_refused():
         dec.generate(PROMPT, max_new_tokens=3, top_k=4)
     with pytest.raises(AdaDecodeError, match="temperature"):
         SamplingConfig(temperature=0.0)
+
+
+WARPS = [{"temperature": 0.7, "top_k": 20, "top_p": 0.8}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7},
+         {"top_k": 5}, {"min_p": 0.1}, {"temperature": 1.3, "top_p": 0.95, "min_p": 0.05},
+         {"top_p": 0.5, "top_k": 50}, {"top_p": 0.999}]
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0], ids=["flat", "peaked"])
+def test_warped_probs_is_hfs_warpers_over_the_candidates(scale):
+    """The draft distribution of a probe without logits processors: HF's warpers' result, computed over
+    the candidates they keep (float64, no ties: equal up to rounding, the same support)."""
+    from adadecode_fx.runtime.sampling import Sampler, warped_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5000, generator=g, dtype=torch.float64) * scale
+    logits[::3] = float("-inf")  # a shortlist head: -inf outside it
+    for kw in WARPS:
+        ref = Sampler(SamplingConfig(**kw), "cpu").distribution(logits, [1, 2, 3])
+        got = warped_probs(logits, dtype=torch.float64, **kw)
+        assert torch.equal(ref > 0, got > 0), kw
+        assert torch.allclose(ref, got, rtol=0, atol=1e-12), kw
+    assert warped_probs(torch.full((10,), float("-inf")), top_k=3) is None
+
+
+def test_warped_probs_keeps_every_token_tied_with_the_kth_as_hf():
+    from adadecode_fx.runtime.sampling import warped_probs
+
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.0])
+    assert (warped_probs(logits, top_k=2) > 0).tolist() == [True, True, True, True, False, False]
+
+
+def test_drafts_use_the_candidates_unless_logits_processors_are_given(monkeypatch):
+    """Without logits processors a probe's q comes from `warped_probs` (HF's top-p sorts the whole
+    vocabulary on every probe); with them, from HF's processors and warpers, as the final layer's p."""
+    from adadecode_fx.runtime import sampling
+
+    calls = Counter()
+    real = sampling.warped_probs
+
+    def counted(*a, **k):
+        calls["fast"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(sampling, "warped_probs", counted)
+    dec = _decoder()
+    out = dec.generate(PROMPT, max_new_tokens=6, eos_token_id=None, do_sample=True, top_p=0.9, seed=0)
+    assert out.stats.early_emitted > 0 and calls["fast"] >= out.stats.early_emitted
+    calls.clear()
+    from transformers import InfNanRemoveLogitsProcessor
+
+    keep = LogitsProcessorList([InfNanRemoveLogitsProcessor()])
+    out = dec.generate(PROMPT, max_new_tokens=6, eos_token_id=None, do_sample=True, top_p=0.9, seed=0,
+                       logits_processor=keep)
+    assert out.stats.early_emitted > 0 and calls["fast"] == 0
+
+
+@pytest.mark.parametrize("confidence,exits", [(0.3, False), (0.9, True)])
+def test_an_exit_needs_the_heads_own_confidence_not_only_a_sharp_q(confidence, exits):
+    """top_k=1 makes every q one-hot (max q = 1): the exit must still wait for the head's own softmax to
+    reach the threshold, which is what the threshold is calibrated on."""
+    model = tiny_model("llama")
+    dec = AdaDecoder(model, ExitHeads.identity(model, (3,)), AdaDecodeConfig(threshold=0.5, max_pending=2))
+    V = model.config.vocab_size
+    top = math.log(confidence * (V - 1) / (1 - confidence))  # softmax(top, 0, 0, ...) gives it `confidence`
+
+    def head_logits(layer, hidden_last, rows):
+        logits = torch.zeros(hidden_last.shape[0], V, dtype=torch.float64)
+        logits[:, 7] = top
+        return logits
+    dec.exit_logits = head_logits
+    out = dec.generate(PROMPT, max_new_tokens=8, eos_token_id=None, do_sample=True, top_k=1, seed=0)
+    assert (out.stats.early_emitted > 0) == exits, out.stats
+    assert out.new_tokens == hf_greedy(model, PROMPT, 8)  # top-k 1 is greedy, whatever the heads draft
