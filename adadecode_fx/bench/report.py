@@ -253,7 +253,7 @@ def plot(rep: dict, path) -> None:
     sampling = cfg.get("sampling")
     how = "greedy" if sampling is None else "sampling " + ", ".join(f"{k} {v}" for k, v in sampling.items())
     a.set_title(f"{rep.get('model', '')} {cfg['dtype']}, {rep.get('task', '')} n={len(rep['per_prompt'])}, "
-                f"{cfg['max_new_tokens']} tokens, {how}", fontsize=9)
+                f"{cfg['max_new_tokens']} tokens\n{how}", fontsize=9)
     a.set_ylim(0, max(med + [ob or 0, 1.0]) * 1.35)
 
     L = cfg["num_layers"]
