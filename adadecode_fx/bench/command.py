@@ -45,8 +45,9 @@ def add_arguments(p) -> None:
                                                       "(e.g. 1,4,8; each at most --n) against HF greedy")
     g = p.add_argument_group("sampling (default: greedy, with parity against HF greedy)")
     g.add_argument("--do-sample", action="store_true",
-                   help="every method samples (the baseline is hf_sample); parity is not measured, the test suite "
-                        "checks the distribution")
+                   help="every method samples, from the same seed per prompt (the baseline is hf_sample); parity "
+                        "compares ids for methods that draw once per token (full depth, HF static compile), and is "
+                        "n/a for AdaDecode with exits, whose distribution the test suite checks")
     g.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     g.add_argument("--top-k", type=int, default=None, help="with --do-sample (default: off)")
     g.add_argument("--top-p", type=float, default=None, help="with --do-sample (default: off)")
@@ -167,7 +168,6 @@ def cli_main(argv=None) -> int:
     except AdaDecodeError as e:
         print(f"adadecode bench: error: {e}", file=sys.stderr)
         return 2
-
 
 
 __all__ = ["add_arguments", "cli_main", "main"]

@@ -235,7 +235,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     if sampling is not None:
         scheme = ("exactly max_new_tokens sampled tokens for every method, with the warpers of config.sampling and "
                   "no other logits processor; torch.manual_seed(sampling_seed + prompt index) before every call; EOS "
-                  "stopping disabled everywhere (HF: eos_token_id=[], AdaDecode: None); parity not measured")
+                  "stopping disabled everywhere (HF: eos_token_id=[], AdaDecode: None); parity compares ids only for "
+                  "methods that draw once per token, None for those that draw their own way (own_draws)")
     return {"config": {**asdict(cfg), "exit_layers": list(layers), "threshold": threshold, "num_layers": L,
                        "dtype": str(model.dtype).replace("torch.", ""), "device": device,
                        "length_scheme": scheme},
@@ -246,8 +247,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
 
 def _measure_prompt(p: dict, ids, order: list, by_name: dict, model, cfg: BenchConfig, device: str, bar, log,
                     seed: int = 0) -> dict:
-    """One prompt through every method in ``order`` (timed, interleaved), with parity against HF greedy
-    (sampling: every call starts from ``seed``; no parity)."""
+    """One prompt through every method in ``order`` (timed, interleaved), with parity against the baseline
+    (sampling: every call starts from ``seed``; no parity for methods that draw their own way)."""
     import torch
 
     T = cfg.max_new_tokens
