@@ -187,12 +187,37 @@ def warped_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     return out
 
 
+# HF's standard warpers, in the order HF's generate and `SamplingConfig.processors` append them, and the
+# `warped_probs` setting each one carries
+_WARPERS = {"TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
+            "MinPLogitsWarper": "min_p"}
+
+
+def split_warpers(processors) -> tuple[list, dict] | None:
+    """``processors`` -> (those before the trailing standard warpers, those warpers' `warped_probs`
+    settings). HF's ``generate`` prepares its list that way: processors first (repetition penalty...),
+    then temperature, top-k, top-p, min-p. ``None`` where a trailing warper is out of that order,
+    repeated, or not at its default filter value and minimum of one token kept."""
+    procs, settings = list(processors or ()), {}
+    order = list(_WARPERS.values())
+    while procs and type(procs[-1]).__name__ in _WARPERS:
+        warper = procs.pop()
+        key = _WARPERS[type(warper).__name__]
+        later = [k for k in settings if order.index(k) <= order.index(key)]
+        if later or getattr(warper, "filter_value", -math.inf) != -math.inf or \
+                getattr(warper, "min_tokens_to_keep", 1) != 1:
+            return None
+        settings[key] = getattr(warper, key)
+    return procs, settings
+
+
 class Sampler:
     """One generation's sampling state: the processors and the random source."""
 
     def __init__(self, config: SamplingConfig, device, batch: int = 1):
         self.config = config
         self.processors = row_processors(config.processors(), batch)  # per row
+        self.draft_warpers = [split_warpers(procs) for procs in self.processors]  # per row, for drafts
         self.device = torch.device(device)
         self.generator = None
         if config.seed is not None:
@@ -211,15 +236,19 @@ class Sampler:
 
     def draft_distribution(self, logits: torch.Tensor, prefix: list[int], row: int = 0) -> torch.Tensor | None:
         """The distribution ``q [V]`` an early token is drawn from. Speculative sampling is lossless for any
-        ``q`` the draft is really drawn from, so with the built-in warpers only (no ``logits_processor``)
-        it is `warped_probs` over the few candidates they keep, not HF's warpers over the whole vocabulary:
-        HF's top-p sorts all of it, 5 ms for Qwen2.5's 151,936 tokens on the CPU, about two decoder layers
-        of that model, on every probe. The final layer's distribution stays HF's (`distribution`)."""
-        c = self.config
-        if c.logits_processor:
+        ``q`` the draft is really drawn from, so the trailing standard warpers (`split_warpers`: HF's
+        ``generate`` and `SamplingConfig` put them last) are applied by `warped_probs` over the few
+        candidates they keep, not by HF's warpers over the whole vocabulary: HF's top-p sorts all of it,
+        5 ms for Qwen2.5's 151,936 tokens on the CPU, about two decoder layers of that model, on every
+        probe. The processors before them run as HF's. The final layer's distribution stays HF's
+        (`distribution`)."""
+        split = self.draft_warpers[row]
+        if split is None:
             return self.distribution(logits, prefix, row)
+        first, warpers = split
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return warped_probs(logits.reshape(-1), c.temperature, c.top_k, c.top_p, c.min_p, dtype)
+        scores = processed_scores(first, logits, prefix, dtype)[0] if first else logits.reshape(-1)
+        return warped_probs(scores, dtype=dtype, **warpers)
 
     def distributions(self, logits: torch.Tensor, tokens: list[int], first_row_pos: int, row: int = 0) -> list:
         """Row ``k`` of ``logits [T, V]`` predicts the token after ``tokens[:first_row_pos + k + 1]``."""

@@ -236,28 +236,45 @@ def test_warped_probs_keeps_every_token_tied_with_the_kth_as_hf():
     assert (warped_probs(logits, top_k=2) > 0).tolist() == [True, True, True, True, False, False]
 
 
-def test_drafts_use_the_candidates_unless_logits_processors_are_given(monkeypatch):
-    """Without logits processors a probe's q comes from `warped_probs` (HF's top-p sorts the whole
-    vocabulary on every probe); with them, from HF's processors and warpers, as the final layer's p."""
+def test_drafts_apply_the_trailing_warpers_over_their_candidates(monkeypatch):
+    """A probe's q: the processors before HF's standard warpers as HF runs them, the warpers through
+    `warped_probs` (HF's top-p sorts the whole vocabulary on every probe). HF's generate prepares its list
+    that way, so `custom_generate` takes the same path; a warper that is not at its defaults goes to HF's."""
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
     from adadecode_fx.runtime import sampling
 
-    calls = Counter()
+    seen = []
     real = sampling.warped_probs
 
     def counted(*a, **k):
-        calls["fast"] += 1
+        seen.append(k)
         return real(*a, **k)
     monkeypatch.setattr(sampling, "warped_probs", counted)
     dec = _decoder()
     out = dec.generate(PROMPT, max_new_tokens=6, eos_token_id=None, do_sample=True, top_p=0.9, seed=0)
-    assert out.stats.early_emitted > 0 and calls["fast"] >= out.stats.early_emitted
-    calls.clear()
-    from transformers import InfNanRemoveLogitsProcessor
+    assert out.stats.early_emitted > 0 and len(seen) >= out.stats.early_emitted
+    assert seen[0] == {"dtype": torch.float64, "top_p": 0.9}
 
-    keep = LogitsProcessorList([InfNanRemoveLogitsProcessor()])
-    out = dec.generate(PROMPT, max_new_tokens=6, eos_token_id=None, do_sample=True, top_p=0.9, seed=0,
-                       logits_processor=keep)
-    assert out.stats.early_emitted > 0 and calls["fast"] == 0
+    penalty = RepetitionPenaltyLogitsProcessor(1.3)
+    first, warpers = sampling.split_warpers([penalty, TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
+                                             TopPLogitsWarper(0.8)])
+    assert first == [penalty] and warpers == {"temperature": 0.7, "top_k": 20, "top_p": 0.8}
+    assert sampling.split_warpers([TopPLogitsWarper(0.8), TopKLogitsWarper(20)]) is None  # not HF's order
+    assert sampling.split_warpers([TopKLogitsWarper(20, filter_value=-1e4)]) is None
+
+    seen.clear()  # HF's own list, through custom_generate: its penalty first, then its warpers
+    model = tiny_model("llama")
+    ids = torch.tensor([PROMPT])
+    model.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=adadecode_fx.generate,
+                   exit_heads=ExitHeads.identity(model, (3,)), adadecode={"threshold": 1e-6, "max_pending": 2},
+                   do_sample=True, temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.3, max_new_tokens=6,
+                   pad_token_id=0)
+    assert seen and seen[0] == {"dtype": torch.float64, "temperature": 0.7, "top_k": 5}
+    seen.clear()
+    broken = LogitsProcessorList([TopKLogitsWarper(5, filter_value=-1e4)])
+    dec.generate(PROMPT, max_new_tokens=6, eos_token_id=None, do_sample=True, seed=0, logits_processor=broken)
+    assert not seen  # a warper not at its defaults: q from HF's processors
 
 
 @pytest.mark.parametrize("confidence,exits", [(0.3, False), (0.9, True)])
