@@ -31,6 +31,7 @@ class Method:
 
 
 SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p")
+_ASSISTED = {"prompt_lookup_num_tokens", "assistant_early_exit"}  # generate options that draft and verify
 
 
 def _gen_config(model, max_new_tokens: int, sampling: dict | None = None, **extra):
@@ -75,8 +76,8 @@ def hf_method(name: str, model, max_new_tokens: int, sampling: dict | None = Non
         return out[0, ids.shape[1]:].tolist(), None
 
     info = {k: (repr(v) if k == "compile_config" else v) for k, v in extra.items()}
-    if sampling is not None:
-        info["sampling"] = dict(sampling)
+    if sampling is not None:  # assisted generation draws a block of candidates at a time
+        info.update(sampling=dict(sampling), own_draws=bool(_ASSISTED & set(extra)))
     return Method(name, run, info)
 
 

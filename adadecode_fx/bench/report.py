@@ -237,11 +237,12 @@ def plot(rep: dict, path) -> None:
     colors = ["tab:gray" if n.startswith("hf_") else "tab:cyan" if n.endswith("_full_depth") else "tab:blue"
               for n in names]
     bars = a.bar(range(len(names)), med, yerr=[lo, hi], capsize=4, color=colors)
+    newline = "\n"  # an f-string expression cannot hold a backslash before Python 3.12
     for bar_, n in zip(bars, names):
         top = max(bar_.get_height(), pm[n]["speedup_p75"] or 0.0)
         a.text(bar_.get_x() + bar_.get_width() / 2, top + 0.02,
-               f"{pm[n]['speedup_median']:.2f}x\nparity {parity_text(pm[n], chr(10))}", ha="center", va="bottom",
-               fontsize=8)
+               f"{pm[n]['speedup_median']:.2f}x\nparity {parity_text(pm[n], sep=newline)}", ha="center",
+               va="bottom", fontsize=8)
     a.axhline(1.0, ls="--", c="k", lw=0.8)
     ob = (rep.get("oracle_bound") or {}).get("oracle_speedup_bound")
     if ob:

@@ -137,14 +137,12 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     if "hf_prompt_lookup" in cfg.methods:
         methods.append(hf_method("hf_prompt_lookup", model, T, sampling,
                                  prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens))
-        methods[-1].info["own_draws"] = sampling is not None
     if "hf_early_exit" in cfg.methods:
         E = cfg.early_exit_layers or (layers[0] + 1 if layers else None)
         if E is None:
             skipped["hf_early_exit"] = "no exit layer to take E from (give heads or --early-exit-layers)"
         else:
             methods.append(hf_method("hf_early_exit", model, T, sampling, assistant_early_exit=int(E)))
-            methods[-1].info["own_draws"] = sampling is not None
     eager_decoder = None
     decoders = {}
     for backend in cfg.backends:

@@ -103,10 +103,8 @@ class SamplingDecisions:
         threshold; then each row's token is drawn from its q (kept for `judge`). Finished rows get -1.
 
         Max q alone is not enough: temperature < 1, top-k and top-p sharpen q, so a head that is right
-        only 70% of the time can show max q = 1. With the shipped Qwen2.5-Coder heads at temperature
-        0.7, top-k 20, top-p 0.8 that rule exited on 62% of tokens, 76% of them accepted, and decoded
-        0.82x as fast as no exits; with the head's confidence it exits on 58%, 93% accepted, 1.11x
-        (8 HumanEval x 192, docs/benchmarks.md)."""
+        only 70% of the time can show max q = 1, and the rollbacks then cost more than the exits save
+        (measured in docs/benchmarks.md, sampling)."""
         logits = self.probe_logits(layer, hidden_last, run.rows)
         active = run.active()
         gamma = self.gamma(layer)
