@@ -168,7 +168,7 @@ def heads_gain_lines(rep: dict) -> list[str]:
         lines.append(f"costs not measured (modelled gain = bound): {ob['costs_error'][:200]}")
     if ob.get("oracle_speedup_bound"):
         modelled = ob["replayed"].get("modelled_gain")
-        lines.append(f"over the same program at full depth: replayed schedule of this config "
+        lines.append("over the same program at full depth: replayed schedule of this config "
                      + (f"{modelled:.2f}x modelled (deferred rows, LM-head calls at their measured costs), " if modelled else "")
                      + f"{ob['replayed']['speedup_bound']:.2f}x bound (rows free), oracle {ob['oracle_speedup_bound']:.2f}x "
                      f"({ob['oracle_layers_per_token']:.1f} layers/token)")

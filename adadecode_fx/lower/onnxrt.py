@@ -215,7 +215,7 @@ def lower_onnxruntime(program, config):
     target = config.onnx_dir
     out = Path(target) if target else Path(tempfile.mkdtemp(prefix="adadecode-onnx-"))
     if not (target and _holds_export_of(out, program)):
-        notice(f"exporting every segment to ONNX for ONNX Runtime (about 15-20 s for a small model); "
+        notice("exporting every segment to ONNX for ONNX Runtime (about 15-20 s for a small model); "
                + (f"kept in {out} and reused while the model, heads and settings stay the same" if target else
                   "done for every new decoder unless AdaDecodeConfig(onnx_dir=...) keeps it"))
         meta = {"config": {"exit_layers": list(config.exit_layers), "threshold": config.threshold,

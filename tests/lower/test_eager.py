@@ -58,7 +58,7 @@ def test_bf16_probes_read_their_adapter_through_the_block_kernel():
         assert probe.linear is op
         plain = dec.program.probe_modules[layer]  # what sampling and the other lowerings start from
         assert plain.linear is None and plain.adapter.data_ptr() == probe.adapter.data_ptr()  # shared weights
-        (tok, conf), (plain_tok, plain_conf) = probe(h), plain(h)
+        (tok, conf), (_, plain_conf) = probe(h), plain(h)
         assert torch.allclose(conf, plain_conf, rtol=0.05) and conf.shape == plain_conf.shape == tok.shape
     fp32 = tiny_model("qwen2", dtype=torch.float32)
     dec32 = AdaDecoder(fp32, ExitHeads.random(fp32, (1,), seed=0), AdaDecodeConfig(threshold=0.5))
