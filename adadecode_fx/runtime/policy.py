@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .hf_equivalents import multinomial_one
 from .sampling import processed_scores
 from .verify import Verdict, verify_greedy, verify_sampling
 
@@ -119,7 +120,7 @@ class SamplingDecisions:
         tokens = [-1] * len(run.rows)
         for b, q in qs.items():
             run.drafts[b].append(q)
-            tokens[b] = int(torch.multinomial(q, 1, generator=self.sampler.generator))
+            tokens[b] = multinomial_one(q, self.sampler.generator)
         return tokens
 
     def judge(self, run, first, logits):

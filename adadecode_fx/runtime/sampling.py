@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdaDecodeError
+from .hf_equivalents import top_p_filter
 
 # Processors whose output for a position depends only on that position's logits and its prefix (no
 # hidden state across calls, no extra model calls): safe to call once per position with that prefix.
@@ -80,12 +81,13 @@ def _as_row(fn, row: int, _batch_id: int, ids: torch.Tensor):
 def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype) -> torch.Tensor:
     """``logits [V]`` for the token after ``prefix`` as ``dtype`` through ``processors`` (``[1, V]``), each
     called with the prefix as its input ids, as HF's decoding loop calls them for that position. Processors
-    get a copy of their own, as in HF's loop; without any, ``logits`` of that dtype are not copied."""
+    get a copy of their own, as in HF's loop; without any, ``logits`` of that dtype are not copied. HF's
+    top-p gives its result without a sort of the vocabulary where it can (`top_p_filter`)."""
     scores = logits.reshape(1, -1).to(dtype=dtype, copy=bool(processors))
     if processors:
         ids = torch.tensor([prefix], dtype=torch.long, device=scores.device)
         for proc in processors:
-            scores = proc(ids, scores)
+            scores = top_p_filter(proc, ids, scores) if type(proc).__name__ == "TopPLogitsWarper" else proc(ids, scores)
     return scores
 
 

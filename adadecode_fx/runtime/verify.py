@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hf_equivalents import multinomial_one
+
 
 @dataclass
 class Verdict:
@@ -48,10 +50,6 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if float(total) > 0 else p
 
 
-def _draw(probs: torch.Tensor, generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def verify_sampling(tokens: list[int], first_row_pos: int, probs, drafts, generator=None) -> Verdict:
     """Speculative-sampling verification.
 
@@ -69,7 +67,7 @@ def verify_sampling(tokens: list[int], first_row_pos: int, probs, drafts, genera
     for k, p in enumerate(probs):
         target = first_row_pos + k + 1
         if target >= len(tokens):
-            return Verdict(accepted, None, _draw(p, generator))
+            return Verdict(accepted, None, multinomial_one(p, generator))
         if target < n_drafted:  # already final (not an early token): nothing to decide
             continue
         q = drafts[target - n_drafted]
@@ -78,5 +76,5 @@ def verify_sampling(tokens: list[int], first_row_pos: int, probs, drafts, genera
         if accept_early(float(p[x]), float(q[x]), u):
             accepted += 1
             continue
-        return Verdict(accepted, target, _draw(residual(p, q.to(p.dtype)), generator))
+        return Verdict(accepted, target, multinomial_one(residual(p, q.to(p.dtype)), generator))
     return Verdict(accepted, None, -1)
