@@ -9,47 +9,58 @@ Parity is per row against that row's *unbatched* HF greedy output (the ``B = 1``
 is what a user means by "the same output". HF's own batched rows are held to the same reference: with
 left padding the attention reductions run over a longer, padded width, and in low precision that can flip
 a near-tie, so ``hf_greedy`` itself may score below 100% here.
+
+With ``sampling`` the baseline is HF's batched sampling and every method samples with those warpers,
+torch's global RNG seeded with ``seed`` + the group's index before each call. A batch draws its rows
+together (HF: one draw over ``[B, V]``; AdaDecode: row by row), so no row's tokens can be compared with
+the row alone: parity is not measured (``None``); tests/runtime/test_sampling.py checks the distribution.
 """
 from __future__ import annotations
 
 import statistics
 import time
 
-from .methods import _gen_config
+from .methods import SAMPLING_BASELINE, _gen_config, _generation_defaults
 from ..errors import AdaDecodeError
 
 
-def _hf_batch(model, max_new_tokens: int):
+def _hf_batch(model, max_new_tokens: int, sampling: dict | None):
     import torch
 
-    gc = _gen_config(model, max_new_tokens)
+    gc = _gen_config(model, max_new_tokens, sampling)
 
     @torch.no_grad()
     def run(prompts):
         width = max(map(len, prompts))
         ids = torch.tensor([[gc.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(ids, attention_mask=mask, generation_config=gc)
+        with _generation_defaults(model, gc):
+            out = model.generate(ids, attention_mask=mask, generation_config=gc)
         return out[:, width:].tolist(), None
     return run
 
 
-def _ada_batch(decoder, max_new_tokens: int):
+def _ada_batch(decoder, max_new_tokens: int, sampling: dict | None):
+    knobs = {} if sampling is None else {"do_sample": True, "seed": None, **sampling}
+
     def run(prompts):
-        res = decoder.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=None)
+        res = decoder.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=None, **knobs)
         return res.new_tokens, res.stats.to_dict()  # a list of token lists in, one list per row out
     return run
 
 
 def run_batch_bench(model, decoders: dict, prompts: list[list[int]], batch_sizes, max_new_tokens: int,
-                    log=print) -> dict:
-    """``decoders``: ``{"adadecode_<backend>": AdaDecoder}``. Returns ``{"batch_sizes": [...], "per_batch":
-    {B: {method: {...}}}}``."""
+                    log=print, sampling: dict | None = None, seed: int = 0) -> dict:
+    """``decoders``: ``{"adadecode_<backend>": AdaDecoder}``; ``sampling``: warper settings to sample with
+    (``None``: greedy). Returns ``{"batch_sizes": [...], "baseline", "per_batch": {B: {method: {...}}}}``."""
+    import torch
+
     sizes = sorted({int(b) for b in batch_sizes} | {1})
     if sizes[0] < 1 or sizes[-1] > len(prompts):
         raise AdaDecodeError(f"--batch-sizes must lie in 1..{len(prompts)} (the number of prompts), got {sizes}")
-    methods = {"hf_greedy": _hf_batch(model, max_new_tokens)}
-    methods.update({name: _ada_batch(dec, max_new_tokens) for name, dec in decoders.items()})
+    baseline = "hf_greedy" if sampling is None else SAMPLING_BASELINE
+    methods = {baseline: _hf_batch(model, max_new_tokens, sampling)}
+    methods.update({name: _ada_batch(dec, max_new_tokens, sampling) for name, dec in decoders.items()})
     for name, run in methods.items():  # warm-up at every size (compiles the batch graphs)
         for B in sizes:
             run(prompts[:B])
@@ -62,10 +73,11 @@ def run_batch_bench(model, decoders: dict, prompts: list[list[int]], batch_sizes
             names = list(methods)
             names = names[k % len(names):] + names[:k % len(names)]
             for name in names:
+                torch.manual_seed(seed + k)
                 t0 = time.perf_counter()
                 rows, stats = methods[name]([prompts[i] for i in group])
                 seconds = time.perf_counter() - t0
-                if B == 1 and name == "hf_greedy":
+                if B == 1 and name == baseline:
                     reference[group[0]] = rows[0]
                 results[name].append({"group": group, "seconds": seconds, "rows": rows, "stats": stats,
                                       "tok_s": sum(map(len, rows)) / seconds})
@@ -73,19 +85,26 @@ def run_batch_bench(model, decoders: dict, prompts: list[list[int]], batch_sizes
         for name, runs in results.items():
             same = [rows == reference[i] for r in runs for i, rows in zip(r["group"], r["rows"])]
             entry = {"groups": len(runs), "tok_s_median": statistics.median(r["tok_s"] for r in runs),
-                     "parity": sum(same) / len(same), "rows": len(same)}
+                     "parity": None if sampling is not None else sum(same) / len(same), "rows": len(same)}
             stats = [r["stats"] for r in runs if r["stats"]]
             if stats:
                 entry["early_exit_rate"] = statistics.mean(s["early_exit_rate"] for s in stats)
                 entry["acceptance_rate"] = statistics.mean(s["acceptance_rate"] for s in stats)
             per_batch[B][name] = entry
-        base = per_batch[B]["hf_greedy"]["tok_s_median"]
+        base = per_batch[B][baseline]["tok_s_median"]
         for entry in per_batch[B].values():
             entry["speedup_vs_hf_same_batch"] = entry["tok_s_median"] / base if base else None
-        log(f"batch {B}: " + ", ".join(f"{n} {e['tok_s_median']:.1f} tok/s parity {e['parity']:.0%}"
+        log(f"batch {B}: " + ", ".join(f"{n} {e['tok_s_median']:.1f} tok/s parity {_parity(e)}"
                                        for n, e in per_batch[B].items()))
-    return {"batch_sizes": sizes, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
+    return {"batch_sizes": sizes, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "baseline": baseline,
+            **({"sampling": dict(sampling), "sampling_seed": seed} if sampling is not None else {}),
             "per_batch": {str(B): v for B, v in per_batch.items()}}
+
+
+def _parity(entry: dict) -> str:
+    if entry["parity"] is None:
+        return "n/a"
+    return f"{entry['parity']:.0%} ({round(entry['parity'] * entry['rows'])}/{entry['rows']})"
 
 
 def _pct(x) -> str:
@@ -93,13 +112,13 @@ def _pct(x) -> str:
 
 
 def batch_table(batching: dict) -> str:
-    lines = ["| batch | method | tok/s (median over groups) | vs HF greedy, same batch | parity (rows = unbatched "
+    base = batching.get("baseline", "hf_greedy")
+    lines = [f"| batch | method | tok/s (median over groups) | vs {base}, same batch | parity (rows = unbatched "
              "HF greedy) | early-exit | acceptance |", "|---|---|---|---|---|---|---|"]
     for B, methods in batching["per_batch"].items():
         for name, e in methods.items():
             lines.append(f"| {B} | {name} | {e['tok_s_median']:.2f} | {e['speedup_vs_hf_same_batch']:.2f}x | "
-                         f"{e['parity']:.0%} ({round(e['parity'] * e['rows'])}/{e['rows']}) | "
-                         f"{_pct(e.get('early_exit_rate'))} | {_pct(e.get('acceptance_rate'))} |")
+                         f"{_parity(e)} | {_pct(e.get('early_exit_rate'))} | {_pct(e.get('acceptance_rate'))} |")
     return "\n".join(lines)
 
 

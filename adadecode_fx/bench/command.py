@@ -79,7 +79,7 @@ def main(args, argv=None) -> int:
     args.threshold = parse_threshold(args.threshold)  # text from the command line; set already by the adadecode CLI
     sampling = _sampling(args)
     _check_args(args, exit_layers)  # before the slow part: loading, capturing, compiling
-    check_sampling(sampling, _ints(args.batch_sizes, "--batch-sizes"))
+    check_sampling(sampling)
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot")
     device = check_device(args.device)

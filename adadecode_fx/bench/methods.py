@@ -31,6 +31,7 @@ class Method:
 
 
 SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p")
+SAMPLING_BASELINE = "hf_sample"  # hf_greedy's name when the bench samples
 _ASSISTED = {"prompt_lookup_num_tokens", "assistant_early_exit"}  # generate options that draft and verify
 
 

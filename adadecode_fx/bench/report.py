@@ -324,11 +324,13 @@ def _plot_batching(ax, batching: dict) -> None:
                       color="tab:gray" if n.startswith("hf_") else None)
         for bar_, B in zip(bars, sizes):
             e = batching["per_batch"][B][n]
+            parity = "n/a" if e["parity"] is None else f"{e['parity']:.0%}"
             ax.text(bar_.get_x() + bar_.get_width() / 2, bar_.get_height(),
-                    f"{e['speedup_vs_hf_same_batch']:.2f}x\n{e['parity']:.0%}", ha="center", va="bottom", fontsize=7)
+                    f"{e['speedup_vs_hf_same_batch']:.2f}x\n{parity}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(sizes))], [f"batch {B}" for B in sizes])
     ax.set_ylabel("generated tok/s, all rows (median over groups)")
-    ax.set_title("batched throughput (labels: vs HF greedy at that batch, row parity)", fontsize=9)
+    base = batching.get("baseline", "hf_greedy")
+    ax.set_title(f"batched throughput (labels: vs {base} at that batch, row parity)", fontsize=9)
     ax.legend(fontsize=8)
 
 

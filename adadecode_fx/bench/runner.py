@@ -40,7 +40,7 @@ distribution are the same. Methods that draw their own way (``Method.info["own_d
 with exits draws early tokens from its heads and accepts or resamples them; HF's assisted methods
 draw a block at a time) get other tokens by design: their parity is ``None``. That their output is
 distributed as plain sampling is what the test suite checks (tests/runtime/test_sampling.py). No
-recheck, no oracle bound (it replays greedy sequences) and no batch sizes.
+recheck and no oracle bound (it replays greedy sequences); batch sizes sample too (`batch`).
 
 Code: this module runs the benchmark (`run_bench`: builds the methods, warms them up, interleaves them,
 compares token ids); the methods and their timing are `adadecode_fx.bench.methods`, the summaries,
@@ -54,13 +54,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
-from .methods import SAMPLING_KNOBS, Method, PeakMemory, adadecode_method, hf_method, run_timed, static_compile_method
+from .methods import (SAMPLING_BASELINE, SAMPLING_KNOBS, Method, PeakMemory, adadecode_method, hf_method, run_timed,
+                      static_compile_method)
 from .report import aggregate, heads_gain, machine_info, oracle_bound, plot, summary_table, write
 from ..config import AdaDecodeConfig
 from ..errors import AdaDecodeError
 
 HF_METHODS = ("hf_greedy", "hf_static_compile", "hf_prompt_lookup", "hf_early_exit")
-SAMPLING_BASELINE = "hf_sample"     # hf_greedy's name when the bench samples
 FULL_DEPTH = "full_depth"           # per backend: the same lowering without exit heads
 METHODS = HF_METHODS + (FULL_DEPTH,)
 TASKS = ("humaneval", "gsm8k", "xsum", "mbpp")
@@ -89,7 +89,7 @@ class BenchConfig:
         return SAMPLING_BASELINE if self.sampling is not None else "hf_greedy"
 
 
-def check_sampling(sampling: dict | None, batch_sizes=()) -> None:
+def check_sampling(sampling: dict | None) -> None:
     """Refuse sampling settings the decoder would refuse, before anything is loaded."""
     if sampling is None:
         return
@@ -99,8 +99,6 @@ def check_sampling(sampling: dict | None, batch_sizes=()) -> None:
     if unknown:
         raise AdaDecodeError(f"unknown sampling settings {unknown}: the bench samples with {', '.join(SAMPLING_KNOBS)}")
     SamplingConfig(**{k: v for k, v in sampling.items() if v is not None})
-    if batch_sizes:
-        raise AdaDecodeError("batch sizes are measured for greedy decoding only: drop --batch-sizes or --do-sample")
 
 
 def resolve_heads_settings(heads, cfg: BenchConfig, num_layers: int) -> tuple[tuple[int, ...], float]:
@@ -122,7 +120,7 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
         raise AdaDecodeError("no prompts to benchmark")
     if cfg.max_new_tokens < 1:
         raise AdaDecodeError("--max-new-tokens must be >= 1")
-    check_sampling(cfg.sampling, cfg.batch_sizes)
+    check_sampling(cfg.sampling)
     T = cfg.max_new_tokens
     L = model.config.num_hidden_layers
     sampling = cfg.sampling
@@ -227,7 +225,8 @@ def run_bench(model, heads, prompts: list[dict], cfg: BenchConfig, *, device: st
     if cfg.batch_sizes and not interrupted:
         from .batch import run_batch_bench
         batching = run_batch_bench(model, {n: d for n, d in decoders.items() if n in names},
-                                   [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log)
+                                   [list(p["input_ids"]) for p in prompts], cfg.batch_sizes, T, log=log,
+                                   sampling=sampling, seed=cfg.sampling_seed)
     scheme = ("exactly max_new_tokens greedy tokens for every method; EOS stopping disabled everywhere (HF: "
               "eos_token_id=[], AdaDecode: None), no logits processors")
     if sampling is not None:

@@ -175,9 +175,11 @@ def test_a_checkpoints_generation_defaults_reach_no_method():
     assert hf_greedy(model, prompt, T) != plain  # the checkpoint's settings do change HF's greedy tokens
     heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
     cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy", "hf_prompt_lookup", "full_depth"),
-                      backends=("eager",), threshold=0.02, max_pending=3, oracle=False)
+                      backends=("eager",), threshold=0.02, max_pending=3, oracle=False, batch_sizes=(1,))
     rep = run_bench(model, heads, [{"id": "a", "input_ids": prompt}], cfg, progress=False, log=lambda m: None)
     row = rep["per_prompt"][0]
     assert row["reference_ids"] == plain
     assert all(entry["identical"] for entry in row["methods"].values()), row["methods"]
+    # the batched HF run too: its rows are the reference there, which AdaDecode matches
+    assert all(e["parity"] == 1.0 for e in rep["batching"]["per_batch"]["1"].values())
     assert model.generation_config.no_repeat_ngram_size == 1  # the model's own config is left as it was

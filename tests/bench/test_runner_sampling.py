@@ -8,7 +8,8 @@ import torch
 
 from adadecode_fx import AdaDecodeError, ExitHeads
 from adadecode_fx.bench import BenchConfig, run_bench
-from adadecode_fx.bench.report import summary_table
+from adadecode_fx.bench.batch import batch_table
+from adadecode_fx.bench.report import plot, summary_table
 from adadecode_fx.bench.command import _sampling
 from adadecode_fx.bench.runner import check_sampling
 from tests.conftest import hf_greedy, tiny_model
@@ -79,8 +80,6 @@ def test_bad_sampling_settings_are_refused_before_anything_loads():
         check_sampling({"temperature": 0.0})
     with pytest.raises(AdaDecodeError, match="unknown sampling settings"):
         check_sampling({"typical_p": 0.9})
-    with pytest.raises(AdaDecodeError, match="drop --batch-sizes or --do-sample"):
-        check_sampling({"top_p": 0.9}, (1, 4))
     args = argparse.Namespace(do_sample=False, temperature=None, top_k=None, top_p=0.9, min_p=None)
     with pytest.raises(AdaDecodeError, match="--top-p only applies when sampling: add --do-sample"):
         _sampling(args)
@@ -94,3 +93,41 @@ def test_cli_parses_the_sampling_flags():
     args = cli.build_parser().parse_args(["bench", "--do-sample", "--temperature", "0.7", "--top-p", "0.8",
                                           "--top-k", "20", "--sampling-seed", "3"])
     assert _sampling(args) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8} and args.sampling_seed == 3
+
+
+def test_batch_sizes_sample_against_hfs_batched_sampling(monkeypatch, tmp_path):
+    """With --batch-sizes every method samples a batch with the same warpers from the same seed per group;
+    a batch draws its rows together, so no row is compared with the row alone (parity n/a)."""
+    from adadecode_fx.runtime import AdaDecoder
+
+    model = tiny_model("llama")
+    heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
+    prompts = [{"id": c, "input_ids": list(range(3 + 7 * i, 12 + i + 7 * i))} for i, c in enumerate("abcd")]
+    seen = []
+    hf_generate, ada_generate = type(model).generate, AdaDecoder.generate
+
+    def hf_spy(self, *args, generation_config=None, **kwargs):
+        seen.append(("hf", len(args[0]), generation_config.do_sample, generation_config.top_p, torch.initial_seed()))
+        return hf_generate(self, *args, generation_config=generation_config, **kwargs)
+
+    def ada_spy(self, prompts, **kwargs):
+        seen.append(("ada", len(prompts), kwargs.get("do_sample"), kwargs.get("top_p"), torch.initial_seed()))
+        return ada_generate(self, prompts, **kwargs)
+    monkeypatch.setattr(type(model), "generate", hf_spy)
+    monkeypatch.setattr(AdaDecoder, "generate", ada_spy)
+    cfg = BenchConfig(max_new_tokens=T, methods=("hf_greedy",), backends=("eager",), threshold={1: 0.005, 2: 0.01},
+                      max_pending=3, sampling=SAMPLING, sampling_seed=7, batch_sizes=(2,), oracle=False)
+    rep = run_bench(model, heads, prompts, cfg, progress=False, log=lambda m: None)
+    batching = rep["batching"]
+    assert batching["baseline"] == "hf_sample" and batching["sampling"] == SAMPLING
+    for B in ("1", "2"):
+        for name, entry in batching["per_batch"][B].items():
+            assert entry["parity"] is None and entry["tok_s_median"] > 0, (B, name)
+        assert batching["per_batch"][B]["adadecode_eager"]["early_exit_rate"] > 0
+    batched = [s for s in seen if s[1] == 2][-4:]  # the timed calls of B = 2 (after the warm-up): 2 groups
+    assert all(s[2] and s[3] == 0.95 for s in batched)  # HF and AdaDecode both sample, with these warpers
+    assert sorted(s[:1] + s[4:] for s in batched) == [("ada", 7), ("ada", 8), ("hf", 7), ("hf", 8)]
+    table = batch_table(batching)
+    assert "vs hf_sample, same batch" in table and "| 2 | adadecode_eager |" in table and "n/a" in table
+    plot(rep, tmp_path / "bench.png")  # the figure's batch panel too
+    assert (tmp_path / "bench.png").stat().st_size > 0
