@@ -1,4 +1,5 @@
-"""RoPE whose frequencies depend on the call's length: longrope's switch and dynamic NTK scaling."""
+"""RoPE whose frequencies depend on the call's length: longrope's switch and dynamic NTK scaling; and the
+scalings fixed at load time (linear, Llama 3, YaRN), which need nothing but must stay exact."""
 from __future__ import annotations
 
 import pytest
@@ -84,6 +85,34 @@ def test_dynamic_rope_is_captured_and_exact_up_to_its_limit():
     assert early >= 200
     with pytest.raises(AdaDecodeError, match="max_position_embeddings"):
         dec.generate([5, 6, 7], 70)
+
+
+STATIC_SCALINGS = {
+    "linear": {"factor": 4.0},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"factor": 8.0, "original_max_position_embeddings": 16},  # and its attention factor on cos / sin
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(STATIC_SCALINGS))
+def test_rope_scalings_fixed_at_load_decode_like_hf(rope_type):
+    """Llama 3.x checkpoints ship `llama3` scaling, long-context Qwen and DeepSeek ones YaRN: the frequencies
+    (and YaRN's factor on cos / sin) are fixed when the model loads and reach every deferred row as they
+    reach HF's one-row steps."""
+    params = {"rope_type": rope_type, "rope_theta": 10000.0, **STATIC_SCALINGS[rope_type]}
+    config = tf.LlamaConfig(num_key_value_heads=2, **{**_COMMON, "max_position_embeddings": 128},
+                            rope_parameters=params)
+    early = 0
+    for seed in (0, 1):
+        model = _model(config, seed)
+        assert model.model.rotary_emb.rope_type == rope_type
+        dec = _exits_everywhere(model, seed)
+        assert full_depth_positions(config) == frozenset()
+        for prompt in ([5, 6, 7], list(range(20, 45))):
+            out = dec.generate(prompt, 40, eos_token_id=None)
+            assert out.new_tokens == hf_greedy(model, prompt, 40)
+            early += out.stats.early_emitted
+    assert early >= 100
 
 
 def test_longrope_batches_that_would_cross_the_switch_apart_are_refused():
