@@ -38,10 +38,14 @@ class ExitProbe(nn.Module):
     def forward(self, hidden):
         return self.apply(self.epilogue, self.vocab, self.adapter, hidden, self.linear)
 
+    def head_logits(self, hidden):
+        """The head's logits ``[..., len(vocab)]`` over its shortlist (the whole vocabulary without one)."""
+        return self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
+
     def logits(self, hidden, vocab_size: int):
         """The head's logits over the full vocabulary, ``-inf`` outside the shortlist (for sampling: the
         probe's distribution is what the logits processors make of these)."""
-        logits = self.epilogue(torch.matmul(hidden, self.adapter.t()))[0]
+        logits = self.head_logits(hidden)
         if self.vocab is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))

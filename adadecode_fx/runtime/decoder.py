@@ -371,11 +371,12 @@ class AdaDecoder:
         """
         return self.program.read_probe(layer, hidden_last)
 
-    def exit_logits(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-        """Sampling's exit input: the head's logits ``[B, V]`` for the newest slot (``-inf`` outside a
-        shortlist). The logits processors are applied to them as to the final layer's. Tests override
-        this (like `exit_probe`) to force particular early-token distributions."""
-        return self.program.probe_logits(layer, hidden_last, self.vocab_size).reshape(hidden_last.shape[0], -1)
+    def exit_logits(self, layer: int, hidden_last: torch.Tensor, rows: list[list[int]]):
+        """Sampling's exit input: the head's logits ``[B, V]`` for the newest slot, or `ShortlistLogits`
+        for a head with a shortlist (``-inf`` outside it). The logits processors are applied to them as to
+        the final layer's. Tests override this (like `exit_probe`) to force particular early-token
+        distributions."""
+        return self.program.probe_logits(layer, hidden_last, self.vocab_size)
 
     @classmethod
     def from_program(cls, program: DecodeProgram) -> "AdaDecoder":

@@ -18,13 +18,13 @@ from typing import Callable, Protocol
 import torch
 
 from .hf_equivalents import multinomial_one
-from .sampling import processed_scores
+from .sampling import ShortlistLogits, dense_logits, processed_scores
 from .verify import Verdict, verify_greedy, verify_sampling
 
 # (layer, hidden_last [B, 1, d], rows so far) -> per row (token, confidence); the prediction is for slot len(rows[b])
 Probe = Callable[[int, torch.Tensor, list], tuple[list, list]]
-# (layer, hidden_last [B, 1, d], rows so far) -> the head's logits [B, V]
-ProbeLogits = Callable[[int, torch.Tensor, list], torch.Tensor]
+# (layer, hidden_last [B, 1, d], rows so far) -> the head's logits [B, V], or `ShortlistLogits` [B, S]
+ProbeLogits = Callable[[int, torch.Tensor, list], "torch.Tensor | ShortlistLogits"]
 
 
 def head_confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ProcessedGreedyDecisions:
         return processed_scores(self.row_processors[row], logits, prefix, torch.float32)[0]
 
     def draft(self, run, layer, hidden_last):
-        logits = self.probe_logits(layer, hidden_last, run.rows)
+        logits = dense_logits(self.probe_logits(layer, hidden_last, run.rows))
         tokens = [-1] * len(run.rows)
         for b in run.active():
             scores = self._scores(logits[b], run.rows[b], run.batch_row(b))
@@ -109,7 +109,8 @@ class SamplingDecisions:
         logits = self.probe_logits(layer, hidden_last, run.rows)
         active = run.active()
         gamma = self.gamma(layer)
-        if float(head_confidence(logits[active]).min()) < gamma:
+        values = logits.values if isinstance(logits, ShortlistLogits) else logits
+        if float(head_confidence(values[active]).min()) < gamma:
             return None
         qs = {}
         for b in active:

@@ -20,6 +20,7 @@ from ..errors import AdaDecodeError
 from ..ops.attention import prefill_block
 from ..passes.split_layers import segment_calls
 from .kv_state import KVState
+from .sampling import ShortlistLogits
 
 
 @dataclass
@@ -289,14 +290,18 @@ class DecodeProgram:
             return self.runner.read_predictions(logits)
         return logits.argmax(dim=-1).tolist()
 
-    def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """The exit head's logits ``[..., vocab_size]`` (``-inf`` outside a shortlist), for sampling."""
+    def probe_logits(self, layer: int, hidden_last: torch.Tensor, vocab_size: int):
+        """The exit head's logits for sampling: ``[B, vocab_size]``, or for a head with a shortlist
+        `ShortlistLogits` (the shortlist's logits; every other token is ``-inf``)."""
         module = self.probe_modules.get(layer)
         if module is None:
             raise AdaDecodeError("sampling needs the exit heads' logits, which this program does not keep (an "
                                  "ONNX export's probes return only token and confidence); decode greedily, "
                                  "or build the decoder from the model")
-        return module.logits(hidden_last, vocab_size)
+        if module.vocab is None:
+            return module.logits(hidden_last, vocab_size).reshape(hidden_last.shape[0], -1)
+        values = module.head_logits(hidden_last).reshape(hidden_last.shape[0], -1)
+        return ShortlistLogits(values, module.vocab.to(values.device), vocab_size)
 
     def hidden_states(self, ids: list[int], layers, state) -> tuple[dict, torch.Tensor]:
         """One full-depth pass over ``ids`` (fresh ``state``): outputs of ``layers`` and of the last layer,

@@ -91,6 +91,29 @@ def processed_scores(processors, logits: torch.Tensor, prefix: list[int], dtype)
     return scores
 
 
+@dataclass(frozen=True)
+class ShortlistLogits:
+    """A head's logits over its vocabulary shortlist: ``values [..., S]`` for the token ids ``vocab [S]`` of
+    a ``size``-token vocabulary, every other token ``-inf``. Confidence and drafts without processors
+    before the warpers need only these S values; `dense` is what a logits processor gets."""
+
+    values: torch.Tensor
+    vocab: torch.Tensor
+    size: int
+
+    def __getitem__(self, row) -> "ShortlistLogits":
+        return ShortlistLogits(self.values[row], self.vocab, self.size)
+
+    def dense(self) -> torch.Tensor:
+        """``[..., size]``: the values at their token ids, ``-inf`` elsewhere."""
+        full = self.values.new_full((*self.values.shape[:-1], self.size), float("-inf"))
+        return full.index_copy_(-1, self.vocab, self.values)
+
+
+def dense_logits(logits) -> torch.Tensor:
+    return logits.dense() if isinstance(logits, ShortlistLogits) else logits
+
+
 @dataclass
 class SamplingConfig:
     """How AdaDecode samples (``AdaDecoder.generate(..., sampling=SamplingConfig(...))`` or
@@ -230,6 +253,7 @@ class Sampler:
         """Processed probabilities ``[V]`` for the token after ``prefix`` (batch row ``row``, its padding
         included, as HF's loop passes it) given raw ``logits [V]`` (``-inf`` marks tokens a head cannot
         produce). ``None`` if the processors leave no token possible."""
+        logits = dense_logits(logits)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         scores = processed_scores(self.processors[row], logits, prefix, dtype)
         if not bool(torch.isfinite(scores).any()):
@@ -242,13 +266,20 @@ class Sampler:
         ``generate`` and `SamplingConfig` put them last) are applied by `warped_probs` over the few
         candidates they keep, not by HF's warpers over the whole vocabulary: HF's top-p sorts all of it,
         5 ms for Qwen2.5's 151,936 tokens on the CPU, about two decoder layers of that model, on every
-        probe. The processors before them run as HF's. The final layer's distribution stays HF's
-        (`distribution`)."""
+        probe. The processors before them run as HF's. Without any, a head's `ShortlistLogits` are warped
+        over the shortlist alone. The final layer's distribution stays HF's (`distribution`)."""
         split = self.draft_warpers[row]
         if split is None:
             return self.distribution(logits, prefix, row)
         first, warpers = split
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        values = logits.values if isinstance(logits, ShortlistLogits) else logits
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        if isinstance(logits, ShortlistLogits) and not first:
+            q = warped_probs(values.reshape(-1), dtype=dtype, **warpers)
+            if q is None:
+                return None
+            return torch.zeros(logits.size, dtype=dtype, device=q.device).index_copy_(0, logits.vocab, q)
+        logits = dense_logits(logits)
         scores = processed_scores(first, logits, prefix, dtype)[0] if first else logits.reshape(-1)
         return warped_probs(scores, dtype=dtype, **warpers)
 

@@ -294,3 +294,29 @@ def test_an_exit_needs_the_heads_own_confidence_not_only_a_sharp_q(confidence, e
     out = dec.generate(PROMPT, max_new_tokens=8, eos_token_id=None, do_sample=True, top_k=1, seed=0)
     assert (out.stats.early_emitted > 0) == exits, out.stats
     assert out.new_tokens == hf_greedy(model, PROMPT, 8)  # top-k 1 is greedy, whatever the heads draft
+
+
+def test_a_shortlist_heads_draft_is_warped_over_its_shortlist():
+    """A head with a shortlist hands its S logits over (`ShortlistLogits`), not V with -inf elsewhere:
+    confidence and drafts without processors before the warpers need only those S values (0.6 + 0.7 ms a
+    probe on Qwen2.5's 151,936 tokens otherwise). q is the dense computation's, up to rounding; a
+    processor before the warpers still gets the whole vocabulary."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    from adadecode_fx.runtime.sampling import Sampler, ShortlistLogits
+
+    dec = _decoder(shortlist=True)
+    V = dec.vocab_size
+    hidden = torch.randn(2, 1, tiny_model("llama").config.hidden_size, dtype=torch.float64)
+    logits = dec.exit_logits(3, hidden, [[1], [2]])
+    assert isinstance(logits, ShortlistLogits) and logits.values.shape == (2, V // 2)
+    dense = logits.dense()
+    assert dense.shape == (2, V) and torch.isinf(dense[:, 1::2]).all() and torch.equal(dense[:, ::2], logits.values)
+    sampler = Sampler(SamplingConfig(temperature=0.7, top_k=5, top_p=0.9), "cpu")
+    for b in range(2):
+        q = sampler.draft_distribution(logits[b], [1, 2], 0)
+        assert q.shape == (V,) and torch.allclose(q, sampler.draft_distribution(dense[b], [1, 2], 0), atol=1e-12)
+        assert q[1::2].eq(0).all() and (q > 0).sum() <= 5
+    penalised = Sampler(SamplingConfig(temperature=0.7, top_k=5, logits_processor=[
+        RepetitionPenaltyLogitsProcessor(1.3)]), "cpu")
+    assert torch.equal(penalised.draft_distribution(logits[0], [2, 4], 0),
+                       penalised.draft_distribution(dense[0], [2, 4], 0))
