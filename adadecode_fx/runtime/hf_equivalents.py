@@ -59,7 +59,8 @@ def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = Non
 
 
 def _emulated(probs: torch.Tensor, generator) -> int:
-    return _argmax_draw(probs, torch.empty(probs.numel(), dtype=torch.float64).uniform_(generator=generator))
+    u = torch.empty(probs.numel(), dtype=torch.float64, device=probs.device)  # not torch's default device
+    return _argmax_draw(probs, u.uniform_(generator=generator))
 
 
 def _argmax_draw(probs: torch.Tensor, u: torch.Tensor) -> int:
@@ -83,9 +84,9 @@ def _same_as_multinomial() -> bool:
     for seed in range(8):
         g = torch.Generator().manual_seed(10_000 + seed)
         size = 1000 + 997 * seed
-        probs = torch.rand(size, generator=g, dtype=torch.float64)
+        probs = torch.rand(size, generator=g, dtype=torch.float64, device="cpu")
         if seed % 2:
-            probs = torch.where(torch.rand(size, generator=g, dtype=torch.float64) < 0.01, probs, 0)
+            probs = torch.where(torch.rand(size, generator=g, dtype=torch.float64, device="cpu") < 0.01, probs, 0)
         probs = (probs / probs.sum()).to(torch.float32 if seed % 4 < 2 else torch.float64)
         ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for _ in range(3):

@@ -108,6 +108,19 @@ def test_multinomial_one_with_torchs_global_generator():
     assert ours == [int(torch.multinomial(probs, 1)) for _ in range(5)] + [float(torch.rand(()))]
 
 
+def test_another_default_device_changes_nothing():
+    """A user's ``torch.set_default_device`` (here the meta device) must not move the uniforms off the CPU."""
+    probs = _distribution(2, torch.float32, 30)
+    hf_equivalents._same_as_multinomial.cache_clear()
+    try:
+        with torch.device("meta"):
+            assert hf_equivalents._same_as_multinomial()
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            assert multinomial_one(probs, g1) == int(torch.multinomial(probs, 1, generator=g2))
+    finally:
+        hf_equivalents._same_as_multinomial.cache_clear()
+
+
 def test_a_zero_variate_picks_what_torch_picks():
     # u = 0 gives E = 0: torch divides 0 by 0 where p is 0 and its argmax takes that NaN
     probs = torch.tensor([0.0, 0.5, 0.0, 0.5])
