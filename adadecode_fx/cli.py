@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample instead of greedy decoding; early exits keep the output distributed as plain sampling")
     g.add_argument("--temperature", type=float, default=None, help="with --do-sample (default: 1.0)")
     g.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus sampling, in (0, 1]")
-    g.add_argument("--top-k", type=int, default=None, help="with --do-sample: keep the k most likely tokens")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="with --do-sample: keep the k most likely tokens (default: every token; HF's "
+                        "generate(do_sample=True) keeps 50 unless told otherwise)")
     g.add_argument("--seed", type=int, default=None,
                    help="with --do-sample: the same seed gives the same text (default: 0)")
     g.add_argument("--repetition-penalty", type=float, default=None,
