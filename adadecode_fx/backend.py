@@ -18,11 +18,15 @@ Options: every `AdaDecodeConfig` field (``threshold``, ``exit_layers``, ``max_pe
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 
 from .config import AdaDecodeConfig, check_names, config_fields
-from .errors import AdaDecodeError
+from .errors import AdaDecodeError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 BACKEND_NAME = "adadecode"
 
@@ -42,7 +46,14 @@ def adadecode_backend(gm: fx.GraphModule, example_inputs, options=None, **_):
     from .passes import PassSettings, split_layers
 
     fields, _heads = parse_options(options)  # bad options fail at the first call, with a clear message
-    split = split_layers(gm, PassSettings())
+    try:
+        split = split_layers(gm, PassSettings())
+    except UnsupportedModelError as e:
+        # Dynamo hands over one graph per stretch between graph breaks (forward hooks, which
+        # transformers registers for output_hidden_states, ...): a stretch without the whole layer list
+        # cannot be cut into layers and runs as traced. Decoding does not depend on this forward.
+        log.info("adadecode: a graph of %d nodes runs unsplit (%s)", len(gm.graph.nodes), e)
+        split = gm
     if fields.get("backend") == "inductor":
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(split, example_inputs)

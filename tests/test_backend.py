@@ -66,6 +66,24 @@ def test_compiled_forward_matches_eager(lowering):
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_compiled_forward_through_graph_breaks_matches_eager(lowering):
+    # output_hidden_states makes transformers register forward hooks, where dynamo breaks the graph:
+    # the stretches between the breaks hold no whole layer list and run unsplit
+    model = tiny_model("llama", dtype=torch.float32)
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="adadecode", options={"backend": lowering})
+    with torch.no_grad():
+        got, want = compiled(ids, output_hidden_states=True), model(ids, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == model.config.num_hidden_layers + 1
+    for g, w in zip((got.logits,) + got.hidden_states, (want.logits,) + want.hidden_states):
+        if lowering == "eager":
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_options_fail_at_the_first_call_with_our_message():
     model = tiny_model("llama", dtype=torch.float32)
     torch._dynamo.reset()
