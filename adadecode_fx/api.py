@@ -102,23 +102,22 @@ def _hf_output(generation_config, result, prompt: torch.Tensor, processors):
     return GenerateDecoderOnlyOutput(sequences=result.sequences, scores=scores, logits=logits)
 
 
-def _streamer_hf_kept():
-    """The ``streamer=`` given to HF's ``generate``, which called us (None if there is none): transformers
-    5.24 does not pass it on to a callable ``custom_generate``. Read from the caller's frame, by name;
-    a version of HF that calls us from elsewhere simply yields None (and ``stream=`` still works)."""
+def _hf_generate_local(name: str):
+    """The argument ``name`` of the HF ``generate`` call that called us (None if there is none or we were
+    called otherwise): transformers 5.24 passes a callable ``custom_generate`` only the arguments that
+    HF's own ``_sample`` does not take, so ``streamer=`` and ``assistant_model=`` do not reach us. Read
+    from the caller's frame, by name; a version of HF that calls us from elsewhere simply yields None."""
     import inspect
 
-    from transformers.generation.streamers import BaseStreamer
-
     frame = inspect.currentframe()
-    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+    ours = frame.f_back if frame is not None else None
+    caller = ours.f_back if ours is not None else None
     try:
         if caller is None or caller.f_code.co_name != "generate":
             return None
-        found = caller.f_locals.get("streamer")
-        return found if isinstance(found, BaseStreamer) else None
+        return caller.f_locals.get(name)
     finally:
-        del frame, caller
+        del frame, ours, caller
 
 
 def with_stop_strings(stopping_criteria, stop_strings, tokenizer):
@@ -182,7 +181,7 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     Streaming through HF: transformers 5.24 passes a callable ``custom_generate`` only the arguments
     that HF's own ``_sample`` does not take, so ``streamer=`` does not reach us as an argument, although
     HF has put the prompt into it (a ``TextIteratorStreamer``'s reader would then wait for ever). So
-    the streamer is taken from HF's ``generate`` call itself (`_streamer_hf_kept`). ``stream=`` does the
+    the streamer is taken from HF's ``generate`` call itself (`_hf_generate_local`). ``stream=`` does the
     same explicitly; either receives the prompt, the verified tokens as they are final, and ``end()``.
 
     Sampling: through HF, ``do_sample=True`` (with ``temperature``, ``top_k``, ``top_p``...) applies HF's
@@ -205,7 +204,8 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
         raise AdaDecodeError("generate needs input_ids (a [batch, length] LongTensor)")
     sampling = None
     if generation_config is not None:  # called by HF generate: refuse what would change the output
-        _check_hf_mode(generation_config, kwargs.get("assistant_model"))
+        assistant = kwargs.get("assistant_model")
+        _check_hf_mode(generation_config, _hf_generate_local("assistant_model") if assistant is None else assistant)
         if getattr(generation_config, "do_sample", False):
             sampling = SamplingConfig(logits_processor=logits_processor, seed=seed)
         elif seed is not None:
@@ -215,7 +215,10 @@ def generate(model, input_ids=None, logits_processor=None, stopping_criteria=Non
     if generation_config is not None and pad_id is None:
         pad_id = generation_config.pad_token_id
     if stream is None and streamer is None and generation_config is not None:
-        streamer = _streamer_hf_kept()  # HF has put the prompt into it already
+        from transformers.generation.streamers import BaseStreamer
+
+        streamer = _hf_generate_local("streamer")  # HF has put the prompt into it already
+        streamer = streamer if isinstance(streamer, BaseStreamer) else None
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1 and (
             stream is not None or streamer is not None):
         raise AdaDecodeError("a streamer takes one sequence (as in HF); drop it for a batch")

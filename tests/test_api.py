@@ -152,6 +152,15 @@ def test_unsupported_generation_settings_are_refused(setup, kw, match):
         model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **args)
 
 
+def test_an_assistant_model_is_refused_not_dropped(setup):
+    # HF does not pass assistant_model on to a callable custom_generate: it is read from HF's call
+    model, heads = setup
+    with pytest.raises(AdaDecodeError, match="two ways to speed up the same decoding"):
+        model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=5, do_sample=False,
+                       pad_token_id=0, custom_generate=adadecode_fx.generate, exit_heads=heads,
+                       assistant_model=model)
+
+
 @pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.4}])
 def test_scores_and_logits_through_hf_equal_hf_greedys(kw):
     """float64, where deferred blocks compute what one row does bit for bit (float32 blocks round their

@@ -148,6 +148,24 @@ def test_bad_shape(plain_decoder, llama):
         plain_decoder.generate(torch.ones(1, 1, 3, dtype=torch.long), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"foo": 1}, r"unknown AdaDecoder.generate argument\(s\) 'foo'; valid: input_ids"),
+    ({"max_new_token": 3}, r"'max_new_token' \(did you mean 'max_new_tokens'\?\)"),
+    ({"do_sample": True, "temprature": 0.7}, r"'temprature' \(did you mean 'temperature'\?\)"),
+])
+def test_a_misspelt_generate_argument_is_named(plain_decoder, llama, kwargs, match):
+    with pytest.raises(AdaDecodeError, match=match):
+        plain_decoder.generate([5, 6, 7], **kwargs)
+
+
+def test_numpy_ids_decode_as_the_tensor(plain_decoder, llama):
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    want = plain_decoder.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0).sequences
+    got = plain_decoder.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=3, pad_token_id=0)
+    assert torch.equal(got.sequences, want)
+
+
 @pytest.mark.parametrize("prompt,bad", [([5, 128], 128), ([-1, 3], -1), (torch.tensor([[1, 500]]), 500)])
 def test_token_out_of_vocab(plain_decoder, llama, prompt, bad):
     with pytest.raises(AdaDecodeError, match=rf"token ids \[{bad}\] are outside the vocabulary \(size 128\)"):

@@ -14,10 +14,11 @@ or resamples by the speculative-sampling rule, so the output is distributed as p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..config import check_names
 from ..errors import AdaDecodeError
 from ..notices import notice
 from ..ops.attention import prefill_block
@@ -29,6 +30,9 @@ from .sampling import Sampler, SamplingConfig, check_processors, row_processors
 from .stats import DecodeStats
 
 _BUILDER: list = []
+# AdaDecoder.generate's named parameters, for the suggestion when a keyword is misspelt
+_GENERATE_ARGUMENTS = ("input_ids", "max_new_tokens", "eos_token_id", "stop", "streamer", "attention_mask",
+                       "pad_token_id", "do_sample", "sampling", "output_logits")
 
 
 def register_program_builder(build) -> None:
@@ -210,16 +214,15 @@ class AdaDecoder:
 
     @staticmethod
     def _sampling(do_sample, sampling, options) -> SamplingConfig | None:
+        check_names(options, _GENERATE_ARGUMENTS + tuple(f.name for f in fields(SamplingConfig)),
+                    "AdaDecoder.generate argument(s)")
         if options and sampling is None and not do_sample:
             raise AdaDecodeError(f"{sorted(options)} only apply when sampling: pass do_sample=True")
         if sampling is not None and options:
             raise AdaDecodeError("pass sampling settings either as sampling=SamplingConfig(...) or as keywords, "
                                  "not both")
         if sampling is None and do_sample:
-            try:
-                sampling = SamplingConfig(**options)
-            except TypeError as e:
-                raise AdaDecodeError(f"unknown sampling option: {e}") from None
+            sampling = SamplingConfig(**options)
         return sampling
 
     def _result(self, run: "_Run", batch, start: float, pad_token_id, eos) -> GenerationResult:

@@ -59,6 +59,8 @@ def _left_pad(row: list[int], mask: list[int], b: int) -> int:
 
 
 def prompt_batch(input_ids, attention_mask=None, *, vocab: int, pad_id: int = 0) -> PromptBatch:
+    if not isinstance(input_ids, (torch.Tensor, list, tuple)) and hasattr(input_ids, "__array__"):
+        input_ids = torch.as_tensor(input_ids)  # a NumPy array, as a tokenizer's return_tensors="np" gives
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() not in (1, 2):
             raise AdaDecodeError(f"input_ids must be [length] or [batch, length], got shape {tuple(input_ids.shape)}")
