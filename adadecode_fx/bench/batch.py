@@ -21,6 +21,7 @@ import statistics
 import time
 
 from .methods import SAMPLING_BASELINE, _gen_config, _generation_defaults
+from .report import parity_text
 from ..errors import AdaDecodeError
 
 
@@ -95,17 +96,11 @@ def run_batch_bench(model, decoders: dict, prompts: list[list[int]], batch_sizes
         base = per_batch[B][baseline]["tok_s_median"]
         for entry in per_batch[B].values():
             entry["speedup_vs_hf_same_batch"] = entry["tok_s_median"] / base if base else None
-        log(f"batch {B}: " + ", ".join(f"{n} {e['tok_s_median']:.1f} tok/s parity {_parity(e)}"
+        log(f"batch {B}: " + ", ".join(f"{n} {e['tok_s_median']:.1f} tok/s parity {parity_text(e, count='rows')}"
                                        for n, e in per_batch[B].items()))
     return {"batch_sizes": sizes, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "baseline": baseline,
             **({"sampling": dict(sampling), "sampling_seed": seed} if sampling is not None else {}),
             "per_batch": {str(B): v for B, v in per_batch.items()}}
-
-
-def _parity(entry: dict) -> str:
-    if entry["parity"] is None:
-        return "n/a"
-    return f"{entry['parity']:.0%} ({round(entry['parity'] * entry['rows'])}/{entry['rows']})"
 
 
 def _pct(x) -> str:
@@ -120,7 +115,8 @@ def batch_table(batching: dict) -> str:
     for B, methods in batching["per_batch"].items():
         for name, e in methods.items():
             lines.append(f"| {B} | {name} | {e['tok_s_median']:.2f} | {e['speedup_vs_hf_same_batch']:.2f}x | "
-                         f"{_parity(e)} | {_pct(e.get('early_exit_rate'))} | {_pct(e.get('acceptance_rate'))} |")
+                         f"{parity_text(e, count='rows')} | {_pct(e.get('early_exit_rate'))} | "
+                         f"{_pct(e.get('acceptance_rate'))} |")
     return "\n".join(lines)
 
 

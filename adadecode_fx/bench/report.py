@@ -131,11 +131,12 @@ def _parity(rows: list) -> float | None:
     return None if any(x is None for x in same) else sum(same) / len(same)
 
 
-def parity_text(m: dict, sep: str = " ") -> str:
-    """``100% (20/20)``, or ``n/a`` where parity was not measured (a sampling method that draws its own way)."""
+def parity_text(m: dict, sep: str = " ", count: str = "n") -> str:
+    """``100% (20/20)``, or ``n/a`` where parity was not measured (a sampling method that draws its own way).
+    ``count``: the key of the number of sequences compared (``"rows"`` for a batch entry)."""
     if m["parity"] is None:
         return "n/a"
-    return f"{m['parity']:.0%}{sep}({round(m['parity'] * m['n'])}/{m['n']})"
+    return f"{m['parity']:.0%}{sep}({round(m['parity'] * m[count])}/{m[count]})"
 
 
 def heads_gain(per_prompt: list, names: list) -> dict:

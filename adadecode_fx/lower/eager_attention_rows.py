@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import fx
 
-from ..ops.attention import _first_keys
+from ..ops.attention import first_keys
 
 _A = torch.ops.aten
 _MATMUL = _A.matmul.default
@@ -110,7 +110,7 @@ class PerRowAttention(torch.nn.Module):
         if mask is None or mask.size(0) == 1:
             return self.region(q, k_t, v, *rest)
         below = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else 0.0
-        firsts = _first_keys(mask, below)
+        firsts = first_keys(mask, below)
         if max(firsts) == 0:
             return self.region(q, k_t, v, *rest)
         B = q.size(0)

@@ -70,7 +70,7 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
-def _first_keys(attn_mask: Optional[torch.Tensor], masked_below: float) -> List[int]:
+def first_keys(attn_mask: Optional[torch.Tensor], masked_below: float) -> List[int]:
     """Per batch row of the mask (one entry where it broadcasts over the batch): the first key slot that
     any query of the row may see. A left-padded row's pad slots come before it."""
     if attn_mask is None or attn_mask.dim() != 4:
@@ -100,7 +100,7 @@ def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optiona
     logic on every call instead of freezing the traced K/V length and padding."""
     T, S = q.size(-2), k.size(-2)
     keep = abs(window)
-    firsts = _first_keys(attn_mask, masked_below) if pads and (block or window >= 0) else [0]
+    firsts = first_keys(attn_mask, masked_below) if pads and (block or window >= 0) else [0]
     shared = min(firsts) == max(firsts)
     groups = 1 if shared else q.size(0)
     out: List[torch.Tensor] = []

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from .hf_equivalents import multinomial_one
-from .sampling import ShortlistLogits, dense_logits, processed_scores
+from .sampling import ShortlistLogits, dense_logits, logit_values, processed_scores
 from .verify import Verdict, verify_greedy, verify_sampling
 
 # (layer, hidden_last [B, 1, d], rows so far) -> per row (token, confidence); the prediction is for slot len(rows[b])
@@ -109,7 +109,7 @@ class SamplingDecisions:
         logits = self.probe_logits(layer, hidden_last, run.rows)
         active = run.active()
         gamma = self.gamma(layer)
-        values = logits.values if isinstance(logits, ShortlistLogits) else logits
+        values = logit_values(logits)
         if float(head_confidence(values[active]).min()) < gamma:
             return None
         qs = {}

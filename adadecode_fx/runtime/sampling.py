@@ -114,6 +114,11 @@ def dense_logits(logits) -> torch.Tensor:
     return logits.dense() if isinstance(logits, ShortlistLogits) else logits
 
 
+def logit_values(logits) -> torch.Tensor:
+    """The logits a head computed: a shortlist's S values, or the dense ``[.., V]`` tensor."""
+    return logits.values if isinstance(logits, ShortlistLogits) else logits
+
+
 @dataclass
 class SamplingConfig:
     """How AdaDecode samples (``AdaDecoder.generate(..., sampling=SamplingConfig(...))`` or
@@ -272,7 +277,7 @@ class Sampler:
         if split is None:
             return self.distribution(logits, prefix, row)
         first, warpers = split
-        values = logits.values if isinstance(logits, ShortlistLogits) else logits
+        values = logit_values(logits)
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         if isinstance(logits, ShortlistLogits) and not first:
             q = warped_probs(values.reshape(-1), dtype=dtype, **warpers)
