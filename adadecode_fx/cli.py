@@ -105,9 +105,14 @@ def _heads_and_config(args, model, layers, **config_fields):
     ones) bring their calibrated exit layers and gamma as defaults; --exit-layers alone means untrained
     (identity) heads."""
     from .config import AdaDecodeConfig
-    from .heads import ExitHeads, shipped_heads
+    from .heads import ExitHeads, heads_for
+    from .notices import notice
 
-    heads_dir = args.heads or (None if layers or args.no_heads else shipped_heads(args.model))
+    heads_dir = args.heads or (None if layers or args.no_heads else heads_for(args.model, model))
+    if not (heads_dir or layers or args.no_heads):
+        notice("no exit heads ship for this model, so it decodes at full depth, without early exits: train "
+               "some (adadecode train-heads --model ... --out DIR) and pass --heads DIR, or try untrained ones "
+               "with --exit-layers; --no-heads decodes at full depth without this note")
     if heads_dir:
         heads = ExitHeads.load(heads_dir, model)
     else:

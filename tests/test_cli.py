@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from adadecode_fx import cli
+from adadecode_fx import ExitHeads, cli
+from adadecode_fx.heads import format as heads_format
 from adadecode_fx.zoo import models
 from tests.conftest import hf_greedy, save_tiny_model_dir, tiny_model
 
@@ -375,6 +376,19 @@ def test_full_depth_summary_and_one_time_notices(model_dir, capsys, monkeypatch,
     monkeypatch.setenv("ADADECODE_QUIET", "1")
     rc, out, err = run(capsys, *args, "--max-new-tokens", "2")
     assert rc == 0 and "capturing" not in err
+
+
+def test_a_local_copy_of_a_zoo_model_gets_its_shipped_heads(model_dir, capsys, monkeypatch, tmp_path):
+    # the CLI finds shipped heads by zoo name, else by the checkpoint's fingerprint, as the API does
+    args = ("--model", str(model_dir), "--dtype", "fp64", "--prompt", "w1 w2", "--max-new-tokens", "6")
+    monkeypatch.setattr(heads_format, "SHIPPED", tmp_path / "shipped")
+    rc, _, err = run(capsys, *args)
+    assert rc == 0 and "no exit heads ship for this model" in err and "5.0 of 5 layers per token" in err
+    heads = ExitHeads.random(models.load(str(model_dir), dtype="fp64")[0], (1, 2), seed=3)
+    heads.metadata.update(recommended_exit_layers=[1, 2], recommended_threshold=0.01)
+    heads.save(tmp_path / "shipped" / "tiny-llama")
+    rc, _, err = run(capsys, *args)
+    assert rc == 0 and "no exit heads ship" not in err and "0 accepted / 0 rejected" not in err, err
 
 
 def test_bench_accepts_its_default_methods_and_full_depth():

@@ -71,7 +71,7 @@ def main(args, argv=None) -> int:
 
     from ..zoo import models
     from ..zoo.data import prompt_sources, source_texts
-    from ..heads import ExitHeads, shipped_heads
+    from ..heads import ExitHeads, heads_for
 
     def names(text):
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
@@ -88,7 +88,7 @@ def main(args, argv=None) -> int:
     records = prompt_sources([args.task + (":chat" if args.chat else "")], "eval", n=args.n, seed=args.seed)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     model = model.to(device)
-    heads_dir = args.heads or shipped_heads(args.model)
+    heads_dir = args.heads or heads_for(args.model, model)
     heads = ExitHeads.load(heads_dir, model) if heads_dir else None
     prompts = [{"id": r["id"], "input_ids": tokenizer(text).input_ids}
                for r, text in zip(records, source_texts(tokenizer, records))]  # --chat needs a chat template

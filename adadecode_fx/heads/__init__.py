@@ -3,6 +3,8 @@
 Only the format is imported here: training and evaluation build decoding programs, which sit above the
 runtime that this format serves.
 """
-from .format import (SHIPPED, ExitHeads, find_shipped_heads, model_fingerprint, model_fingerprints, shipped_heads)
+from .format import (SHIPPED, ExitHeads, find_shipped_heads, heads_for, model_fingerprint, model_fingerprints,
+                     shipped_heads)
 
-__all__ = ["SHIPPED", "ExitHeads", "find_shipped_heads", "model_fingerprint", "model_fingerprints", "shipped_heads"]
+__all__ = ["SHIPPED", "ExitHeads", "find_shipped_heads", "heads_for", "model_fingerprint", "model_fingerprints",
+           "shipped_heads"]

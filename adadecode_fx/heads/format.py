@@ -20,6 +20,12 @@ def shipped_heads(name: str) -> Path | None:
     return folder if (folder / WEIGHTS_FILE).exists() else None
 
 
+def heads_for(name: str, model) -> Path | None:
+    """The shipped heads for a model loaded as ``name``: by zoo name, else by the model's fingerprint (a
+    local copy of a zoo model's checkpoint, loaded from its folder)."""
+    return shipped_heads(name) or find_shipped_heads(model)
+
+
 def find_shipped_heads(model) -> Path | None:
     """The shipped heads folder whose fingerprint matches ``model``, if any."""
     fps = model_fingerprints(model)
