@@ -7,7 +7,7 @@ import sys
 
 from .errors import AdaDecodeError
 from .config import BACKENDS, canonical_dtype, parse_threshold
-from .cli_checks import at_least, int_list, stop_strings
+from .cli_checks import HEADS_DEFAULT, at_least, int_list, stop_strings
 from .heads.cli import add_heads_commands
 from .report_files import check_writable
 
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = command("generate", "AdaDecode generation (greedy, or sampled with --do-sample) for one prompt, or for a "
                             "batch when --prompt is repeated")
     g.add_argument("--model", default="smollm2-135m", help="zoo name (smollm2-135m, qwen2.5-coder-0.5b) or HF dir")
-    g.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
+    g.add_argument("--heads", help="directory with trained exit heads " + HEADS_DEFAULT)
     g.add_argument("--no-heads", action="store_true", help="plain full-depth decoding through the captured program")
     g.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads "
                                          "(default: the heads' calibrated layers)")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = command("export", "export the AdaDecode program (segments, probes, heads) to run without PyTorch")
     x.add_argument("--model", default="smollm2-135m", help="zoo name or HF dir")
-    x.add_argument("--heads", help="directory with trained exit heads (default: the heads shipped for a zoo model)")
+    x.add_argument("--heads", help="directory with trained exit heads " + HEADS_DEFAULT)
     x.add_argument("--no-heads", action="store_true", help="export without exit probes (plain decoding)")
     x.add_argument("--exit-layers", help="comma-separated exit layers; without --heads uses untrained heads")
     x.add_argument("--threshold", default=None,

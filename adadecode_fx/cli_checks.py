@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from .errors import AdaDecodeError
 
+# the --heads help's default, as `adadecode_fx.heads.heads_for` finds them
+HEADS_DEFAULT = "(default: the heads shipped for this model: a zoo name or a local copy of its checkpoint)"
+
 
 def int_list(text, flag) -> tuple[int, ...]:
     if not text:

@@ -12,6 +12,7 @@ from .methods import SAMPLING_KNOBS
 from .report import code_commit, heads_gain_lines, machine_info, summary_table, write
 from . import runner
 from .runner import METHODS, BenchConfig, check_sampling, run_bench
+from ..cli_checks import HEADS_DEFAULT
 from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
 from ..errors import AdaDecodeError
 from ..report_files import check_writable
@@ -19,7 +20,7 @@ from ..report_files import check_writable
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="zoo name (smollm2-135m, qwen2.5-coder-0.5b) or HF dir")
-    p.add_argument("--heads", help="exit heads directory (default: the heads shipped for a zoo model)")
+    p.add_argument("--heads", help="exit heads directory " + HEADS_DEFAULT)
     p.add_argument("--task", default="humaneval", help="humaneval | gsm8k | xsum | mbpp | PATH.jsonl (eval slice)")
     p.add_argument("--n", type=int, default=5, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="every method generates exactly this many")
