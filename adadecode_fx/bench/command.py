@@ -43,8 +43,8 @@ def add_arguments(p) -> None:
                                                       "an error for a tokenizer without one)")
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     p.add_argument("--batch-sizes", default="", help="also measure batched throughput at these batch sizes "
-                                                      "(e.g. 1,4,8; each at most --n) against HF greedy, or with --do-sample "
-                                                      "HF's batched sampling")
+                                                      "(e.g. 1,4,8; each at most --n) against HF greedy, or "
+                                                      "with --do-sample HF's batched sampling")
     g = p.add_argument_group("sampling (default: greedy, with parity against HF greedy)")
     g.add_argument("--do-sample", action="store_true",
                    help="every method samples, from the same seed per prompt (the baseline is hf_sample); parity "
