@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from .backend import compiled_options, is_compiled, parse_options
+from .backend import compiled_in_place_options, compiled_options, is_compiled, parse_options
 from .config import AdaDecodeConfig, check_names, config_fields
 from .errors import AdaDecodeError
 from .heads.format import ExitHeads, find_shipped_heads
@@ -41,13 +41,15 @@ def resolve_heads(model, spec) -> ExitHeads:
 
 
 def decoder_for(model, config=None, heads=None) -> AdaDecoder:
-    """The cached `AdaDecoder` for ``model`` (a model, or a module compiled with backend="adadecode").
+    """The cached `AdaDecoder` for ``model`` (a model, or a module compiled with backend="adadecode":
+    ``torch.compile(model, ...)`` or in place, ``model.compile(...)``).
 
     ``config``: an `AdaDecodeConfig` or a dict of its fields (exit layers and threshold left out come
     from the heads' calibration, see `AdaDecodeConfig.resolve`); for a compiled module, its compile options."""
-    if is_compiled(model):
-        options, options_heads = parse_options(compiled_options(model))
-        model = model._orig_mod
+    compiled = compiled_options(model) if is_compiled(model) else compiled_in_place_options(model)
+    model = model._orig_mod if is_compiled(model) else model
+    if compiled is not None:
+        options, options_heads = parse_options(compiled)
         config = options if config is None else config
         heads = options_heads if heads is None else heads
     heads_key = id(heads) if isinstance(heads, ExitHeads) else str(heads)

@@ -62,21 +62,46 @@ def adadecode_backend(gm: fx.GraphModule, example_inputs, options=None, **_):
     return split.forward
 
 
-def compiled_options(compiled) -> dict:
-    """The ``options`` a module was compiled with, for ``backend="adadecode"``.
-
-    torch keeps them on the backend wrapper (``_TorchCompileWrapper.kwargs``) reachable from the
-    ``OptimizedModule``'s dynamo context; we walk that chain rather than ask users to repeat them."""
-    obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+def _backend_options(callback) -> dict | None:
+    """The ``options`` on torch.compile's backend wrapper (``_TorchCompileWrapper.kwargs``) when it wraps
+    ``backend="adadecode"``, reached from dynamo's callback; None for another backend."""
+    obj = callback
     for _ in range(8):
         if obj is None:
             break
         if getattr(obj, "compiler_name", None) == BACKEND_NAME:
             return dict((getattr(obj, "kwargs", None) or {}).get("options") or {})
         obj = getattr(obj, "_torchdynamo_orig_backend", None)
-    raise AdaDecodeError(
-        "this object was not made by torch.compile(model, backend='adadecode'); pass the model itself "
-        "(adadecode_fx.generate(model, ..., exit_heads=..., adadecode=AdaDecodeConfig(...)))")
+    return None
+
+
+def compiled_options(compiled) -> dict:
+    """The ``options`` a module was compiled with, for ``backend="adadecode"``.
+
+    torch keeps them on the backend wrapper reachable from the ``OptimizedModule``'s dynamo context; we
+    walk that chain rather than ask users to repeat them."""
+    found = _backend_options(getattr(getattr(compiled, "dynamo_ctx", None), "callback", None))
+    if found is None:
+        raise AdaDecodeError(
+            "this object was not made by torch.compile(model, backend='adadecode'); pass the model itself "
+            "(adadecode_fx.generate(model, ..., exit_heads=..., adadecode=AdaDecodeConfig(...)))")
+    return found
+
+
+def compiled_in_place_options(model) -> dict | None:
+    """The ``options`` of ``model.compile(backend="adadecode", options=...)`` (``nn.Module.compile``
+    compiles the module's call in place: dynamo's callback is a free variable of that compiled call);
+    None where the model was not compiled in place with this backend."""
+    import inspect
+
+    call = getattr(model, "_compiled_call_impl", None)
+    if call is None:
+        return None
+    try:
+        callback = inspect.getclosurevars(call).nonlocals.get("callback")
+    except (TypeError, ValueError):  # not a plain function: a torch that compiles otherwise
+        return None
+    return _backend_options(callback)
 
 
 def is_compiled(obj) -> bool:

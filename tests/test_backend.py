@@ -11,7 +11,7 @@ import adadecode_fx
 from adadecode_fx import AdaDecodeError, ExitHeads
 from adadecode_fx.backend import adadecode_backend, compiled_options
 
-from tests.conftest import hf_greedy, tiny_model
+from tests.conftest import FAMILIES, hf_greedy, random_decoder, tiny_model
 
 
 def test_registered_through_the_entry_point_without_import():
@@ -106,6 +106,24 @@ def test_generate_from_the_compiled_object_uses_its_options():
     assert seq[0, 4:].tolist() == hf_greedy(model, [5, 6, 7, 8], 24)
     decoder = adadecode_fx.decoder_for(compiled)
     assert decoder.model is model and decoder.config.threshold == 0.05 and decoder.config.exit_layers == (1, 3)
+
+
+def test_a_model_compiled_in_place_decodes_with_its_options():
+    model = random_decoder(FAMILIES["llama"](), torch.float32)  # a copy of its own: compile() changes it
+    heads = ExitHeads.random(model, (1, 3), seed=0)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = hf_greedy(model, [5, 6, 7, 8], 24)
+    model.compile(backend="adadecode", options={"heads": heads, "threshold": 0.05})
+    with torch.no_grad():  # model() runs the compiled call, model.forward() the model's own code
+        assert torch.equal(model(ids).logits, model.forward(ids).logits)
+    seq = adadecode_fx.generate(model, ids, max_new_tokens=24, eos_token_id=None)
+    assert seq[0, 4:].tolist() == want
+    decoder = adadecode_fx.decoder_for(model)
+    assert decoder.model is model and decoder.config.threshold == 0.05 and decoder.config.exit_layers == (1, 3)
+    other = random_decoder(FAMILIES["llama"](), torch.float32)
+    other.compile(backend="eager")  # another backend: a model like any other, no options to take
+    with pytest.raises(AdaDecodeError, match="no exit heads ship for this model"):
+        adadecode_fx.generate(other, ids)
 
 
 def test_generate_refuses_objects_not_compiled_by_us():
