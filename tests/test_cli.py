@@ -162,6 +162,17 @@ def test_version_names_the_package_torch_and_transformers(capsys):
     assert transformers.__version__ in out
 
 
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    import adadecode_fx
+
+    run = subprocess.run([sys.executable, "-m", "adadecode_fx", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and f"adadecode-fx {adadecode_fx.__version__}" in run.stdout, run.stderr[-2000:]
+
+
 def test_missing_prompt_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--model", "x"])
