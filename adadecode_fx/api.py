@@ -16,6 +16,7 @@ import weakref
 
 import torch
 
+from .capture import check_supported
 from .backend import compiled_in_place_options, compiled_options, is_compiled, parse_options
 from .config import AdaDecodeConfig, check_names, config_fields
 from .errors import AdaDecodeError
@@ -48,6 +49,7 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
     from the heads' calibration, see `AdaDecodeConfig.resolve`); for a compiled module, its compile options."""
     compiled = compiled_options(model) if is_compiled(model) else compiled_in_place_options(model)
     model = model._orig_mod if is_compiled(model) else model
+    check_supported(model)  # before heads are looked up for it: a model's forward is not a model
     if compiled is not None:
         options, options_heads = parse_options(compiled)
         config = options if config is None else config

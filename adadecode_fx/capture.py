@@ -92,7 +92,11 @@ def _other_state_error(model, what: str) -> UnsupportedModelError:
 def check_supported(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not isinstance(model, nn.Module):
-        raise UnsupportedModelError("expected a Hugging Face PreTrainedModel (an nn.Module with .config)")
+        # a bound method, or one compiled by torch.compile (which keeps it as __wrapped__)
+        owner = getattr(model, "__self__", getattr(getattr(model, "__wrapped__", None), "__self__", None))
+        hint = (f"; got a method of {type(owner).__name__}: pass the model itself, or "
+                "torch.compile(model, backend='adadecode'), not its forward" if isinstance(owner, nn.Module) else "")
+        raise UnsupportedModelError(f"expected a Hugging Face PreTrainedModel (an nn.Module with .config){hint}")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{type(model).__name__} is an encoder-decoder model; AdaDecode needs a decoder-only causal LM "

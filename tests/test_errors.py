@@ -313,6 +313,15 @@ def test_not_a_hf_model():
         AdaDecoder(torch.nn.Linear(4, 4))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_models_forward_is_refused_with_a_way_out(llama, compiled):
+    import adadecode_fx
+
+    forward = torch.compile(llama.forward, backend="adadecode") if compiled else llama.forward
+    with pytest.raises(UnsupportedModelError, match="got a method of LlamaForCausalLM: pass the model itself"):
+        adadecode_fx.generate(forward, torch.tensor([[1, 2]]), max_new_tokens=2)
+
+
 def test_unknown_zoo_name(tmp_path):
     with pytest.raises(AdaDecodeError, match="unknown model 'no-such-model'.*smollm2-135m"):
         models.load("no-such-model")
