@@ -54,34 +54,37 @@ def test_backend_splits_the_dynamo_graph_at_layer_boundaries():
     assert torch.equal(forward(*inputs)[0], gm(*inputs)[0])
 
 
-@pytest.mark.parametrize("lowering", ["eager", "inductor"])
-def test_compiled_forward_matches_eager(lowering):
-    model = tiny_model("qwen2", dtype=torch.float32)
+def _compiled_and_eager(family: str, lowering: str, **kwargs):
+    """The outputs of ``torch.compile(model, backend="adadecode")`` and of the model on the same call."""
+    model = tiny_model(family, dtype=torch.float32)
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="adadecode", options={"backend": lowering})
+    with torch.no_grad():
+        return compiled(ids, **kwargs), model(ids, **kwargs)
+
+
+def _assert_same(lowering: str, got: torch.Tensor, want: torch.Tensor) -> None:
     if lowering == "eager":  # the same ATen ops in the same order: bit for bit (README)
-        assert torch.equal(compiled(ids).logits, model(ids).logits)
+        assert torch.equal(got, want)
     else:  # inductor's fused kernels round differently
-        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_compiled_forward_matches_eager(lowering):
+    got, want = _compiled_and_eager("qwen2", lowering)
+    _assert_same(lowering, got.logits, want.logits)
 
 
 @pytest.mark.parametrize("lowering", ["eager", "inductor"])
 def test_compiled_forward_through_graph_breaks_matches_eager(lowering):
     # output_hidden_states makes transformers register forward hooks, where dynamo breaks the graph:
     # the stretches between the breaks hold no whole layer list and run unsplit
-    model = tiny_model("llama", dtype=torch.float32)
-    ids = torch.tensor([[7, 8, 9, 10, 11]])
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="adadecode", options={"backend": lowering})
-    with torch.no_grad():
-        got, want = compiled(ids, output_hidden_states=True), model(ids, output_hidden_states=True)
-    assert len(got.hidden_states) == len(want.hidden_states) == model.config.num_hidden_layers + 1
+    got, want = _compiled_and_eager("llama", lowering, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 5 + 1  # the embeddings and 5 layers
     for g, w in zip((got.logits,) + got.hidden_states, (want.logits,) + want.hidden_states):
-        if lowering == "eager":
-            assert torch.equal(g, w)
-        else:
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        _assert_same(lowering, g, w)
 
 
 def test_bad_options_fail_at_the_first_call_with_our_message():
