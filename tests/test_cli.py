@@ -212,6 +212,11 @@ def assert_clean_failure(rc, out, err, *needles):
         assert needle in message, (needle, message)
 
 
+def test_chat_without_a_chat_template(model_dir, capsys):
+    rc, out, err = run(capsys, "--model", str(model_dir), "--prompt", "w1 w2", "--chat", "--no-heads")
+    assert_clean_failure(rc, out, err, "--chat needs a tokenizer with a chat template", "drop --chat")
+
+
 @pytest.fixture
 def nothing_slow(monkeypatch):
     """Loading a model or building a decoder is an error: the check must come first."""

@@ -196,8 +196,9 @@ def source_texts(tokenizer, records: list[dict]) -> list[str]:
 
 
 def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` wrapped in the tokenizer's chat template as one user turn, ready for the reply; else ``text``."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text
+    """``text`` wrapped in the tokenizer's chat template as one user turn, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):  # a raw prompt would pass for a chat one unseen
+        raise AdaDecodeError("--chat needs a tokenizer with a chat template, and this model's has none: drop "
+                             "--chat to decode the raw prompt")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)

@@ -114,7 +114,8 @@ class _Tok:
 
 def test_chat_prompt():
     assert data.chat_prompt(_Tok("{{ x }}"), "hi") == "<user>hi</user><assistant>"
-    assert data.chat_prompt(_Tok(None), "hi") == "hi"
+    with pytest.raises(AdaDecodeError, match="has none: drop --chat"):  # never a raw prompt passed for a chat one
+        data.chat_prompt(_Tok(None), "hi")
 
 
 def test_prompt_sources_mix_tasks_and_mark_chat(tmp_path):
