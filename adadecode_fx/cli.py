@@ -110,9 +110,9 @@ def _heads_and_config(args, model, layers, **config_fields):
 
     heads_dir = args.heads or (None if layers or args.no_heads else heads_for(args.model, model))
     if not (heads_dir or layers or args.no_heads):
-        notice("no exit heads ship for this model, so it decodes at full depth, without early exits: train "
+        notice("no exit heads ship for this model, so it runs at full depth, without early exits: train "
                "some (adadecode train-heads --model ... --out DIR) and pass --heads DIR, or try untrained ones "
-               "with --exit-layers; --no-heads decodes at full depth without this note")
+               "with --exit-layers; --no-heads runs at full depth without this note")
     if heads_dir:
         heads = ExitHeads.load(heads_dir, model)
     else:
