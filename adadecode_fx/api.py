@@ -47,8 +47,10 @@ def decoder_for(model, config=None, heads=None) -> AdaDecoder:
 
     ``config``: an `AdaDecodeConfig` or a dict of its fields (exit layers and threshold left out come
     from the heads' calibration, see `AdaDecodeConfig.resolve`); for a compiled module, its compile options."""
-    compiled = compiled_options(model) if is_compiled(model) else compiled_in_place_options(model)
-    model = model._orig_mod if is_compiled(model) else model
+    if is_compiled(model):
+        compiled, model = compiled_options(model), model._orig_mod
+    else:
+        compiled = compiled_in_place_options(model)
     check_supported(model)  # before heads are looked up for it: a model's forward is not a model
     if compiled is not None:
         options, options_heads = parse_options(compiled)

@@ -19,18 +19,12 @@ import torch
 
 from adadecode_fx import AdaDecoder, ExitHeads
 from adadecode_fx.bench.report import code_commit, machine_info
+from adadecode_fx.bench.runner import first_diff
 from adadecode_fx.heads import heads_for
 from adadecode_fx.zoo import models
 from adadecode_fx.zoo.data import prompt_sources, source_texts
 
 TASKS = ("gsm8k:chat", "xsum", "mbpp", "humaneval:chat", "gsm8k")
-
-
-def first_diff(got: list, want: list):
-    """The first position where two token lists part (None if equal)."""
-    if got == want:
-        return None
-    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
 
 
 def main(argv=None) -> int:

@@ -268,15 +268,15 @@ def _measure_prompt(p: dict, ids, order: list, by_name: dict, model, cfg: BenchC
            "eos_at": next((j for j, t in enumerate(ref) if t in eos), None), "reference_ids": ref,
            "methods": {}}
     for name, r in runs.items():
-        first_diff = _first_diff(ref, r["tokens"])
+        diff = first_diff(ref, r["tokens"])
         entry = {"tok_s": r["tok_s"], "seconds": r["seconds"], "new_tokens": r["new_tokens"],
                  "speedup": r["tok_s"] / runs[base]["tok_s"] if runs[base]["tok_s"] else None,
-                 "identical": first_diff is None, "first_diff": first_diff, "peak_mem_mb": r["peak_mem_mb"]}
+                 "identical": diff is None, "first_diff": diff, "peak_mem_mb": r["peak_mem_mb"]}
         if cfg.sampling is not None:
             entry["ids"] = r["tokens"]
             if by_name[name].info.get("own_draws"):  # draws its own way from the RNG: other tokens by design
                 entry.update(identical=None, first_diff=None)
-        elif first_diff is not None:
+        elif diff is not None:
             entry["ids"] = r["tokens"]
             if cfg.recheck_divergence:
                 entry["recheck"] = _recheck(by_name[name], ids, ref, r["tokens"], by_name[base], ref_again)
@@ -301,7 +301,7 @@ def _recheck(method: Method, ids, ref: list, tokens: list, reference: Method, re
     if not ref_again:
         ref_again.extend(reference.run(ids)[0])
     return {"method_repeats": again == tokens, "reference_repeats": ref_again == ref,
-            "first_diff_again": _first_diff(ref_again, again)}
+            "first_diff_again": first_diff(ref_again, again)}
 
 
 def _compiles(name: str) -> bool:
@@ -316,7 +316,8 @@ def _eos_ids(model) -> set:
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
 
-def _first_diff(ref: list, ids: list):
+def first_diff(ref: list, ids: list):
+    """The first position where two token lists part (None if equal)."""
     for j, (a, b) in enumerate(zip(ref, ids)):
         if a != b:
             return j
