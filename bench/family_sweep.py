@@ -42,12 +42,14 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              moe_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
              n_routed_experts=4, shared_expert_intermediate_size=32, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, tie_word_embeddings=False, rotary_dim=4, first_k_dense_replace=1, kv_lora_rank=16,
-             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_layers=4, n_heads=4,
+             max_seq_len=256, expansion_ratio=2)
 # --dtype bfloat16 / float16: wide enough that the linears take the same kernels as real models' (blocks of
 # rows must round like one row at a time), and a vocabulary where low-precision near-ties happen
 LOW_PRECISION_SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, n_embd=128, d_model=128,
                            head_dim=32, ffn_dim=256, n_inner=256, moe_intermediate_size=128,
-                           shared_expert_intermediate_size=128)
+                           shared_expert_intermediate_size=128, global_head_dim=32,
+                           vocab_size_per_layer_input=512)
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LEAVE_OUT = {"falcon": ("head_dim",), "deepseek_v2": ("head_dim",), "deepseek_v3": ("head_dim",),
              "youtu": ("head_dim",)}
@@ -56,7 +58,20 @@ EXTRA = {"gpt_neo": {"attention_types": [[["global", "local"], 2]]},
          "dots1": {"n_shared_experts": 1},
          "deepseek_v2": dict(_MLA, n_shared_experts=1, n_group=1, topk_group=1),
          "deepseek_v3": dict(_MLA, n_shared_experts=1, n_group=1, topk_group=1),
-         "youtu": _MLA}
+         "youtu": _MLA,
+         # MLA models whose K/V heads must equal the query heads
+         **{t: _MLA for t in ("glm4_moe_lite", "minicpm3", "sarvam_mla", "longcat_flash", "deepseek_v32", "axk1",
+                              "axk2", "glm_moe_dsa", "dots3_note_text")},
+         "longcat_flash": dict(_MLA, ffn_hidden_size=64, expert_ffn_hidden_size=32, moe_topk=2, zero_expert_num=2),
+         "gemma4_text": dict(global_head_dim=8, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8),
+         # its last layers share K/V, as every released Gemma 3n does
+         "gemma3n_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, laurel_rank=4,
+                              layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2),
+         "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                      ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2})}
+# a sub-config of one of these names is a whole tower (multimodal, speech): its text decoder is a type of
+# its own here. Others (MPT's and DBRX's attn_config / ffn_config) are parts of the decoder, set above.
+TOWERS = ("text_config", "vision_config", "audio_config")
 NOT_DECODERS = ("bert", "roberta", "electra", "xlm", "xlnet", "camembert", "ernie", "data2vec", "megatron",
                 "rembert", "roc_bert", "roformer", "big_bird", "bigbird", "bart", "blenderbot", "marian", "mbart",
                 "mvp", "pegasus", "plbart", "prophetnet", "trocr", "whisper", "xmod", "reformer", "git",
@@ -78,6 +93,27 @@ def all_families() -> list[str]:
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if not t.startswith(NOT_DECODERS))
 
 
+def _has(config, name: str) -> bool:
+    """``hasattr``, where a per-layer attribute (Gemma 4's ``head_dim``) raises rather than answer: it is set."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # noqa: BLE001  transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
+
+
+def _per_layer_lists(default, layers: int, sizes: dict) -> dict:
+    """The default config's per-layer lists (``layer_types``, ``mlp_layer_types``...) cut to ``layers``
+    entries: the first ``layers - 1`` and the last, so both the leading kinds (dense MLPs, local attention)
+    and the final one stay. Not where ``sizes`` sets the field (Gemma 3n's per-layer MLP widths)."""
+    depth = next((getattr(default, k) for k in ("num_hidden_layers", "n_layers", "num_layers")
+                  if isinstance(getattr(default, k, None), int)), None)
+    out = {}
+    for k, v in vars(default).items():
+        if depth and isinstance(v, list) and len(v) == depth and depth > layers and k not in sizes:
+            out[k] = v[:layers - 1] + v[-1:]
+    return out
+
+
 def check_family(model_type: str, backends: list[str], window: int | None = None, dtype: str = "float64") -> dict:
     """One family, in this process (the worker side of `main`)."""
     import torch
@@ -90,15 +126,18 @@ def check_family(model_type: str, backends: list[str], window: int | None = None
     try:
         cls = tf.CONFIG_MAPPING[model_type]
         default = cls()
-        if getattr(default, "sub_configs", None):  # its default towers are full size; SMALL reaches none
+        towers = set(getattr(default, "sub_configs", None) or ()) & set(TOWERS)
+        if towers:  # its default towers are full size; SMALL reaches none
             return {**out, "no_model": f"wraps sub-models ({', '.join(default.sub_configs)}): its text decoder "
                                        "is swept as a type of its own"}
         low = dtype in ("bfloat16", "float16")
         sizes = {**SMALL, **LOW_PRECISION_SIZES} if low else SMALL
-        kw = {k: v for k, v in sizes.items() if hasattr(default, k) and k not in LEAVE_OUT.get(model_type, ())}
+        kw = {k: v for k, v in sizes.items() if _has(default, k) and k not in LEAVE_OUT.get(model_type, ())}
+        kw.update(_per_layer_lists(default, SMALL["num_hidden_layers"], kw))
         if window:
             kw.update({k: window if v is None else v for k, v in WINDOW_FIELDS.items() if hasattr(default, k)})
-        config = cls(**{**kw, **EXTRA.get(model_type, {})})
+        extra = {k: LOW_PRECISION_SIZES.get(k, v) if low else v for k, v in EXTRA.get(model_type, {}).items()}
+        config = cls(**{**kw, **extra})
     except Exception as e:  # noqa: BLE001  a config this script cannot make small
         return {**out, "no_model": f"config: {type(e).__name__}: {str(e)[:200]}"}
 

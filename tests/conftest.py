@@ -20,6 +20,10 @@ FAMILIES = {
     "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_COMMON),
     "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=6, **_COMMON),
+    # per-layer inputs: every layer reads a prologue value computed from the token ids themselves
+    "gemma4": lambda: tf.Gemma4TextConfig(num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=6,
+                                          vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                                          **_COMMON),
 }
 
 

@@ -255,6 +255,19 @@ def test_decoders_with_state_beyond_attention_kv_are_refused_clearly(family):
     assert_unchanged(model, snap)
 
 
+def test_a_decoder_that_shares_kv_across_layers_is_refused_before_capture():
+    config = tf.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+                                 vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+                                 layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r"num_kv_shared_layers = 2.*not supported yet.*model\.generate"):
+        AdaDecoder(model)
+    assert_unchanged(model, snap)
+
+
 def test_a_layer_that_cannot_run_on_attention_kv_alone_is_refused_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("ADADECODE_CAPTURE_CACHE", str(tmp_path))  # no capture of this structure to reuse
     torch.manual_seed(0)

@@ -201,6 +201,7 @@ class StaticRunner:
         if self.device.type == "cuda":
             self.staging, self.copied = self.staging.pin_memory(), torch.cuda.Event()
         self.staging_np = self.staging.numpy()
+        self.reads_ids = layers_read_token_ids(program)
         self.capacity = 0
         self._allocate(config.max_cache_len or DEFAULT_CAPACITY)
 
@@ -220,6 +221,8 @@ class StaticRunner:
         # the generation's left padding, read inside the graphs: positions are slots - pad
         self.mask = torch.ones(1, capacity, dtype=torch.long, device=self.device)
         self.pad = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        # each slot's token id, written by layer 0's run, where runs past it need them (`layers_read_token_ids`)
+        self.tokens = torch.zeros(1, capacity, dtype=torch.long, device=self.device) if self.reads_ids else None
 
     # --- the runner protocol (DecodeProgram) ------------------------------------------------------
     def kv_state(self, capacity: int, pad=(0,)) -> KVState:
@@ -339,8 +342,16 @@ class StaticRunner:
             # x: token ids [1, T] at layer 0, else the block entering layer `first` [1, T, d]
             n = x.shape[1]
             cache_position = self.end - n + torch.arange(n, device=x.device)  # [T]: slots end-T .. end-1
-            # runs past layer 0 ignore the embeddings; the prologue still wants token ids
-            ids = x if first == 0 else torch.zeros(1, n, dtype=torch.long, device=x.device)
+            # runs past layer 0 ignore the embeddings; the prologue still wants token ids, and where the
+            # layers read more than the embeddings of them, the rows' own (layer 0 keeps them per slot)
+            if first == 0:
+                ids = x
+                if self.tokens is not None:
+                    self.tokens.index_copy_(1, cache_position, x)
+            elif self.tokens is not None:
+                ids = self.tokens.index_select(1, cache_position)
+            else:
+                ids = torch.zeros(1, n, dtype=torch.long, device=x.device)
             top = {"input_ids": ids, "cache_position": cache_position,
                    "position_ids": cache_position[None] - self.pad, "attention_mask": self.mask,
                    **self.kv_inputs}
@@ -365,6 +376,27 @@ class StaticRunner:
             return out
 
         return body
+
+
+def layers_read_token_ids(program) -> bool:
+    """Whether a prologue output that the layers read, other than the embeddings, depends on the token ids
+    (Gemma 3n / Gemma 4's per-layer inputs): then a run past layer 0 must hand the prologue its rows' real
+    ids, not placeholders. Shapes alone (``sym_size``) do not count."""
+    gm = program.prologue_fn
+    if not isinstance(gm, fx.GraphModule) or "input_ids" not in program.prologue_args:
+        return False
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"][program.prologue_args.index("input_ids")]
+    reached, todo = set(), [ph]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in reached and user.target is not torch.ops.aten.sym_size.int:
+                reached.add(user)
+                todo.append(user)
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    read = {item[1][1] for recipe in program.layer_recipes for item in recipe
+            if item[0] in ("positional", "shared") and item[1][0] == "pro"}
+    return any(i != program.embedding_index and i in read and outputs[i] in reached for i in range(len(outputs)))
 
 
 def host_reading_layers(program) -> list[str]:

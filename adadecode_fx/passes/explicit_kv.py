@@ -50,6 +50,7 @@ def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
             writes.setdefault(layer, []).extend(u.name for u in ops)
     if len(writes) != gm.meta["num_layers"]:
         missing = sorted(set(range(gm.meta["num_layers"])) - set(writes))
-        raise UnsupportedModelError(f"layers {missing} keep no K/V state in the captured graph")
+        raise UnsupportedModelError(f"layers {missing} keep no K/V state of their own in the captured graph (do "
+                                    "they read another layer's? cross-layer K/V sharing is not supported)")
     gm.meta["kv_writes"] = writes
     return gm

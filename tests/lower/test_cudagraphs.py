@@ -12,6 +12,7 @@ import adadecode_fx
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.errors import AdaDecodeError
 from adadecode_fx.heads import shipped_heads
+from adadecode_fx.lower.cudagraphs import layers_read_token_ids
 from adadecode_fx.lower.static_graphs import StaticCall
 
 from tests.conftest import cuda_model, hf_greedy, smollm2_parity, tiny_model
@@ -35,11 +36,12 @@ def _expected_calls(decoder) -> int:
     return 1 + (len(runner.runs) - 1) * runner.max_rows + (0 if runner.epilogue_folded else runner.max_rows)
 
 
-# gemma2: eager attention with a float mask and sliding-window layers; fp64 models are shared with the
+# gemma2: eager attention with a float mask and sliding-window layers; gemma4: per-layer inputs from the
+# token ids, which runs past layer 0 must read for their own rows; fp64 models are shared with the
 # property tests (one capture each per session)
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.float64),
                                           ("qwen2", torch.float32), ("gemma2", torch.float64),
-                                          ("gpt_neox", torch.float64)])
+                                          ("gpt_neox", torch.float64), ("gemma4", torch.float64)])
 def test_parity_with_hf_and_eager_with_forced_exits_and_rollbacks(family, dtype):
     model = tiny_model(family, dtype=dtype)
     static, eager = _pair(model)
@@ -56,6 +58,18 @@ def test_parity_with_hf_and_eager_with_forced_exits_and_rollbacks(family, dtype)
         early += out.stats.early_emitted
         rejected += out.stats.rejected
     assert early >= 20 and rejected >= 5, (early, rejected)
+
+
+def test_only_models_whose_layers_read_the_token_ids_keep_them_per_slot():
+    """Llama's layers read only the embeddings of the ids: its runs keep no token buffer (nothing added to
+    a step). Gemma 4's per-layer inputs are computed from the ids, so its runs read each row's own."""
+    llama, _ = _pair(tiny_model("llama", dtype=torch.float64))
+    assert not layers_read_token_ids(llama.program) and llama.program.runner.tokens is None
+    gemma4, _ = _pair(tiny_model("gemma4", dtype=torch.float64))
+    runner = gemma4.program.runner
+    assert layers_read_token_ids(gemma4.program) and runner.tokens.shape == (1, runner.capacity)
+    gemma4.generate([5, 6, 7], 4, eos_token_id=None)
+    assert runner.tokens[0, :3].tolist() == [5, 6, 7]
 
 
 def test_a_probe_after_the_last_layer_keeps_the_epilogue_out_of_the_last_run():
@@ -361,7 +375,7 @@ def test_smollm2_fp32_with_many_exits_and_rejections(smol):
 
 # --- CUDA: captured graphs ------------------------------------------------------------------------
 @cuda
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox", "gemma4"])
 def test_cuda_graphs_replay_the_eager_tokens_and_capture_only_at_warm_up(family):
     model = cuda_model(family)
     static, eager = _pair(model)
