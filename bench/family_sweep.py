@@ -62,6 +62,9 @@ EXTRA = {"gpt_neo": {"attention_types": [[["global", "local"], 2]]},
          # MLA models whose K/V heads must equal the query heads
          **{t: _MLA for t in ("glm4_moe_lite", "minicpm3", "sarvam_mla", "longcat_flash", "deepseek_v32", "axk1",
                               "axk2", "glm_moe_dsa", "dots3_note_text")},
+         # DeepSeek-style routing in groups: one group of the sweep's 4 experts
+         **{t: dict(_MLA, n_group=1, topk_group=1) for t in ("axk1", "deepseek_v32")},
+         "beam": dict(n_group=1, topk_group=1),
          "longcat_flash": dict(_MLA, ffn_hidden_size=64, expert_ffn_hidden_size=32, moe_topk=2, zero_expert_num=2),
          "gemma4_text": dict(global_head_dim=8, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8),
          # its last layers share K/V, as every released Gemma 3n does
