@@ -115,13 +115,6 @@ def check_supported(model) -> None:
             "text decoder (a multimodal or speech model?); AdaDecode decodes a decoder-only text model, so load "
             "the text decoder alone (AutoModelForCausalLM.from_config(config.get_text_config()) and its "
             "weights)") from None
-    shared = getattr(config, "num_kv_shared_layers", 0)
-    if isinstance(shared, int) and shared > 0:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} shares K/V across layers (config.num_kv_shared_layers = {shared}: its last "
-            f"{shared} layers attend over an earlier layer's keys and values, as Gemma 3n and the small Gemma 4 "
-            "models do). AdaDecode defers each layer's own K/V, and cross-layer sharing is not supported yet; "
-            "decode this model with model.generate")
     for field in _LAYER_KIND_FIELDS:
         kinds = getattr(config, field, None)
         if isinstance(kinds, (list, tuple)) and all(isinstance(k, str) for k in kinds):

@@ -24,6 +24,12 @@ FAMILIES = {
     "gemma4": lambda: tf.Gemma4TextConfig(num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=6,
                                           vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
                                           **_COMMON),
+    # and its last 2 layers attend over the K/V of the last earlier layer of their kind (Gemma 4 E2B/E4B)
+    "gemma4_shared": lambda: tf.Gemma4TextConfig(
+        num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=6, vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        **_COMMON),
 }
 
 

@@ -255,15 +255,17 @@ def test_decoders_with_state_beyond_attention_kv_are_refused_clearly(family):
     assert_unchanged(model, snap)
 
 
-def test_a_decoder_that_shares_kv_across_layers_is_refused_before_capture():
-    config = tf.Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
-                                 vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
-                                 layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
+def test_several_residual_streams_are_refused_clearly():
+    """Gemma 3n's AltUp carries four hidden-state streams ([4, B, T, d]) from layer to layer."""
+    config = tf.Gemma3nTextConfig(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, intermediate_size=32,
+                                  hidden_size_per_layer_input=8, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, laurel_rank=4, num_kv_shared_layers=2,
+                                  layer_types=["sliding_attention", "full_attention"] * 2,
+                                  activation_sparsity_pattern=[0.0] * 4)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     snap = snapshot(model)
-    with pytest.raises(UnsupportedModelError, match=r"num_kv_shared_layers = 2.*not supported yet.*model\.generate"):
+    with pytest.raises(UnsupportedModelError, match=r"shape \[4, .*not \[batch, tokens, width\].*model\.generate"):
         AdaDecoder(model)
     assert_unchanged(model, snap)
 

@@ -291,7 +291,7 @@ def _one_row(program, heads):
 
     device = segment_device(program)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64)
+    state = KVState(program.gm.meta["kv_shapes"], 128, heads_dtype(program), device, 64, sources=program.kv_sources)
     keep, _ = program.hidden_states(list(range(1, 65)), {_probed_layer(program, heads)}, state)
     kv = state.views(65)
     top = program.top_inputs([1], 64, kv)

@@ -33,7 +33,7 @@ def collect_hidden(program: DecodeProgram, seqs: list[list[int]], layers, kv_sha
     device = segment_device(program)
     bar = tqdm(total=sum(map(len, seqs)), desc="hidden states", unit="tok", unit_scale=True, disable=not progress)
     for ids in seqs:
-        state = KVState(kv_shapes, len(ids), dtype, device, 64)
+        state = KVState(kv_shapes, len(ids), dtype, device, 64, sources=program.kv_sources)
         keep, last = program.hidden_states(ids, set(layers), state)
         for l in layers:
             per_layer[l].append(keep[l][0])

@@ -42,7 +42,7 @@ from torch import fx
 from ..errors import AdaDecodeError
 from ..ops.attention import SDPA, plain_attention
 from ..ops.experts import fallback_op, plain_experts
-from ..runtime.kv_state import KVState
+from ..runtime.kv_state import KVState, alias_shared
 from ..runtime.program import PrologueOut, token_rows
 from .eager import private_copy
 from .inductor import compile_segment, lower_with
@@ -213,10 +213,10 @@ class StaticRunner:
         p = self.program
         self.book.clear()
         self.capacity = capacity
-        self.buffers = [
-            (torch.zeros(1, ks[1], capacity, ks[3], dtype=p.dtype, device=self.device),
-             torch.zeros(1, vs[1], capacity, vs[3], dtype=p.dtype, device=self.device))
-            for ks, vs in p.kv_shapes]
+        self.buffers = alias_shared(
+            [(torch.zeros(1, ks[1], capacity, ks[3], dtype=p.dtype, device=self.device),
+              torch.zeros(1, vs[1], capacity, vs[3], dtype=p.dtype, device=self.device))
+             if p.kv_sources[l] == l else None for l, (ks, vs) in enumerate(p.kv_shapes)], p.kv_sources)
         self.kv_inputs = {f"kv_{i}_{j}": kv[j] for i, kv in enumerate(self.buffers) for j in (0, 1)}
         # the generation's left padding, read inside the graphs: positions are slots - pad
         self.mask = torch.ones(1, capacity, dtype=torch.long, device=self.device)

@@ -245,6 +245,10 @@ def write_program(program, out_dir, meta: dict | None = None, log=None) -> dict:
     gm = program.gm
     if gm is None:
         raise AdaDecodeError("this program has no FX graph to export (it was loaded from an export already)")
+    if any(s != l for l, s in enumerate(program.kv_sources)):
+        raise UnsupportedModelError(
+            "the ONNX export keeps one K/V buffer per layer, and this model's layers share K/V across layers "
+            "(num_kv_shared_layers); decode it with backend='eager', 'inductor' or 'cudagraphs'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():

@@ -18,9 +18,10 @@ from .insert_exit_probes import ExitProbe, insert_exit_probes
 from .row_exact_attention import row_exact_attention
 from .row_exact_experts import row_exact_experts
 from .settings import PassSettings
+from .shared_kv import shared_kv
 from .split_layers import split_layers
 
-PASSES = (split_layers, explicit_kv, deferred_batching, row_exact_attention, row_exact_experts, block_linear,
+PASSES = (shared_kv, split_layers, explicit_kv, deferred_batching, row_exact_attention, row_exact_experts, block_linear,
           insert_exit_probes)
 
 
@@ -34,5 +35,5 @@ def run_passes(gm: fx.GraphModule, settings: PassSettings, passes=PASSES) -> fx.
     return gm
 
 
-__all__ = ["PASSES", "PassSettings", "run_passes", "split_layers", "explicit_kv", "deferred_batching",
+__all__ = ["PASSES", "PassSettings", "run_passes", "shared_kv", "split_layers", "explicit_kv", "deferred_batching",
            "row_exact_attention", "row_exact_experts", "block_linear", "insert_exit_probes", "ExitProbe"]

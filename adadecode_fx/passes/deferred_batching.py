@@ -180,6 +180,13 @@ def deferred_batching(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMod
         if len(residual) != 1:
             raise UnsupportedModelError(
                 f"{name} has {len(residual)} residual inputs; expected exactly one hidden-state stream")
+        shape = getattr(residual[0].meta.get("val"), "shape", ())
+        if len(shape) != 3 or _expr(shape[1]) != T:
+            # the runtime cuts, parks and joins blocks of rows along dim 1 of a [batch, tokens, width] state
+            raise UnsupportedModelError(
+                f"the hidden state entering {name} has shape {list(shape)}, not [batch, tokens, width] (several "
+                "residual streams, as Gemma 3n's AltUp keeps?); AdaDecode defers rows of one [batch, tokens, "
+                "width] stream, so this model is not supported: decode it with model.generate")
         if len(placeholders) != len(call.args):
             raise AssertionError("segment signature and call site disagree")
     return gm

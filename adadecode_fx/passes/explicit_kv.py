@@ -5,7 +5,8 @@ inputs include ``kv_{i}_0`` (keys) and ``kv_{i}_1`` (values) per layer ``i``: st
 ``[1, H, S, D]`` that a layer writes in place at ``cache_position`` and then attends over.
 Returns: the same module; every K/V placeholder inside ``layer_i`` gets ``meta["role"] = ("kv", i, j)``,
 and ``gm.meta["kv_writes"][i]`` names the ops that write them. Raises if a layer reads another layer's
-K/V or never writes its own (then deferring that layer would lose state).
+K/V or never writes its own (then deferring that layer would lose state), except for the layers that
+`shared_kv` made read a producer's buffers under their own name: those must not write them.
 
 The buffers stay plain tensors, so the same segments can be lowered to inductor, ONNX (after
 functionalisation each write becomes a returned ``present`` tensor) or TensorRT.
@@ -26,6 +27,8 @@ WRITES = {torch.ops.aten.index_copy_.default, torch.ops.aten.index_put_.default,
 def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     calls = segment_calls(gm)
     writes = {}
+    # layers that read another layer's buffers under their own name (`shared_kv`) write nothing
+    readers = {l for l, s in enumerate(gm.meta.get("kv_sources") or ()) if s != l}
     for name, call in calls.items():
         sub = getattr(gm, name)
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
@@ -44,12 +47,17 @@ def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
                 raise UnsupportedModelError(
                     f"segment {name} reads the K/V of layer {layer} (cross-layer KV sharing is not supported)")
             ops = [u for u in ph.users if u.target in WRITES and u.args[0] is ph]
+            if layer in readers:
+                if ops:
+                    raise UnsupportedModelError(f"layer {layer} writes the K/V buffer it shares with another layer")
+                ph.meta["role"] = ("kv", layer, kind)
+                continue
             if not ops:
                 raise UnsupportedModelError(f"layer {layer} never writes its K/V buffer {arg.name}")
             ph.meta["role"] = ("kv", layer, kind)
             writes.setdefault(layer, []).extend(u.name for u in ops)
-    if len(writes) != gm.meta["num_layers"]:
-        missing = sorted(set(range(gm.meta["num_layers"])) - set(writes))
+    if len(writes) + len(readers) != gm.meta["num_layers"]:
+        missing = sorted(set(range(gm.meta["num_layers"])) - set(writes) - readers)
         raise UnsupportedModelError(f"layers {missing} keep no K/V state of their own in the captured graph (do "
                                     "they read another layer's? cross-layer K/V sharing is not supported)")
     gm.meta["kv_writes"] = writes

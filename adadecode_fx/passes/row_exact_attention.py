@@ -75,6 +75,9 @@ def _row_exact(node: fx.Node, window: int) -> bool:
 
 
 def row_exact_attention(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
-    windows = settings.attention_windows
+    # a layer that reads another layer's K/V (`shared_kv`) attends over them as that layer does
+    sources = gm.meta.get("kv_sources") or range(gm.meta["num_layers"])
+    given = settings.attention_windows
+    windows = [given[s] if s < len(given) else 0 for s in sources]
     return rewrite_layer_nodes(gm, lambda node, layer: _row_exact(node, windows[layer] if layer < len(windows)
                                                                   else 0))

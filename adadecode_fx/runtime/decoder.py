@@ -207,7 +207,8 @@ class AdaDecoder:
         try:
             return self.program.kv_state(capacity, self.config.kv_bucket, pad=batch.pad)
         except RuntimeError as e:  # out of memory: models without a position limit accept any length
-            per_slot = sum(k[1] * k[3] + v[1] * v[3] for k, v in self.kv_shapes) * batch.size
+            per_slot = sum(k[1] * k[3] + v[1] * v[3] for l, (k, v) in enumerate(self.kv_shapes)
+                           if self.program.kv_sources[l] == l) * batch.size
             gb = per_slot * capacity * torch.empty((), dtype=self.dtype).element_size() / 2 ** 30
             raise AdaDecodeError(f"cannot allocate the K/V cache for {capacity:,} positions ({gb:,.1f} GiB on "
                                  f"{self.device}): lower max_new_tokens ({str(e).splitlines()[0][:120]})") from None

@@ -4,7 +4,8 @@ Layer ``l`` holds a contiguous filled prefix ``[0, fill[l])`` of its static buff
 increase with depth. Positions in ``[fill[l+1], fill[l])`` have passed layer ``l`` but not ``l+1``: their
 layer-``l`` outputs wait in ``parked[l]`` until the next pass through layer ``l+1`` takes them along.
 Rollback only moves fill lengths: stale rows past ``fill`` are masked by position and overwritten later,
-so memory stays flat however often we roll back.
+so memory stays flat however often we roll back. A layer that reads another layer's K/V (cross-layer
+sharing) is handed that layer's buffers and keeps a fill length of its own, like every layer.
 
 A batch of ``B`` rows shares the fill lengths (rows advance in lockstep). Row ``b``'s prompt is
 left-padded to start at slot ``pad[b]``: its positions are ``slot - pad[b]`` and ``attention_mask``
@@ -15,16 +16,23 @@ from __future__ import annotations
 import torch
 
 
+def alias_shared(buffers: list, sources=None) -> list:
+    """``buffers`` (None where ``sources`` names another layer) with each such entry that layer's."""
+    return buffers if sources is None else [buffers[s] for s in sources]
+
+
 class KVState:
-    def __init__(self, kv_shapes, capacity: int, dtype, device, bucket: int, pad=(0,)):
+    def __init__(self, kv_shapes, capacity: int, dtype, device, bucket: int, pad=(0,), sources=None):
+        """``sources[l]``: the layer whose buffers layer ``l`` reads (`passes.shared_kv`); a layer that
+        reads another's gets that layer's buffers, not its own. Default: every layer its own."""
         self.capacity = capacity
         self.bucket = bucket
         self.pad = [int(p) for p in pad]
         batch = len(self.pad)
-        self.buffers = [
-            (torch.zeros(batch, ks[1], capacity, ks[3], dtype=dtype, device=device),
-             torch.zeros(batch, vs[1], capacity, vs[3], dtype=dtype, device=device))
-            for ks, vs in kv_shapes]
+        self.buffers = alias_shared(
+            [(torch.zeros(batch, ks[1], capacity, ks[3], dtype=dtype, device=device),
+              torch.zeros(batch, vs[1], capacity, vs[3], dtype=dtype, device=device))
+             if sources is None or sources[l] == l else None for l, (ks, vs) in enumerate(kv_shapes)], sources)
         self.attention_mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
         for b, p in enumerate(self.pad):
             self.attention_mask[b, :p] = 0

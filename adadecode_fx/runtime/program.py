@@ -55,6 +55,8 @@ class DecodeProgram:
         self.num_layers = gm.meta["num_layers"]
         self.exit_layers = tuple(gm.meta.get("exit_layers", ()))
         self.kv_shapes = gm.meta.get("kv_shapes")
+        # per layer, the layer whose K/V buffers it reads (itself, unless it shares another's: `shared_kv`)
+        self.kv_sources = list(gm.meta.get("kv_sources") or range(len(self.kv_shapes or ())))
         calls = segment_calls(gm)
         self.prologue_fn = gm.prologue
         self.epilogue_fn = gm.epilogue
@@ -87,6 +89,7 @@ class DecodeProgram:
         self.num_layers = int(num_layers)
         self.exit_layers = tuple(int(l) for l in exit_layers)
         self.kv_shapes = [tup(s) for s in kv_shapes]
+        self.kv_sources = list(range(len(self.kv_shapes)))
         self.prologue_fn, self.epilogue_fn = prologue_fn, epilogue_fn
         self.layer_fns = list(layer_fns)
         self.probe_fns = {int(l): fn for l, fn in probe_fns.items()}
@@ -144,7 +147,7 @@ class DecodeProgram:
         """The K/V state of one generation: fresh buffers, or the runner's static ones."""
         if self.runner is not None:
             return self.runner.kv_state(capacity, pad)
-        return KVState(self.kv_shapes, capacity, self.dtype, self.device, bucket, pad=pad)
+        return KVState(self.kv_shapes, capacity, self.dtype, self.device, bucket, pad=pad, sources=self.kv_sources)
 
     @torch.no_grad()
     def warm_up(self, batch: int = 1) -> None:
@@ -158,7 +161,7 @@ class DecodeProgram:
         if self.runner is not None:  # static programs make their graphs for every block length instead
             self.runner.warm_up()
             return
-        state = KVState(self.kv_shapes, 8, self.dtype, self.device, 1, pad=[0] * batch)
+        state = KVState(self.kv_shapes, 8, self.dtype, self.device, 1, pad=[0] * batch, sources=self.kv_sources)
         with fx_config.patch(use_duck_shape=False):
             self._run_shape_classes(state)
             if batch > 1:
