@@ -30,7 +30,9 @@ _WRITE = torch.ops.aten.index_copy_.default
 
 
 def _cross_reads(graph: fx.Graph, prefix: str) -> list[tuple[fx.Node, fx.Node, int, int, int]]:
-    """(reading node, producer's write, reader layer, producer layer, K or V) for every K/V read across layers."""
+    """(reading node, producer's write, reader layer, producer layer, K or V) for every read of an earlier
+    layer's K/V. A read of a later one's (a module run again deeper, as HRM's loops do) is not sharing:
+    `split_layers` refuses that graph, whose layers interleave."""
     found = []
     for node in graph.nodes:
         if node.op != "call_function":
@@ -40,7 +42,7 @@ def _cross_reads(graph: fx.Graph, prefix: str) -> list[tuple[fx.Node, fx.Node, i
             if inp.op != "call_function" or inp.target is not _WRITE:
                 continue
             m = KV_NAME.match(getattr(inp.args[0], "name", ""))
-            if m and reader is not None and reader != int(m.group(1)):
+            if m and reader is not None and reader > int(m.group(1)):
                 found.append((node, inp, reader, int(m.group(1)), int(m.group(2))))
     return found
 
