@@ -45,7 +45,8 @@ def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
                 continue
             if name != f"layer_{layer}":
                 raise UnsupportedModelError(
-                    f"segment {name} reads the K/V of layer {layer} (cross-layer KV sharing is not supported)")
+                    f"segment {name} reads the K/V of layer {layer}, not as a layer that shares an earlier layer's "
+                    "K/V does (`shared_kv`); this model is not supported")
             ops = [u for u in ph.users if u.target in WRITES and u.args[0] is ph]
             if layer in readers:
                 if ops:
@@ -58,7 +59,7 @@ def explicit_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
             writes.setdefault(layer, []).extend(u.name for u in ops)
     if len(writes) + len(readers) != gm.meta["num_layers"]:
         missing = sorted(set(range(gm.meta["num_layers"])) - set(writes) - readers)
-        raise UnsupportedModelError(f"layers {missing} keep no K/V state of their own in the captured graph (do "
-                                    "they read another layer's? cross-layer K/V sharing is not supported)")
+        raise UnsupportedModelError(f"layers {missing} keep no K/V state of their own in the captured graph, nor "
+                                    "read an earlier layer's as `shared_kv` hands it to them")
     gm.meta["kv_writes"] = writes
     return gm

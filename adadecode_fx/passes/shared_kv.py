@@ -60,10 +60,10 @@ def shared_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     for node, write, reader, producer, kind in _cross_reads(graph, prefix):
         if sources[reader] not in (reader, producer):
             raise UnsupportedModelError(f"layer {reader} reads the K/V of layers {sources[reader]} and {producer}")
-        if any(n.op == "placeholder" and n.name == f"kv_{reader}_{kind}" for n in graph.nodes) and (reader, kind) not in inputs:
+        key = (reader, kind)
+        if key not in inputs and any(n.op == "placeholder" and n.name == f"kv_{reader}_{kind}" for n in graph.nodes):
             raise UnsupportedModelError(f"layer {reader} writes K/V and also reads layer {producer}'s")
         sources[reader] = producer
-        key = (reader, kind)
         if key not in inputs:
             with graph.inserting_after(last_placeholder):
                 inputs[key] = last_placeholder = graph.placeholder(f"kv_{reader}_{kind}")
