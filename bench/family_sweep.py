@@ -60,8 +60,7 @@ EXTRA = {"gpt_neo": {"attention_types": [[["global", "local"], 2]]},
          "deepseek_v3": dict(_MLA, n_shared_experts=1, n_group=1, topk_group=1),
          "youtu": _MLA,
          # MLA models whose K/V heads must equal the query heads
-         **{t: _MLA for t in ("glm4_moe_lite", "minicpm3", "sarvam_mla", "longcat_flash", "deepseek_v32", "axk1",
-                              "axk2", "glm_moe_dsa", "dots3_note_text")},
+         **{t: _MLA for t in ("glm4_moe_lite", "minicpm3", "sarvam_mla", "axk2", "glm_moe_dsa", "dots3_note_text")},
          # DeepSeek-style routing in groups: one group of the sweep's 4 experts
          **{t: dict(_MLA, n_group=1, topk_group=1) for t in ("axk1", "deepseek_v32")},
          "beam": dict(n_group=1, topk_group=1),

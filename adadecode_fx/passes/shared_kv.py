@@ -34,16 +34,15 @@ def _cross_reads(graph: fx.Graph, prefix: str) -> list[tuple[fx.Node, fx.Node, i
     layer's K/V. A read of a later one's (a module run again deeper, as HRM's loops do) is not sharing:
     `split_layers` refuses that graph, whose layers interleave."""
     found = []
-    for node in graph.nodes:
-        if node.op != "call_function":
+    for write in graph.nodes:
+        m = KV_NAME.match(getattr(write.args[0], "name", "")) if write.target is _WRITE else None
+        if m is None:
             continue
-        reader = layer_of(node, prefix)
-        for inp in node.all_input_nodes:
-            if inp.op != "call_function" or inp.target is not _WRITE:
-                continue
-            m = KV_NAME.match(getattr(inp.args[0], "name", ""))
-            if m and reader is not None and reader > int(m.group(1)):
-                found.append((node, inp, reader, int(m.group(1)), int(m.group(2))))
+        producer, kind = int(m.group(1)), int(m.group(2))
+        for node in write.users:
+            reader = layer_of(node, prefix) if node.op == "call_function" else None
+            if reader is not None and reader > producer:
+                found.append((node, write, reader, producer, kind))
     return found
 
 
@@ -55,13 +54,14 @@ def shared_kv(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     out.meta.update(gm.meta)
     graph = out.graph
     sources = list(range(num_layers))
-    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken, last_placeholder = {n.name for n in placeholders}, placeholders[-1]
     inputs: dict[tuple[int, int], fx.Node] = {}
     for node, write, reader, producer, kind in _cross_reads(graph, prefix):
         if sources[reader] not in (reader, producer):
             raise UnsupportedModelError(f"layer {reader} reads the K/V of layers {sources[reader]} and {producer}")
         key = (reader, kind)
-        if key not in inputs and any(n.op == "placeholder" and n.name == f"kv_{reader}_{kind}" for n in graph.nodes):
+        if key not in inputs and f"kv_{reader}_{kind}" in taken:
             raise UnsupportedModelError(f"layer {reader} writes K/V and also reads layer {producer}'s")
         sources[reader] = producer
         if key not in inputs:
