@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.bench.methods import Method, hf_method, run_timed, static_compile_method
+from adadecode_fx.bench.methods import BENCH_BACKENDS
 from adadecode_fx.bench.replay import ReplayDecoder
 from adadecode_fx.bench.report import code_commit, machine_info, spread
 from adadecode_fx.heads import shipped_heads
@@ -42,11 +43,9 @@ METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_
            "adadecode_cudagraphs_inductor", "adadecode_cudagraphs_inductor_full_depth", "adadecode_eager")
 # AdaDecode variants: method name -> config options besides the schedule's. A ``_full_depth`` one has no exit
 # heads: every token runs all layers through the same lowering, which is what its sibling's heads are set against.
-VARIANTS = {"adadecode_cudagraphs": {"backend": "cudagraphs"},
-            "adadecode_cudagraphs_full_depth": {"backend": "cudagraphs"},
-            "adadecode_cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True},
-            "adadecode_cudagraphs_inductor_full_depth": {"backend": "cudagraphs", "compile_segments": True},
-            "adadecode_eager": {"backend": "eager"}}
+VARIANTS = {f"adadecode_{b}{depth}": BENCH_BACKENDS[b] for b in ("cudagraphs", "cudagraphs_inductor")
+            for depth in ("", "_full_depth")}
+VARIANTS["adadecode_eager"] = BENCH_BACKENDS["eager"]
 FULL_DEPTH = "_full_depth"
 
 

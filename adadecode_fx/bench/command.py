@@ -8,12 +8,12 @@ import shlex
 import sys
 import time
 
-from .methods import SAMPLING_KNOBS
+from .methods import BENCH_BACKENDS, SAMPLING_KNOBS
 from .report import code_commit, heads_gain_lines, machine_info, summary_table, write
 from . import runner
 from .runner import METHODS, BenchConfig, check_sampling, run_bench
 from ..cli_checks import HEADS_DEFAULT
-from ..config import BACKENDS, AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
+from ..config import AdaDecodeConfig, canonical_dtype, check_device, parse_threshold
 from ..errors import AdaDecodeError
 from ..report_files import check_writable
 
@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
                         "without exit heads (adadecode_<backend>_full_depth), which heads_gain divides by; "
                         "choose from " + ",".join(METHODS))
     p.add_argument("--backends", default="eager,inductor",
-                   help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BACKENDS))
+                   help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BENCH_BACKENDS)
+                        + " (cudagraphs with inductor's kernels in its graphs)")
     p.add_argument("--threshold", default=None,
                    help="one gamma, or LAYER:GAMMA pairs (7:0.8,23:0.97); default: the heads' calibrated gamma")
     p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")
@@ -139,11 +140,11 @@ def _check_args(args, exit_layers) -> None:
     canonical_dtype(args.dtype)
     AdaDecodeConfig(exit_layers=exit_layers, threshold=args.threshold, max_pending=args.max_pending)
     names = [x.strip() for x in (args.backends or "").split(",") if x.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
+    unknown = [b for b in names if b not in BENCH_BACKENDS]
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     unknown += [m for m in methods if m not in METHODS]
     if unknown:
-        raise AdaDecodeError(f"unknown backends/methods {unknown}: backends are {', '.join(BACKENDS)}; methods "
+        raise AdaDecodeError(f"unknown backends/methods {unknown}: backends are {', '.join(BENCH_BACKENDS)}; methods "
                              f"{', '.join(METHODS)}")
     if any(b < 1 or b > args.n for b in _ints(args.batch_sizes, "--batch-sizes")):
         raise AdaDecodeError(f"--batch-sizes must lie in 1..--n ({args.n}), got {args.batch_sizes!r}")

@@ -22,6 +22,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+from ..config import BACKENDS
+
+# What ``--backends`` accepts: each lowering backend under its own name, plus ``cudagraphs_inductor``, the
+# cudagraphs backend with its static segments compiled by inductor (fused kernels inside the graphs): the
+# variant a GPU user would pick. Name -> AdaDecodeConfig options.
+BENCH_BACKENDS = {**{b: {"backend": b} for b in BACKENDS},
+                  "cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True}}
+
+
 @dataclass
 class Method:
     """``run(input_ids [1, P]) -> (new token ids, AdaDecode stats dict or None)``."""
@@ -95,7 +104,7 @@ def static_compile_method(model, max_new_tokens: int, device: str, sampling: dic
 def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pending: int,
                      max_new_tokens: int, full_depth: bool = False,
                      sampling: dict | None = None) -> tuple[Method, object]:
-    """``adadecode_<backend>``, or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
+    """``adadecode_<backend>`` (``backend``: a key of `BENCH_BACKENDS`), or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
     capture, passes and lowering without exit heads (``exit_layers=()``), so every token runs all
     layers. Their tok/s ratio is what the heads buy (`adadecode_fx.bench.report.heads_gain`), apart
     from everything the lowering itself gains over HF. ``sampling``: sample with these settings from
@@ -106,7 +115,7 @@ def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pen
     if full_depth:
         heads, exit_layers, threshold = None, (), None  # no heads: resolve() would otherwise take layers from them
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
-                          backend=backend)
+                          **BENCH_BACKENDS[backend])
     dec = AdaDecoder(model, heads, cfg)
     knobs = {} if sampling is None else {"do_sample": True, "seed": None, **sampling}
 
