@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the cudagraphs backend, in one call of at most ~9 minutes (20 s + 380 s + 130 s).
-# UNTESTED on a GPU: written on a machine without one (its CPU fallbacks ran there, under torch 2.13 and the
-# image's 2.11). Run from the repository root on the GPU machine, after bench/gpu_wheels.sh filled
+# The GPU checks of the cudagraphs backend, in one call of at most ~9 minutes (20 s + 330 s + 200 s).
+# Ran on an H200 on 2026-11-30 (docs/gpu.md, "What the GPU run found"): bench 175 s, the tests ~170 s. Run from the repository root on the GPU machine, after bench/gpu_wheels.sh filled
 # .gpu/wheels here:
 #     run(command="bash bench/gpu.sh", carry=[".gpu"], timeout_s=560)
 # A dry run of its flow on a CPU: GPU_BENCH_ARGS="--device cpu --prompts 1 --max-new-tokens 16" bash bench/gpu.sh
@@ -32,11 +31,11 @@ echo "setup done at $((SECONDS - start)) s" | tee -a "$OUT/machine.txt"
 #    inductor's (compile_segments, built after the first prompt is timed), each also at full depth (the same
 #    graphs without exit heads: what the exits buy), bf16, Qwen2.5-Coder-0.5B's shape
 #    with random weights replaying the schedule recorded on the real model. No AdaDecode variant starts
-#    building after 230 s, no prompt after 320 s (the first always runs); the JSON is rewritten after
+#    building after 200 s, no prompt after 280 s (the first always runs); the JSON is rewritten after
 #    every prompt.
 METHODS=hf_greedy,hf_static_compile,adadecode_cudagraphs,adadecode_cudagraphs_full_depth
 METHODS+=,adadecode_cudagraphs_inductor,adadecode_cudagraphs_inductor_full_depth
-timeout 380 $PY bench/gpu_bench.py --json "$OUT/bench.json" --deadline 320 --build-deadline 230 \
+timeout 330 $PY bench/gpu_bench.py --json "$OUT/bench.json" --deadline 280 --build-deadline 200 \
     --methods "$METHODS" ${GPU_BENCH_ARGS:-} \
     > "$OUT/bench.txt" 2>&1
 echo "bench rc=$? at $((SECONDS - start)) s" | tee -a "$OUT/bench.txt"
@@ -46,8 +45,8 @@ tail -n 9 "$OUT/bench.txt"
 #    captured or compiled after warm-up, bf16 runs; and the older CUDA tests, since the decode loop walks
 #    runs of layers
 # (no plugin autoloading: the image has pytest-xdist, -cov, -timeout and -benchmark for its own pytest, and
-# the carried pytest 9.2 stands ahead of it)
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 130 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k test_cuda_ \
+# the carried pytest 9.2 stands ahead of it; on the H200 they took ~170 s, 38 s of it inductor's compiles)
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 200 $PY -m pytest -v -p no:logging -p no:cacheprovider tests/lower/test_cudagraphs.py -k test_cuda_ \
     tests/runtime/test_cuda.py > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 tail -n 3 "$OUT/tests.txt"

@@ -440,3 +440,5 @@ def test_bench_json_and_figure_say_where_they_come_from(model_dir, tmp_path, cap
     from adadecode_fx.bench.report import _provenance
     footer = _provenance(rep)
     assert rep["commit"] in footer and "--n 1" in footer and rep["machine"]["torch"] in footer
+    gpu_rep = {**rep, "machine": {**rep["machine"], "device": "cuda", "gpu": "NVIDIA H200"}}
+    assert _provenance(gpu_rep).startswith("NVIDIA H200 (cuda), host ")  # a GPU figure names its GPU

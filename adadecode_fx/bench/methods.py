@@ -115,7 +115,7 @@ def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pen
     if full_depth:
         heads, exit_layers, threshold = None, (), None  # no heads: resolve() would otherwise take layers from them
     cfg = AdaDecodeConfig(exit_layers=tuple(exit_layers), threshold=threshold, max_pending=max_pending,
-                          **BENCH_BACKENDS[backend])
+                          **BENCH_BACKENDS.get(backend, {"backend": backend}))  # an unknown one: the config says so
     dec = AdaDecoder(model, heads, cfg)
     knobs = {} if sampling is None else {"do_sample": True, "seed": None, **sampling}
 

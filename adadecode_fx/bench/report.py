@@ -287,7 +287,9 @@ def _provenance(rep: dict) -> str:
     """The footer a figure carries: machine, software, commit and the command that made it."""
     m = rep.get("machine", {})
     command = rep.get("command", "")
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('device', 'cpu')}; torch {m.get('torch', '?')}, "
+    host = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+    where = f"{m['gpu']} ({m.get('device')}), host {host}" if m.get("gpu") else f"{host}, {m.get('device', 'cpu')}"
+    return (f"{where}; torch {m.get('torch', '?')}, "
             f"transformers {m.get('transformers', '?')}; commit {rep.get('commit') or '?'}\n"
             f"{command if len(command) <= 230 else command[:227] + '...'}")
 

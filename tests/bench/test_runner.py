@@ -123,6 +123,24 @@ def test_cli_bench_parser():
     assert "full_depth" in args.methods.split(",")  # measured by default: heads_gain needs it
 
 
+def test_cudagraphs_inductor_is_cudagraphs_with_inductors_kernels(report):
+    """``--backends cudagraphs_inductor``: what a GPU user would pick, the static graphs with fused kernels
+    (its compile is tested in tests/lower/test_cudagraphs.py; built here, not run)."""
+    from adadecode_fx.bench.command import _check_args
+    from adadecode_fx.bench.methods import adadecode_method
+    from adadecode_fx import cli
+
+    model, _ = report
+    heads = ExitHeads.random(model, [1, 2], scale=0.5, seed=4)
+    for full in (False, True):
+        m, dec = adadecode_method(model, heads, "cudagraphs_inductor", 0.5, (1, 2), 3, T, full_depth=full)
+        assert m.name == "adadecode_cudagraphs_inductor" + ("_full_depth" if full else "")
+        assert (dec.config.backend, dec.config.compile_segments) == ("cudagraphs", True)
+        assert dec.config.exit_layers == (() if full else (1, 2))
+    argv = ["bench", "--backends", "cudagraphs_inductor,cudagraphs", "--device", "cpu"]
+    _check_args(cli.build_parser().parse_args(argv), ())
+
+
 def test_honest_length_past_the_models_eos():
     """A model whose own EOS comes up early still decodes exactly T tokens in every method: transformers 5
     fills a ``None`` eos_token_id from the model's generation config, so the bench must disable it
