@@ -31,8 +31,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
-from adadecode_fx.bench.methods import Method, hf_method, run_timed, static_compile_method
-from adadecode_fx.bench.methods import BENCH_BACKENDS
+from adadecode_fx.bench.methods import BENCH_BACKENDS, Method, hf_method, run_timed, static_compile_method
 from adadecode_fx.bench.replay import ReplayDecoder
 from adadecode_fx.bench.report import code_commit, machine_info, spread
 from adadecode_fx.heads import shipped_heads

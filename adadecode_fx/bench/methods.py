@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-
 from ..config import BACKENDS
 
 # What ``--backends`` accepts: each lowering backend under its own name, plus ``cudagraphs_inductor``, the
@@ -104,11 +103,11 @@ def static_compile_method(model, max_new_tokens: int, device: str, sampling: dic
 def adadecode_method(model, heads, backend: str, threshold, exit_layers, max_pending: int,
                      max_new_tokens: int, full_depth: bool = False,
                      sampling: dict | None = None) -> tuple[Method, object]:
-    """``adadecode_<backend>`` (``backend``: a key of `BENCH_BACKENDS`), or with ``full_depth`` ``adadecode_<backend>_full_depth``: the same
-    capture, passes and lowering without exit heads (``exit_layers=()``), so every token runs all
-    layers. Their tok/s ratio is what the heads buy (`adadecode_fx.bench.report.heads_gain`), apart
-    from everything the lowering itself gains over HF. ``sampling``: sample with these settings from
-    torch's global RNG (``seed=None``), as the HF methods do."""
+    """``adadecode_<backend>`` (``backend``: a key of `BENCH_BACKENDS`), or with ``full_depth``
+    ``adadecode_<backend>_full_depth``: the same capture, passes and lowering without exit heads
+    (``exit_layers=()``), so every token runs all layers. Their tok/s ratio is what the heads buy
+    (`adadecode_fx.bench.report.heads_gain`), apart from everything the lowering itself gains over HF.
+    ``sampling``: sample with these settings from torch's global RNG (``seed=None``), as the HF methods do."""
     from ..config import AdaDecodeConfig
     from ..runtime import AdaDecoder
 
