@@ -42,10 +42,10 @@ METHODS = ("hf_greedy", "hf_static_compile", "adadecode_cudagraphs", "adadecode_
            "adadecode_cudagraphs_inductor", "adadecode_cudagraphs_inductor_full_depth", "adadecode_eager")
 # AdaDecode variants: method name -> config options besides the schedule's. A ``_full_depth`` one has no exit
 # heads: every token runs all layers through the same lowering, which is what its sibling's heads are set against.
-VARIANTS = {f"adadecode_{b}{depth}": BENCH_BACKENDS[b] for b in ("cudagraphs", "cudagraphs_inductor")
-            for depth in ("", "_full_depth")}
-VARIANTS["adadecode_eager"] = BENCH_BACKENDS["eager"]
 FULL_DEPTH = "_full_depth"
+VARIANTS = {f"adadecode_cudagraphs{kind}{depth}": BENCH_BACKENDS["cudagraphs" + (kind or "_aten")]
+            for kind in ("", "_inductor") for depth in ("", FULL_DEPTH)}
+VARIANTS["adadecode_eager"] = BENCH_BACKENDS["eager"]
 
 
 def log(msg: str) -> None:

@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
                         "choose from " + ",".join(METHODS))
     p.add_argument("--backends", default="eager,inductor",
                    help="AdaDecode lowerings to run, comma-separated: " + ", ".join(BENCH_BACKENDS)
-                        + " (cudagraphs with inductor's kernels in its graphs)")
+                        + " (cudagraphs_inductor / _aten: cudagraphs with inductor's or ATen's kernels in its "
+                          "graphs; plain cudagraphs takes inductor's on a GPU)")
     p.add_argument("--threshold", default=None,
                    help="one gamma, or LAYER:GAMMA pairs (7:0.8,23:0.97); default: the heads' calibrated gamma")
     p.add_argument("--exit-layers", default=None, help="default: the heads' recommended exit layers")

@@ -23,11 +23,13 @@ from typing import Callable
 
 from ..config import BACKENDS
 
-# What ``--backends`` accepts: each lowering backend under its own name, plus ``cudagraphs_inductor``, the
-# cudagraphs backend with its static segments compiled by inductor (fused kernels inside the graphs): the
-# variant a GPU user would pick. Name -> AdaDecodeConfig options.
+# What ``--backends`` accepts: each lowering backend under its own name (with its defaults), plus the
+# cudagraphs backend's two kinds of kernels named: ``cudagraphs_inductor`` (static segments compiled by
+# inductor, fused kernels inside the graphs: its default on a GPU) and ``cudagraphs_aten`` (ATen's kernels
+# one by one: its default elsewhere). Name -> AdaDecodeConfig options.
 BENCH_BACKENDS = {**{b: {"backend": b} for b in BACKENDS},
-                  "cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True}}
+                  "cudagraphs_inductor": {"backend": "cudagraphs", "compile_segments": True},
+                  "cudagraphs_aten": {"backend": "cudagraphs", "compile_segments": False}}
 
 
 @dataclass
