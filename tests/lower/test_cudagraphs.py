@@ -12,7 +12,7 @@ import adadecode_fx
 from adadecode_fx import AdaDecodeConfig, AdaDecoder, ExitHeads
 from adadecode_fx.errors import AdaDecodeError
 from adadecode_fx.heads import shipped_heads
-from adadecode_fx.lower.cudagraphs import layers_read_token_ids
+from adadecode_fx.lower.static_segments import layers_read_token_ids
 from adadecode_fx.lower.static_graphs import StaticCall
 
 from tests.conftest import cuda_model, hf_greedy, smollm2_parity, tiny_model

@@ -90,7 +90,8 @@ def test_cudagraphs_refuses_to_capture_the_float32_expert_fallback_on_a_gpu():
     CUDA graph cannot capture that, so the lowering says so before allocating anything on the device."""
     from adadecode_fx.build import structural_graph
     from adadecode_fx.errors import AdaDecodeError
-    from adadecode_fx.lower.cudagraphs import host_reading_layers, lower_cudagraphs, static_segment
+    from adadecode_fx.lower.cudagraphs import lower_cudagraphs
+    from adadecode_fx.lower.static_segments import host_reading_layers, static_segment
     from adadecode_fx.runtime import DecodeProgram
 
     model = random_decoder(MOE["mixtral"](), torch.float32)
