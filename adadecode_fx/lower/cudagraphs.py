@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import AdaDecodeError
-from ..runtime.kv_state import KVState, alias_shared
+from ..runtime.kv_state import KVState, kv_buffers
 from ..runtime.program import PrologueOut, token_rows
 from .inductor import compile_segment, lower_with
 from .static_graphs import GraphBook
@@ -169,10 +169,7 @@ class StaticRunner:
         p = self.program
         self.book.clear()
         self.capacity = capacity
-        self.buffers = alias_shared(
-            [(torch.zeros(1, ks[1], capacity, ks[3], dtype=p.dtype, device=self.device),
-              torch.zeros(1, vs[1], capacity, vs[3], dtype=p.dtype, device=self.device))
-             if p.kv_sources[l] == l else None for l, (ks, vs) in enumerate(p.kv_shapes)], p.kv_sources)
+        self.buffers = kv_buffers(p.kv_shapes, 1, capacity, p.dtype, self.device, p.kv_sources)
         self.kv_inputs = {f"kv_{i}_{j}": kv[j] for i, kv in enumerate(self.buffers) for j in (0, 1)}
         # the generation's left padding, read inside the graphs: positions are slots - pad
         self.mask = torch.ones(1, capacity, dtype=torch.long, device=self.device)

@@ -16,23 +16,24 @@ from __future__ import annotations
 import torch
 
 
-def alias_shared(buffers: list, sources=None) -> list:
-    """``buffers`` (None where ``sources`` names another layer) with each such entry that layer's."""
-    return buffers if sources is None else [buffers[s] for s in sources]
+def kv_buffers(kv_shapes, batch: int, capacity: int, dtype, device, sources=None) -> list:
+    """Zeroed ``(keys, values)`` buffers ``[batch, heads, capacity, dim]`` per layer. ``sources[l]``: the
+    layer whose buffers layer ``l`` reads (`passes.shared_kv`); such a layer gets that layer's, not its own.
+    Default: every layer its own."""
+    own = [(torch.zeros(batch, ks[1], capacity, ks[3], dtype=dtype, device=device),
+            torch.zeros(batch, vs[1], capacity, vs[3], dtype=dtype, device=device))
+           if sources is None or sources[l] == l else None for l, (ks, vs) in enumerate(kv_shapes)]
+    return own if sources is None else [own[s] for s in sources]
 
 
 class KVState:
     def __init__(self, kv_shapes, capacity: int, dtype, device, bucket: int, pad=(0,), sources=None):
-        """``sources[l]``: the layer whose buffers layer ``l`` reads (`passes.shared_kv`); a layer that
-        reads another's gets that layer's buffers, not its own. Default: every layer its own."""
+        """``sources``: which layer's buffers each layer reads (`kv_buffers`)."""
         self.capacity = capacity
         self.bucket = bucket
         self.pad = [int(p) for p in pad]
         batch = len(self.pad)
-        self.buffers = alias_shared(
-            [(torch.zeros(batch, ks[1], capacity, ks[3], dtype=dtype, device=device),
-              torch.zeros(batch, vs[1], capacity, vs[3], dtype=dtype, device=device))
-             if sources is None or sources[l] == l else None for l, (ks, vs) in enumerate(kv_shapes)], sources)
+        self.buffers = kv_buffers(kv_shapes, batch, capacity, dtype, device, sources)
         self.attention_mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
         for b, p in enumerate(self.pad):
             self.attention_mask[b, :p] = 0
